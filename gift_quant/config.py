@@ -1,0 +1,231 @@
+"""Typed recipe: one pydantic model per stage, unknown keys rejected, values range-checked.
+
+This module knows nothing about torch, so validating a recipe (``--dry-run``) is instant. A recipe is
+``model`` + ``data`` + an ordered list of stages, each written in YAML as a one-key mapping
+(``- evaluate: {max_windows: 16}``) that maps to exactly one config class here and one stage function
+(``gift_quant.pipeline.STAGE_FUNCTIONS``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Strict):
+    name: str = "smollm2-135m"  # alias, Hub id, local folder or .gguf file
+    revision: str | None = None
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device: str = "cpu"  # compute device: cpu, cuda, cuda:N, auto (cuda when available)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v in ("cpu", "cuda", "auto", "mps") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError("must be cpu, cuda, cuda:N, mps or auto")
+
+
+class DataConfig(Strict):
+    # Folder holding wikitext2_test.raw and c4_sample.jsonl; $GIFT_QUANT_DATA when unset; the Hub otherwise.
+    dir: Path | None = None
+
+
+class TextSource(Strict):
+    """A named text source: wikitext2, c4, a local .txt/.jsonl file, or hf:<dataset>[:<config>]."""
+
+    dataset: str = "c4"
+    split: str | None = None  # for hf: datasets (default: the source's natural split)
+    text_field: str = "text"
+
+
+class EvaluateConfig(TextSource):
+    dataset: str = "wikitext2"
+    label: str | None = None  # name of this measurement in results (default: after the previous stage)
+    seq_len: PositiveInt = 2048
+    max_windows: PositiveInt | None = None  # None = the whole text
+    batch_size: PositiveInt = 1
+
+
+class CalibrateConfig(TextSource):
+    dataset: str = "c4"
+    num_samples: PositiveInt = 128
+    seq_len: PositiveInt = 2048
+    seed: int = 0
+    true_sequential: bool = True  # q/k/v -> o -> gate/up -> down inside a layer
+    batch_size: PositiveInt = 8  # windows per forward during the layer-by-layer pass
+
+
+class SelectConfig(Strict):
+    """Salient-column selection, s_j = ‖D_j‖_τ · ‖X_j‖_ρ^γ. Presets fix (τ, ρ, γ); ``custom`` takes them free."""
+
+    metric: Literal["gift", "quik", "owq", "custom"] = "gift"
+    tau: Literal["1", "2", "inf"] | None = None  # custom only; default inf
+    rho: Literal["2", "inf"] | None = None  # custom only; default inf
+    gamma: Literal[0.5, 1.0, 2.0] | None = None  # custom only; default 1
+    count: int | None = Field(default=None, ge=0)  # salient columns per linear (0 = plain GPTQ)
+    fraction: float | None = Field(default=None, ge=0, le=1)  # of in_features (1/32 for small models)
+    overrides: dict[str, Annotated[float, Field(ge=0)]] = {}  # regex on module name -> count (>= 1) or fraction (< 1)
+
+    @field_validator("tau", "rho", mode="before")
+    @classmethod
+    def _norm_name(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        s = str(v).lower()
+        return "inf" if s in ("inf", "infinity", ".inf") else s.removesuffix(".0")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SelectConfig":
+        if self.count is not None and self.fraction is not None:
+            raise ValueError("give either count or fraction of salient columns, not both")
+        if self.metric != "custom" and any(v is not None for v in (self.tau, self.rho, self.gamma)):
+            raise ValueError(f"tau/rho/gamma are fixed by metric '{self.metric}'; use metric: custom to set them")
+        return self
+
+
+class QuantizeConfig(Strict):
+    method: Literal["gptq", "rtn"] = "gptq"
+    bits: Literal[2, 3, 4, 8] = 4
+    group_size: int = Field(default=-1, ge=-1)  # -1: per output channel
+    sym: bool = True
+    mse: bool = False  # clip search for scales
+    grid: PositiveInt = 100
+    max_shrink: float = Field(default=0.8, gt=0, lt=1)
+    norm: float = Field(default=2.4, gt=0)
+    percdamp: float = Field(default=0.01, gt=0, le=1)
+    block_size: PositiveInt = 128
+    act_order: bool = False
+    static_groups: bool = False
+    targets: list[str] = [r"\.(q|k|v|o)_proj$", r"\.(gate|up|down)_proj$"]  # regexes on module names
+    resume: bool = True  # continue after the last finished layer when the fingerprint matches
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int) -> int:
+        if v == 0:
+            raise ValueError("group_size must be -1 (per channel) or a positive divisor of in_features")
+        return v
+
+
+class RotateConfig(Strict):
+    mode: Literal["hadamard", "random"] = "hadamard"
+    seed: int = 0
+    rotate_heads: bool = False
+    online_down_hadamard: bool = False
+
+
+class RecoverConfig(TextSource):
+    method: Literal["gift_sw", "salient_ft", "ste", "lora", "none"] = "gift_sw"
+    order: Literal["after", "before"] = "after"
+    noise: Literal["gaussian", "uniform", "none"] = "gaussian"
+    noise_scale: float = Field(default=0.5, ge=0)
+    noise_bits: Literal[2, 3, 4, 8] | None = None
+    learning_rate: float = Field(default=1e-4, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_steps: PositiveInt = 100
+    batch_size: PositiveInt = 1
+    gradient_accumulation_steps: PositiveInt = 1
+    seq_len: PositiveInt = 512
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
+    gradient_checkpointing: bool = False
+    lora_rank: PositiveInt | None = None  # None: matched to GIFT-SW's trainable parameter count
+    eval_steps: PositiveInt | None = None
+    eval_windows: PositiveInt = 4
+    save_steps: PositiveInt | None = None
+    seed: int = 0
+    resume: bool = True
+
+
+class CompareConfig(RecoverConfig):
+    methods: list[Literal["gift_sw", "salient_ft", "ste", "lora", "none"]] = ["gift_sw", "salient_ft", "ste", "lora"]
+    eval_seq_len: PositiveInt = 2048
+    eval_max_windows: PositiveInt | None = 16
+
+
+class ExportConfig(Strict):
+    format: Literal["packed", "dense"] = "packed"
+    dtype: Literal["float16", "bfloat16"] = "float16"
+    max_shard_size: str = "2GB"
+    path: Path | None = None  # default: <output_dir>/<format>
+
+
+STAGE_CONFIGS: dict[str, type[Strict]] = {
+    "evaluate": EvaluateConfig,
+    "calibrate": CalibrateConfig,
+    "select": SelectConfig,
+    "rotate": RotateConfig,
+    "quantize": QuantizeConfig,
+    "recover": RecoverConfig,
+    "compare": CompareConfig,
+    "export": ExportConfig,
+}
+
+
+class Stage(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    name: str
+    config: Strict
+
+
+class Recipe(Strict):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    output_dir: Path | None = None  # default: outputs/<recipe file stem>
+    seed: int = 0
+    stages: list[Stage]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe in the YAML's own shape (one-key stage mappings)."""
+        out = self.model_dump(mode="json", exclude={"stages"})
+        out["stages"] = [{s.name: s.config.model_dump(mode="json")} for s in self.stages]
+        return out
+
+
+def parse_stage(index: int, item: Any) -> Stage:
+    """One `- name: {settings}` entry; a bare `- name` means default settings."""
+    if isinstance(item, str):
+        item = {item: {}}
+    if not isinstance(item, dict) or len(item) != 1:
+        raise ValueError(f"stages.{index}: must be a one-key mapping such as '- evaluate: {{}}'")
+    ((name, body),) = item.items()
+    if name not in STAGE_CONFIGS:
+        raise ValueError(f"stages.{index}: unknown stage '{name}' (known: {', '.join(STAGE_CONFIGS)})")
+    if body is not None and not isinstance(body, dict):
+        raise ValueError(f"stages.{index}.{name}: settings must be a mapping")
+    try:
+        config = STAGE_CONFIGS[name].model_validate(body or {})
+    except ValidationError as err:
+        raise ValueError(describe(err, f"stages.{index}.{name}")) from None
+    return Stage(name=name, config=config)
+
+
+def parse_recipe(data: Any) -> Recipe:
+    """Validate a loaded YAML document; raises ValueError with a one-line, located message."""
+    if not isinstance(data, dict):
+        raise ValueError("the recipe must be a YAML mapping with at least a 'stages' list")
+    stages = data.get("stages")
+    if not isinstance(stages, list) or not stages:
+        raise ValueError("'stages' must be a non-empty list such as '- evaluate: {}'")
+    parsed = [parse_stage(i, item) for i, item in enumerate(stages)]
+    try:
+        return Recipe.model_validate({**data, "stages": parsed})
+    except ValidationError as err:
+        raise ValueError(describe(err)) from None
+
+
+def describe(err: ValidationError, prefix: str = "") -> str:
+    """First validation problem as 'where: what'; extra ones are counted, not listed."""
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in (prefix, *first["loc"]) if p != "")
+    what = "unknown key (check the spelling; see the stage's settings in the README)" if first["type"] == "extra_forbidden" else first["msg"]
+    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{where}: {what}{more}"

@@ -1,0 +1,147 @@
+"""Text sources and token windows.
+
+Named sources resolve from a local data folder first (recipe `data.dir`, else $GIFT_QUANT_DATA), holding files named
+as in the project's shared data, and otherwise from the Hugging Face Hub through `datasets`:
+
+| name      | local file            | Hub                                                    | use                  |
+|-----------|-----------------------|--------------------------------------------------------|----------------------|
+| wikitext2 | wikitext2_test.raw    | wikitext / wikitext-2-raw-v1, split test               | evaluation only      |
+| c4        | c4_sample.jsonl       | allenai/c4, shard en/c4-train.00000-of-01024           | calibration/training |
+
+Any other source is a local `.txt` (one document) / `.jsonl` (one document per line, `text_field`) file, or
+`hf:<dataset>[:<config>]` for a generic Hub dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from pathlib import Path
+
+import torch
+
+from .config import TextSource
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+LOCAL_FILES = {"wikitext2": "wikitext2_test.raw", "c4": "c4_sample.jsonl"}
+EVAL_ONLY = {"wikitext2"}
+
+
+def data_dir(configured: Path | None = None) -> Path | None:
+    chosen = configured or os.environ.get("GIFT_QUANT_DATA")
+    if chosen is None:
+        return None
+    path = Path(chosen).expanduser()
+    if not path.is_dir():
+        raise UserError(f"data folder not found: {path} (set data.dir or GIFT_QUANT_DATA to the folder holding "
+                        f"{' and '.join(LOCAL_FILES.values())})")
+    return path
+
+
+def load_documents(source: TextSource, folder: Path | None = None) -> list[str]:
+    """The documents of a source, in order."""
+    name = source.dataset
+    if name in LOCAL_FILES:
+        local = data_dir(folder)
+        if local is not None:
+            path = local / LOCAL_FILES[name]
+            if not path.is_file():
+                raise UserError(f"missing data file {path}; put {LOCAL_FILES[name]} there or unset the data folder "
+                                f"to use the Hub")
+            return _read_local(path, source.text_field)
+        return _read_hub(name, source)
+    if name.startswith("hf:"):
+        return _read_hub(name, source)
+    path = Path(name).expanduser()
+    if path.suffix in (".txt", ".jsonl", ".raw") and path.is_file():
+        return _read_local(path, source.text_field)
+    raise UserError(f"unknown data source '{name}': use wikitext2, c4, a .txt/.jsonl file, or hf:<dataset>[:<config>]")
+
+
+def _read_local(path: Path, text_field: str) -> list[str]:
+    if path.suffix == ".jsonl":
+        docs = []
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        docs.append(json.loads(line)[text_field])
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        raise UserError(f"{path}:{n}: not a JSON object with a '{text_field}' field")
+        return docs
+    if path.suffix == ".raw":  # WikiText raw: one paragraph or heading per non-empty line
+        return [ln for ln in path.read_text(encoding="utf-8").replace("\r", "").split("\n") if ln.strip()]
+    return [path.read_text(encoding="utf-8")]
+
+
+def _read_hub(name: str, source: TextSource) -> list[str]:
+    import datasets
+
+    if name == "wikitext2":
+        args, kwargs, split = ("wikitext", "wikitext-2-raw-v1"), {}, "test"
+    elif name == "c4":
+        args = ("allenai/c4",)
+        kwargs, split = {"data_files": {"train": "en/c4-train.00000-of-01024.json.gz"}}, "train"
+    else:
+        path, _, config = name[3:].partition(":")
+        args, kwargs, split = ((path, config) if config else (path,)), {}, "train"
+    try:
+        ds = datasets.load_dataset(*args, split=source.split or split, **kwargs)
+    except Exception as e:  # datasets raises many types for offline/missing; all mean "cannot get it"
+        raise UserError(f"cannot load dataset '{name}' from the Hub ({type(e).__name__}); set GIFT_QUANT_DATA to a "
+                        f"local data folder or check network access") from e
+    texts = [t.rstrip("\n") for t in ds[source.text_field]]
+    return [t for t in texts if t.strip()] if name == "wikitext2" else texts
+
+
+def evaluation_ids(tokenizer, docs: list[str]) -> torch.Tensor:
+    """GPTQ protocol: documents joined with blank lines, tokenized once. Shape (1, N)."""
+    return tokenizer("\n\n".join(docs), return_tensors="pt").input_ids
+
+
+def calibration_windows(tokenizer, docs: list[str], num_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """GPTQ convention: each sample is a random `seq_len` window of a random document longer than `seq_len`.
+
+    Where no document is that long, windows are cut from the documents' concatenation instead (logged).
+    Reproducible for a given seed. Shape (num_samples, seq_len).
+    """
+    rng = random.Random(seed)
+    encoded = [tokenizer(d).input_ids for d in docs]
+    long_docs = [ids for ids in encoded if len(ids) > seq_len]
+    if not long_docs:
+        sep = tokenizer("\n\n").input_ids
+        stream = [t for ids in encoded for t in ids + sep]
+        if len(stream) <= seq_len:
+            raise UserError(f"calibration text has {len(stream)} tokens, fewer than one window of {seq_len}")
+        log.info("no document exceeds %d tokens; sampling windows from the concatenated text", seq_len)
+        long_docs = [stream]
+    windows = []
+    for _ in range(num_samples):
+        ids = long_docs[rng.randrange(len(long_docs))]
+        start = rng.randrange(len(ids) - seq_len)
+        windows.append(ids[start : start + seq_len])
+    return torch.tensor(windows, dtype=torch.long)
+
+
+def packed_sequences(tokenizer, docs: list[str], seq_len: int, max_sequences: int | None = None) -> torch.Tensor:
+    """Training text: documents joined with EOS and cut into consecutive `seq_len` blocks (the tail is dropped)."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    stream: list[int] = []
+    limit = None if max_sequences is None else max_sequences * seq_len
+    for d in docs:
+        stream.extend(tokenizer(d).input_ids + eos)
+        if limit is not None and len(stream) >= limit:
+            break
+    n = len(stream) // seq_len if limit is None else min(len(stream) // seq_len, max_sequences)
+    if n == 0:
+        raise UserError(f"training text has {len(stream)} tokens, fewer than one sequence of {seq_len}")
+    return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def check_not_eval_text(source: TextSource, purpose: str) -> None:
+    if source.dataset in EVAL_ONLY:
+        raise UserError(f"'{source.dataset}' is evaluation text; use c4 or another source for {purpose}")

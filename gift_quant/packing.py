@@ -1,0 +1,268 @@
+"""GPTQ-layout bit packing of quantized codes, and the linear that runs straight from the packed tensors.
+
+Layout (AutoGPTQ / GPTQModel "v1", ``checkpoint_format: gptq``):
+
+* ``qweight`` int32 ``(in * bits / 32, out)``: codes packed along the **input** dim. Every block of ``32 / bits``
+  consecutive input rows (2/4/8 bits) fills one int32 word, row ``i`` of the block in bits ``[bits*i, bits*(i+1))``.
+  For 3 bits, 32 rows fill 3 words as one little-endian 96-bit stream, so rows 10 and 21 straddle word boundaries.
+  Both cases are the same rule: a block is the shortest run of codes filling whole words, read as one bit stream.
+* ``qzeros`` int32 ``(n_groups, out * bits / 32)``: zero points packed the same way along the **output** dim, stored
+  as ``zero - 1`` (the v1 convention; kernels add the 1 back). We store it modulo ``2**bits`` so a zero point of 0
+  cannot spill into its neighbours; v1 kernels would read such a zero as ``2**bits``, which is why GPTQ-exact interop
+  needs zero points >= 1 (always true for symmetric quantization).
+* ``scales`` fp16 ``(n_groups, out)``, ``g_idx`` int32 ``(in,)``: as in GPTQ.
+* ``salient_idx`` int32 ``(k,)`` and ``salient_weight`` fp16 ``(out, k)``: GIFT-SW's fp columns. Their codes equal
+  the zero point, so the packed part dequantizes to exactly 0 there and the two terms simply add.
+
+Padding: when the packed dim is not a multiple of the block length (``32 / bits`` codes, 32 for 3-bit) it is padded
+with code 0 up to the next block; the unpacking functions take the true length and drop the padding. Sizes GPTQ can
+pack are therefore laid out exactly as GPTQ lays them out.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gift_quant.quantized import QuantizedWeight
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+_WORD = 32
+_MASK32 = 0xFFFFFFFF
+
+
+def _block(bits: int) -> tuple[int, int]:
+    """(codes, words) of the shortest run of codes that fills whole int32 words."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    words = math.lcm(bits, _WORD) // _WORD
+    return words * _WORD // bits, words
+
+
+def packed_rows(n: int, bits: int) -> int:
+    """Number of int32 rows holding ``n`` codes (padding included)."""
+    codes, words = _block(bits)
+    return -(-n // codes) * words
+
+
+def _to_int32(words: torch.Tensor) -> torch.Tensor:
+    """Reinterpret int64 values in [0, 2**32) as int32 bit patterns (two's complement)."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _pack_dim0(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer values (n, m) in [0, 2**bits) along dim 0 into int32 (packed_rows(n), m)."""
+    codes, words = _block(bits)
+    n, m = values.shape
+    v = values.to(torch.int64)
+    if (v < 0).any() or (v >= 2**bits).any():
+        raise ValueError(f"values out of range for {bits}-bit packing")
+    v = F.pad(v, (0, 0, 0, -n % codes)).reshape(-1, codes, m)
+    out = torch.zeros(v.shape[0], words, m, dtype=torch.int64, device=v.device)
+    for p in range(codes):
+        word, shift = divmod(p * bits, _WORD)
+        out[:, word] |= v[:, p] << shift
+        if shift + bits > _WORD:  # 3-bit: the high bits of this code start the next word
+            out[:, word + 1] |= v[:, p] >> (_WORD - shift)
+    return _to_int32(out & _MASK32).reshape(-1, m)
+
+
+def _unpack_dim0(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of ``_pack_dim0``: int32 (rows, m) -> uint8 (n, m)."""
+    codes, words = _block(bits)
+    rows, m = packed.shape
+    if rows != packed_rows(n, bits):
+        raise ValueError(f"{rows} packed rows cannot hold {n} {bits}-bit codes (expected {packed_rows(n, bits)})")
+    mask = 2**bits - 1
+    shifts = torch.arange(codes, device=packed.device) * bits
+    if words == 1:
+        # Arithmetic shift sign-extends, but the extension lands above the masked bits.
+        vals = (packed.unsqueeze(1) >> shifts.to(torch.int32).view(1, -1, 1)) & mask
+        return vals.reshape(-1, m)[:n].to(torch.uint8)
+    w = (packed.to(torch.int64) & _MASK32).reshape(-1, words, m)
+    word, shift = shifts // _WORD, (shifts % _WORD).view(1, -1, 1)
+    lo = w[:, word] >> shift
+    # Codes that straddle a boundary take their high bits from the next word; for the others these bits fall above
+    # the mask (the shift is >= bits), so one expression serves both.
+    hi = w[:, (word + 1).clamp(max=words - 1)] << (_WORD - shift)
+    return ((lo | hi) & mask).reshape(-1, m)[:n].to(torch.uint8)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes (out, in) uint8 -> qweight int32 (packed_rows(in, bits), out), packed along the input dim."""
+    return _pack_dim0(codes.t(), bits)
+
+
+def unpack_codes(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """qweight int32 -> codes (out, in_features) uint8."""
+    return _unpack_dim0(qweight, bits, in_features).t().contiguous()
+
+
+def pack_zeros(zeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """zeros (out, n_groups) holding integers -> qzeros int32 (n_groups, packed_rows(out, bits)), v1 (zero - 1)."""
+    z = zeros.round().to(torch.int64)
+    if (z < 0).any() or (z >= 2**bits).any():
+        raise ValueError(f"zero points out of range for {bits} bits")
+    return _pack_dim0((z - 1) & (2**bits - 1), bits).t().contiguous()
+
+
+def unpack_zeros(qzeros: torch.Tensor, bits: int, out_features: int) -> torch.Tensor:
+    """qzeros int32 -> zeros (out_features, n_groups) float32 (the record's convention)."""
+    stored = _unpack_dim0(qzeros.t(), bits, out_features).to(torch.int64)
+    return ((stored + 1) & (2**bits - 1)).to(torch.float32)
+
+
+class PackedLinear(nn.Module):
+    """y = x W_qᵀ + x[..., S] W_Sᵀ + b, with W_q dequantized from the packed codes at every forward.
+
+    The buffers are exactly the checkpoint's tensors (``state_dict()`` is what export writes). ``scales`` and
+    ``salient_weight`` stay fp16 under ``model.to(dtype)`` (only device moves apply): they are the stored values,
+    and a cast to bf16 would round them. ``cache_dense=True`` keeps the dequantized weight between forwards (speed
+    for memory); by default it is rebuilt each time so resident memory stays that of the packed tensors.
+    """
+
+    _PINNED = ("scales", "salient_weight")
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bits: int,
+        group_size: int,
+        sym: bool,
+        n_groups: int,
+        n_salient: int,
+        bias: bool,
+        dtype: torch.dtype = torch.float16,
+        device: torch.device | str | None = None,
+        cache_dense: bool = False,
+    ) -> None:
+        super().__init__()
+        _block(bits)  # validates bits
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.sym = bits, group_size, sym
+        self.cache_dense = cache_dense
+        self._dense: torch.Tensor | None = None
+        i32 = dict(dtype=torch.int32, device=device)
+        f16 = dict(dtype=torch.float16, device=device)
+        self.register_buffer("qweight", torch.zeros(packed_rows(in_features, bits), out_features, **i32))
+        self.register_buffer("qzeros", torch.zeros(n_groups, packed_rows(out_features, bits), **i32))
+        self.register_buffer("scales", torch.zeros(n_groups, out_features, **f16))
+        self.register_buffer("g_idx", torch.zeros(in_features, **i32))
+        self.register_buffer("salient_idx", torch.zeros(n_salient, **i32))
+        self.register_buffer("salient_weight", torch.zeros(out_features, n_salient, **f16))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+
+    @classmethod
+    def from_quantized(
+        cls, qw: QuantizedWeight, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float16
+    ) -> "PackedLinear":
+        out_features, in_features = qw.shape
+        sal = qw.salient_idx.long()
+        if sal.numel() and not torch.equal(qw.codes[:, sal].to(torch.float32), qw.zeros[:, qw.g_idx[sal].long()]):
+            raise ValueError("salient columns must carry code == zero point (quantized part exactly 0)")
+        for name, t in (("scales", qw.scales), ("salient_weight", qw.salient_weight)):
+            if not torch.isfinite(t.to(torch.float16)).all():
+                raise ValueError(f"{name} overflows float16")
+        m = cls(
+            in_features, out_features, bits=qw.bits, group_size=qw.group_size, sym=qw.sym,
+            n_groups=qw.scales.shape[1], n_salient=sal.numel(), bias=bias is not None, dtype=dtype,
+            device=qw.codes.device,
+        )
+        m.qweight.copy_(pack_codes(qw.codes, qw.bits))
+        m.qzeros.copy_(pack_zeros(qw.zeros, qw.bits))
+        m.scales.copy_(qw.scales.t())
+        m.g_idx.copy_(qw.g_idx)
+        m.salient_idx.copy_(sal)
+        m.salient_weight.copy_(qw.salient_weight)
+        if bias is not None:
+            m.bias.copy_(bias.detach())
+        return m
+
+    def codes(self) -> torch.Tensor:
+        return unpack_codes(self.qweight, self.bits, self.in_features)
+
+    def zeros(self) -> torch.Tensor:
+        return unpack_zeros(self.qzeros, self.bits, self.out_features)
+
+    def quantized_part(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dequantized low-bit weight (out, in), salient columns exactly 0; the same float32 arithmetic as
+        ``QuantizedWeight.quantized_part`` so a reloaded model reproduces the in-memory one bit for bit."""
+        g = self.g_idx.long()
+        # Row-major like the record's: F.linear on a column-major weight takes another BLAS path (other rounding).
+        scales = self.scales.t().to(torch.float32).contiguous()
+        return (scales[:, g] * (self.codes().to(torch.float32) - self.zeros()[:, g])).to(dtype).contiguous()
+
+    def _dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        if not self.cache_dense:
+            return self.quantized_part(dtype)
+        if self._dense is None or self._dense.dtype != dtype or self._dense.device != self.qweight.device:
+            self._dense = self.quantized_part(dtype)
+        return self._dense
+
+    def clear_cache(self) -> None:
+        self._dense = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A fused GPU kernel (GPTQ/Marlin/ExLlama-style dequant-matmul on qweight/qzeros/scales/g_idx) would replace
+        # these two lines on CUDA; the salient term is a small dense (out × k) matmul either way.
+        w = self._dense_weight(x.dtype)
+        y = F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        if self.salient_idx.numel():
+            y = y + F.linear(x.index_select(-1, self.salient_idx), self.salient_weight.to(x.dtype))
+        return y
+
+    def to_quantized_weight(self) -> QuantizedWeight:
+        return QuantizedWeight(
+            codes=self.codes(),
+            scales=self.scales.t().to(torch.float32).contiguous(),
+            zeros=self.zeros(),
+            g_idx=self.g_idx.clone(),
+            salient_idx=self.salient_idx.to(torch.int64),
+            salient_weight=self.salient_weight.to(torch.float32),
+            bits=self.bits,
+            group_size=self.group_size,
+            sym=self.sym,
+        )
+
+    def check(self) -> None:
+        """Value checks the shapes cannot express; raises ValueError naming the first problem."""
+        n_groups = self.scales.shape[0]
+        if self.in_features and (self.g_idx.min() < 0 or self.g_idx.max() >= n_groups):
+            raise ValueError(f"g_idx outside [0, {n_groups})")
+        sal = self.salient_idx.long()
+        if sal.numel() and (sal[0] < 0 or sal[-1] >= self.in_features or (sal.diff() <= 0).any()):
+            raise ValueError("salient_idx must be strictly increasing within [0, in_features)")
+        if not torch.isfinite(self.scales).all() or not torch.isfinite(self.salient_weight).all():
+            raise ValueError("non-finite scales or salient weights")
+        zeros = self.zeros()
+        if self.sym and (zeros != 2 ** (self.bits - 1)).any():
+            raise ValueError(f"sym=True but zero points differ from {2 ** (self.bits - 1)}")
+        if sal.numel():
+            zeros = zeros[:, self.g_idx[sal].long()]
+            if not torch.equal(self.codes()[:, sal].to(torch.float32), zeros):
+                raise ValueError("salient columns do not carry code == zero point")
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        self.clear_cache()
+        pinned = {n: self._buffers.pop(n) for n in self._PINNED if n in self._buffers}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for n, t in pinned.items():
+                self._buffers[n] = t.to(self.qweight.device)
+        return self
+
+    def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[override]
+        self.clear_cache()
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, k={self.salient_idx.numel()}, bias={self.bias is not None}"
+        )

@@ -1,0 +1,285 @@
+"""Stage `quantize`: GPTQ or RTN on every target linear, layer by layer, with fp salient columns.
+
+Each finished layer is saved under `<output_dir>/quantize/` together with a fingerprint of everything that decides the
+result (model, calibration windows, settings); a rerun with the same fingerprint continues after the last finished
+layer, a different one starts over. Afterwards every target linear is a `MixedPrecisionLinear` (fake-quant in eval
+mode), ready for `evaluate`, `recover` and `export`.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibrate import capture_layer0_inputs, linear_groups, observe, run_layer
+from .config import QuantizeConfig, SelectConfig
+from .errors import UserError
+from .gptq import GPTQ
+from .io_utils import write_text
+from .layers import MixedPrecisionLinear, NoiseSpec, replace_linears
+from .models import decoder_layers, find_linears
+from .quantized import QuantizedWeight
+from .quantizer import QuantSpec, rtn
+from .saliency import ChannelNorms
+from .select import choose_salient
+
+log = logging.getLogger(__name__)
+
+LOG_FIELDS = ["layer", "module", "method", "bits", "group_size", "salient", "gptq_loss", "damp", "tokens", "seconds"]
+
+
+def quant_spec(cfg: QuantizeConfig) -> QuantSpec:
+    return QuantSpec(bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, mse=cfg.mse, grid=cfg.grid,
+                     max_shrink=cfg.max_shrink, norm=cfg.norm)
+
+
+def as_mixed_precision(qw: QuantizedWeight, bias: torch.Tensor | None) -> MixedPrecisionLinear:
+    return MixedPrecisionLinear.from_quantized(qw, bias, noise=NoiseSpec(kind="none"))
+
+
+@dataclass
+class LinearStats:
+    """What one linear's calibration inputs leave behind: GPTQ's Hessian and the per-channel norms."""
+
+    gptq: GPTQ | None
+    norms: ChannelNorms
+    tokens: int = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        if self.gptq is not None:
+            self.gptq.add_batch(x)
+        self.norms.add_batch(x)
+        self.tokens += x.numel() // x.shape[-1]
+
+
+@dataclass
+class Quantizer:
+    """The per-linear *how*: turns one nn.Linear plus its statistics into a QuantizedWeight and a log row."""
+
+    cfg: QuantizeConfig
+    select: SelectConfig | None
+    fixed_salient: dict[str, torch.Tensor] = field(default_factory=dict)  # chosen earlier (Pre-GIFT-SW)
+
+    @property
+    def spec(self) -> QuantSpec:
+        return quant_spec(self.cfg)
+
+    def new_stats(self, linear: nn.Linear) -> LinearStats:
+        gptq = GPTQ(linear.in_features) if self.cfg.method == "gptq" else None
+        return LinearStats(gptq, ChannelNorms(linear.in_features))
+
+    def __call__(self, name: str, linear: nn.Linear, stats: LinearStats | None) -> tuple[QuantizedWeight, dict]:
+        start = time.perf_counter()
+        weight = linear.weight.detach()
+        salient = self.fixed_salient.get(name)
+        if salient is None and stats is not None:
+            h_diag = torch.diagonal(stats.gptq.H).clone() if stats.gptq is not None else None
+            salient = choose_salient(name, weight, self.cfg.bits, self.select, x_linf=stats.norms.linf,
+                                     x_l2=stats.norms.l2, h_diag=h_diag)
+        salient = salient if salient is not None else torch.empty(0, dtype=torch.int64)
+        row = {"module": name, "method": self.cfg.method, "bits": self.cfg.bits, "group_size": self.cfg.group_size,
+               "salient": int(salient.numel()), "gptq_loss": "", "damp": "", "tokens": stats.tokens if stats else 0}
+        try:
+            if self.cfg.method == "gptq":
+                res = stats.gptq.quantize(weight, self.spec, salient.to(weight.device), block_size=self.cfg.block_size,
+                                          percdamp=self.cfg.percdamp, act_order=self.cfg.act_order,
+                                          static_groups=self.cfg.static_groups)
+                qw = res.weight
+                row.update(gptq_loss=f"{res.loss:.6g}", damp=res.damp)
+            else:
+                qw = rtn(weight, self.spec, salient.to(weight.device))
+        except ValueError as e:  # e.g. a group size that does not divide in_features
+            raise UserError(f"{name}: {e}") from e
+        row["seconds"] = round(time.perf_counter() - start, 3)
+        return _to_cpu(qw), row
+
+
+def _to_cpu(qw: QuantizedWeight) -> QuantizedWeight:
+    sd = {k: v.cpu() for k, v in qw.state_dict().items()}
+    return QuantizedWeight.from_state_dict(sd)
+
+
+class LayerCheckpoints:
+    """Per-layer results on disk, valid only under one fingerprint."""
+
+    def __init__(self, folder: Path, fingerprint: str, resume: bool):
+        self.folder = folder
+        stamp = folder / "fingerprint.txt"
+        if folder.exists() and (not resume or not stamp.is_file() or stamp.read_text() != fingerprint):
+            if any(folder.glob("layer_*.safetensors")):
+                log.info("quantize: %s; starting over", "resume disabled" if not resume else
+                         "model, data or settings changed since the saved layers")
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text(stamp, fingerprint)
+
+    def _path(self, index: int) -> Path:
+        return self.folder / f"layer_{index:04d}.safetensors"
+
+    def load(self, index: int) -> tuple[dict[str, QuantizedWeight], list[dict]] | None:
+        path = self._path(index)
+        if not path.is_file():
+            return None
+        with safe_open(path, "pt") as f:
+            rows = json.loads(f.metadata()["rows"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        names = dict.fromkeys(k.rsplit("/", 1)[0] for k in tensors)
+        records = {n: QuantizedWeight.from_state_dict({k.rsplit("/", 1)[1]: v for k, v in tensors.items()
+                                                       if k.rsplit("/", 1)[0] == n}) for n in names}
+        return records, rows
+
+    def save(self, index: int, records: dict[str, QuantizedWeight], rows: list[dict]) -> None:
+        tensors = {f"{n}/{k}": v.contiguous() for n, qw in records.items() for k, v in qw.state_dict().items()}
+        tmp = self._path(index).with_suffix(".tmp")
+        save_file(tensors, tmp, metadata={"rows": json.dumps(rows)})
+        tmp.replace(self._path(index))
+
+
+def fingerprint(state, cfg: QuantizeConfig, windows: torch.Tensor | None, fixed: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    settings = {"model": state.recipe.model.model_dump(mode="json", exclude={"device"}),
+                "quantize": cfg.model_dump(mode="json", exclude={"resume"}),
+                "select": _dump(state.artifacts.get("select")), "calibrate": _dump(state.artifacts.get("calibrate")),
+                "rotate": state.artifacts.get("rotation"), "stages_before": _stages_before(state)}
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    if windows is not None:
+        h.update(windows.numpy().tobytes())
+    for name in sorted(fixed):
+        h.update(name.encode() + fixed[name].numpy().tobytes())
+    return h.hexdigest()
+
+
+def _dump(cfg) -> dict | None:
+    return None if cfg is None else cfg.model_dump(mode="json")
+
+
+def _stages_before(state) -> list[str]:
+    # A model changed by an earlier stage (e.g. recover before quantize) must not reuse layers of an unchanged one.
+    names = [s.name for s in state.recipe.stages]
+    return names[: names.index("quantize")] if "quantize" in names else names
+
+
+def quantize_model(model, quantizer: Quantizer, windows: torch.Tensor | None, *, device: torch.device,
+                   true_sequential: bool = True, batch_size: int = 8, checkpoints: LayerCheckpoints | None = None,
+                   stop_after: int | None = None) -> list[dict]:
+    """Quantize every target linear of `model` in place; returns the per-module log rows.
+
+    Without calibration windows (RTN with no salient columns) weights are quantized directly, without data.
+    `stop_after` ends the pass after that layer (used to test resuming).
+    """
+    targets = [re.compile(p) for p in quantizer.cfg.targets]
+    layers = decoder_layers(model)
+    if windows is None:
+        return _quantize_without_data(model, quantizer, targets)
+    chunks = capture_layer0_inputs(model, windows, device, batch_size)
+    rows: list[dict] = []
+    for index, layer in enumerate(tqdm(layers, desc=f"quantize ({quantizer.cfg.method}, {quantizer.cfg.bits}-bit)")):
+        prefix = f"model.layers.{index}."
+        home = next(layer.parameters()).device
+        layer.to(device)
+        saved = checkpoints.load(index) if checkpoints else None
+        if saved is not None:
+            records, layer_rows = saved
+            replace_linears(layer, {n[len(prefix):]: qw for n, qw in records.items()}, as_mixed_precision)
+        else:
+            records, layer_rows = _quantize_layer(layer, chunks, quantizer, targets, prefix, true_sequential)
+            for r in layer_rows:
+                r["layer"] = index
+            if checkpoints:
+                checkpoints.save(index, records, layer_rows)
+        rows += layer_rows
+        with torch.no_grad():
+            chunks = run_layer(layer, chunks) if index + 1 < len(layers) else []
+        layer.to(home)
+        if stop_after is not None and index >= stop_after:
+            break
+    return rows
+
+
+@torch.no_grad()
+def _quantize_layer(layer, chunks, quantizer: Quantizer, targets, prefix: str, true_sequential: bool):
+    records: dict[str, QuantizedWeight] = {}
+    rows = []
+    is_target = lambda n: any(t.search(prefix + n) for t in targets)  # noqa: E731
+    for group in linear_groups(layer, is_target, true_sequential):
+        stats = {n: quantizer.new_stats(m) for n, m in group.items()}
+        observe(layer, chunks, group, lambda n, x: stats[n].add(x))
+        group_records = {}
+        for n, linear in group.items():
+            qw, row = quantizer(prefix + n, linear, stats.pop(n))
+            group_records[n] = qw
+            rows.append(row)
+        replace_linears(layer, group_records, as_mixed_precision)
+        records.update({prefix + n: qw for n, qw in group_records.items()})
+    return records, rows
+
+
+def _quantize_without_data(model, quantizer: Quantizer, targets) -> list[dict]:
+    linears = find_linears(model.model, [t.pattern for t in targets], prefix="model")
+    rows = []
+    for name, linear in tqdm(linears.items(), desc=f"quantize (rtn, {quantizer.cfg.bits}-bit, no data)"):
+        qw, row = quantizer(name, linear, None)
+        rows.append({**row, "layer": _layer_index(name)})
+        replace_linears(model, {name: qw}, as_mixed_precision)
+    return rows
+
+
+def _layer_index(name: str) -> int | str:
+    m = re.search(r"layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else ""
+
+
+def write_log(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=LOG_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buf.getvalue())
+
+
+def quantize_stage(state, cfg: QuantizeConfig) -> None:
+    select: SelectConfig | None = state.artifacts.get("select")
+    windows = state.artifacts.get("calibration")
+    fixed = state.artifacts.get("salient_idx", {})
+    needs_data = cfg.method == "gptq" or (select is not None and not fixed)
+    if needs_data and windows is None:
+        raise UserError(f"quantize ({cfg.method}{' with salient selection' if select else ''}) needs calibration "
+                        f"data: add a 'calibrate' stage before it")
+    calib = state.artifacts.get("calibrate")
+    quantizer = Quantizer(cfg, select, fixed)
+    start = time.perf_counter()
+    model = state.model
+    ckpt = LayerCheckpoints(state.output_dir / "quantize", fingerprint(state, cfg, windows, fixed), cfg.resume)
+    rows = quantize_model(model, quantizer, windows if needs_data else None, device=state.device,
+                          true_sequential=calib.true_sequential if calib else True,
+                          batch_size=calib.batch_size if calib else 8, checkpoints=ckpt)
+    seconds = time.perf_counter() - start
+    write_log(state.output_dir / "quantize_log.csv", rows)
+    state.artifacts["quantize"] = {"spec": quantizer.spec, "config": cfg}
+    state.artifacts["salient_idx"] = {n: m.salient_idx.cpu() for n, m in model.named_modules()
+                                      if isinstance(m, MixedPrecisionLinear)}
+    salient = sum(r["salient"] for r in rows)
+    state.record("quantize", "quantized_linears", len(rows), seconds=round(seconds, 1),
+                 salient_columns=salient, peak_rss_mb=_peak_rss_mb(),
+                 note=f"quantize: {cfg.method} {cfg.bits}-bit, group {cfg.group_size}, "
+                      f"{'sym' if cfg.sym else 'asym'}; per-module log in quantize_log.csv")
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

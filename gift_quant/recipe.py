@@ -1,0 +1,120 @@
+"""``python -m gift_quant.recipe RECIPE.yaml [--set key.path=value ...] [--output-dir DIR] [--dry-run]``.
+
+Every problem a user can fix (recipe, model, data) ends as one line on stderr and exit code 2; ``--debug`` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import Recipe, parse_recipe
+from .errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def load_recipe(path: Path, overrides: list[str] = ()) -> Recipe:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"recipe not found: {path} (give the path of a .yaml recipe, e.g. recipes/smollm2_3bit.yaml)")
+    except OSError as e:
+        raise UserError(f"cannot read recipe {path}: {e.strerror}")
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', e)}")
+    for item in overrides:
+        apply_override(data, item)
+    try:
+        return parse_recipe(data)
+    except ValueError as e:
+        raise UserError(f"{path}: {e}")
+
+
+def apply_override(data: Any, item: str) -> None:
+    """`--set a.b=value`: value parsed as YAML; `stages.NAME.key` addresses the only stage of that name."""
+    if "=" not in item:
+        raise UserError(f"--set {item}: expected key.path=value")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw)
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        node = _child(node, part, ".".join(parts[: i + 1]))
+    if isinstance(node, list):
+        node[_index(node, parts[-1], key)] = value
+    elif isinstance(node, dict):
+        node[parts[-1]] = value
+    else:
+        raise UserError(f"--set {key}: '{'.'.join(parts[:-1])}' is not a mapping")
+
+
+def _child(node: Any, part: str, where: str) -> Any:
+    if isinstance(node, list):
+        i = _index(node, part, where)
+        item = node[i]
+        if isinstance(item, str):  # bare `- evaluate` becomes a mapping we can set keys in
+            item = node[i] = {item: {}}
+        if isinstance(item, dict) and len(item) == 1:
+            ((name, body),) = item.items()
+            if body is None:
+                body = item[name] = {}
+            return body
+        return item
+    if isinstance(node, dict):
+        return node.setdefault(part, {})
+    raise UserError(f"--set: '{where}' is not a mapping or list")
+
+
+def _index(stages: list, part: str, where: str) -> int:
+    if part.isdigit() and int(part) < len(stages):
+        return int(part)
+    names = [next(iter(s)) if isinstance(s, dict) else s for s in stages]
+    hits = [i for i, n in enumerate(names) if n == part]
+    if len(hits) != 1:
+        why = "no stage" if not hits else f"{len(hits)} stages"
+        raise UserError(f"--set {where}: {why} named '{part}'; use the stage's position (stages.N.key)")
+    return hits[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gift_quant.recipe", description=__doc__.split("\n\n")[0])
+    parser.add_argument("recipe", type=Path)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override a recipe value, e.g. --set stages.quantize.bits=2")
+    parser.add_argument("--output-dir", type=Path, help="where results, logs and checkpoints go")
+    parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; load nothing")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        output_dir = args.output_dir or recipe.output_dir or Path("outputs") / args.recipe.stem
+        from .pipeline import plan, run
+
+        print(plan(recipe, output_dir))
+        if args.dry_run:
+            return 0
+        state = run(recipe, output_dir)
+        print((output_dir / "report.md").read_text())
+        print(f"results: {output_dir / 'results.json'}")
+        del state
+        return 0
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Plain reference GPTQ: Frantar et al. 2022 (Algorithm 1 without lazy batching), float64, one column at a time.
+
+Deliberately independent of ``gift_quant.gptq``: instead of the Cholesky trick it keeps the explicit inverse Hessian of
+the not-yet-quantized columns and removes each quantized column with the OBS downdate (paper, eq. 3)
+
+    H_F^-1  <-  H_F^-1 - H_F^-1[:, q] H_F^-1[q, :] / H_F^-1[q, q]
+
+after updating the remaining weights with  W -= (w_q - quant(w_q)) / H_F^-1[q, q] * H_F^-1[q, :].
+Options mirror ``GPTQ.quantize``: salient columns processed last and never quantized, act-order (non-salient columns
+by diag(H) descending, stable), per-channel / static / dynamic groups (dynamic + act-order: groups by processing
+position), dead columns (diag(H) == 0 → H_jj = 1, W[:, j] = 0), damping percdamp · mean(diag H).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from gift_quant.quantizer import QuantSpec, dequantize, find_params, quantize
+
+
+@dataclass
+class ReferenceResult:
+    codes: Tensor  # (out, in) int64; salient columns hold their group's zero point
+    scales: Tensor  # (out, n_groups) float64
+    zeros: Tensor  # (out, n_groups) float64
+    g_idx: Tensor  # (in,) int64
+    salient_idx: Tensor  # (k,) int64, sorted
+    salient_weight: Tensor  # (out, k) float64, after absorbing the error compensation
+    weight: Tensor  # (out, in) float64: quantized columns dequantized, salient columns fp
+    loss: float  # sum over quantized columns of (w - q)^2 / (2 H_F^-1[q, q])
+
+
+def hessian(x: Tensor) -> Tensor:
+    """H = 2/n Σ x xᵀ in float64 from inputs (..., in)."""
+    x = x.reshape(-1, x.shape[-1]).double()
+    return 2 * x.T @ x / x.shape[0]
+
+
+def reference_gptq(
+    weight: Tensor,
+    H: Tensor,
+    spec: QuantSpec,
+    salient_idx: Tensor | None = None,
+    *,
+    percdamp: float = 0.01,
+    act_order: bool = False,
+    static_groups: bool = False,
+) -> ReferenceResult:
+    W = weight.detach().double().cpu().clone()
+    H = H.detach().double().cpu().clone()
+    rows, n = W.shape
+    salient = sorted({int(j) for j in salient_idx.tolist()}) if salient_idx is not None else []
+
+    for j in range(n):  # dead inputs
+        if H[j, j] == 0:
+            H[j, j] = 1
+            W[:, j] = 0
+
+    normal = [j for j in range(n) if j not in set(salient)]
+    if act_order:
+        normal = sorted(normal, key=lambda j: -H[j, j].item())  # Python's sort is stable: ties keep index order
+    order = normal + salient
+
+    gs = n if spec.group_size == -1 else spec.group_size
+    if n % gs:
+        raise ValueError(f"group_size={gs} does not divide {n}")
+    group = [0] * n
+    for pos, j in enumerate(order):
+        group[j] = pos // gs if (act_order and not static_groups and spec.group_size != -1) else j // gs
+    dynamic = spec.group_size != -1 and not static_groups
+
+    def params_of(g: int) -> tuple[Tensor, Tensor]:
+        cols = [j for j in normal if group[j] == g]
+        return find_params(W[:, cols], spec)
+
+    params: dict[int, tuple[Tensor, Tensor]] = {}
+    if not dynamic:  # computed once on the dead-zeroed, not yet updated weight
+        params = {g: params_of(g) for g in range(n // gs)}
+
+    Hinv = torch.linalg.inv(H + percdamp * H.diagonal().mean() * torch.eye(n, dtype=torch.float64))
+    codes = torch.zeros(rows, n, dtype=torch.int64)
+    loss = 0.0
+    for j in normal:
+        if group[j] not in params:  # dynamic group reached for the first time: use the current (updated) weights
+            params[group[j]] = params_of(group[j])
+        scale, zero = params[group[j]]
+        c = quantize(W[:, j : j + 1], scale, zero, spec.maxq)
+        q = dequantize(c, scale, zero)[:, 0]
+        codes[:, j] = c[:, 0].long()
+        d = Hinv[j, j]
+        loss += float(((W[:, j] - q) ** 2).sum() / (2 * d))
+        W -= torch.outer((W[:, j] - q) / d, Hinv[j, :])  # column j becomes q; eliminated columns have Hinv[j, c] = 0
+        Hinv = Hinv - torch.outer(Hinv[:, j], Hinv[j, :]) / d
+
+    for g in range(n // gs):  # groups with no quantized column
+        params.setdefault(g, find_params(W[:, []], spec))
+    scales = torch.cat([params[g][0] for g in range(n // gs)], dim=1)
+    zeros = torch.cat([params[g][1] for g in range(n // gs)], dim=1)
+    g_idx = torch.tensor(group, dtype=torch.int64)
+    for j in salient:
+        codes[:, j] = zeros[:, group[j]].long()
+    return ReferenceResult(
+        codes=codes,
+        scales=scales,
+        zeros=zeros,
+        g_idx=g_idx,
+        salient_idx=torch.tensor(salient, dtype=torch.int64),
+        salient_weight=W[:, salient].clone(),
+        weight=W,
+        loss=loss,
+    )
