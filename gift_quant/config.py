@@ -123,32 +123,59 @@ class RotateConfig(Strict):
     online_down_hadamard: bool = False
 
 
+RecoverMethod = Literal["gift_sw", "salient_ft", "ste", "lora", "none"]
+
+
 class RecoverConfig(TextSource):
-    method: Literal["gift_sw", "salient_ft", "ste", "lora", "none"] = "gift_sw"
-    order: Literal["after", "before"] = "after"
+    """Fine-tuning after (or, ``order: before``, ahead of) quantization; ``dataset`` is the training text."""
+
+    method: RecoverMethod = "gift_sw"
+    order: Literal["after", "before"] = "after"  # before: Pre-GIFT-SW, noise at the target bit-width on the fp model
     noise: Literal["gaussian", "uniform", "none"] = "gaussian"
-    noise_scale: float = Field(default=0.5, ge=0)
-    noise_bits: Literal[2, 3, 4, 8] | None = None
+    noise_scale: float = Field(default=0.5, ge=0)  # sigma = noise_scale * quantization step
+    noise_bits: Literal[2, 3, 4, 8] | None = None  # None: the layer's own grid (before: the next quantize stage's)
     learning_rate: float = Field(default=1e-4, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     max_steps: PositiveInt = 100
-    batch_size: PositiveInt = 1
+    batch_size: PositiveInt = 1  # per device
     gradient_accumulation_steps: PositiveInt = 1
     seq_len: PositiveInt = 512
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
     gradient_checkpointing: bool = False
     lora_rank: PositiveInt | None = None  # None: matched to GIFT-SW's trainable parameter count
-    eval_steps: PositiveInt | None = None
+    lora_alpha: float | None = Field(default=None, gt=0)  # None: 2 * rank
+    eval_dataset: str = "wikitext2"  # perplexity text during training (never trained on)
+    eval_steps: PositiveInt | None = None  # None: no evaluation during training
     eval_windows: PositiveInt = 4
-    save_steps: PositiveInt | None = None
+    eval_seq_len: PositiveInt = 512
+    save_steps: PositiveInt | None = None  # None: every quarter of max_steps (and always at the end)
     seed: int = 0
-    resume: bool = True
+    resume: bool = True  # continue from the last checkpoint when the run's fingerprint matches
+
+    @model_validator(mode="after")
+    def _order(self) -> "RecoverConfig":
+        if self.order == "before" and self.method in ("ste", "lora"):
+            raise ValueError(f"order: before trains the full-precision model; method '{self.method}' needs the "
+                             f"quantized one (use gift_sw or salient_ft)")
+        return self
 
 
 class CompareConfig(RecoverConfig):
-    methods: list[Literal["gift_sw", "salient_ft", "ste", "lora", "none"]] = ["gift_sw", "salient_ft", "ste", "lora"]
-    eval_seq_len: PositiveInt = 2048
-    eval_max_windows: PositiveInt | None = 16
+    """Every method in ``methods`` from the same quantized model, with the training settings inherited above."""
+
+    methods: list[RecoverMethod] = ["gift_sw", "salient_ft", "ste", "lora"]
+    learning_rates: dict[RecoverMethod, Annotated[float, Field(gt=0)]] = {}  # per-method override of learning_rate
+    final_seq_len: PositiveInt = 2048  # before/after perplexity; match the evaluate stages to reuse their rows
+    final_windows: PositiveInt | None = 16  # None = the whole text
+
+    @model_validator(mode="after")
+    def _methods(self) -> "CompareConfig":
+        if {"method", "order"} & self.model_fields_set:
+            raise ValueError("compare runs every entry of 'methods' on the quantized model; 'method' and 'order' "
+                             "belong to the recover stage")
+        if not self.methods or len(set(self.methods)) != len(self.methods):
+            raise ValueError("methods must be a non-empty list without repeats")
+        return self
 
 
 class ExportConfig(Strict):
@@ -156,6 +183,7 @@ class ExportConfig(Strict):
     dtype: Literal["float16", "bfloat16"] = "float16"
     max_shard_size: str = "2GB"
     path: Path | None = None  # default: <output_dir>/<format>
+    verify: Literal["float32", "float16", "bfloat16"] | None = None  # reload in this dtype and re-measure perplexity
 
 
 STAGE_CONFIGS: dict[str, type[Strict]] = {

@@ -62,6 +62,21 @@ def load_documents(source: TextSource, folder: Path | None = None) -> list[str]:
     raise UserError(f"unknown data source '{name}': use wikitext2, c4, a .txt/.jsonl file, or hf:<dataset>[:<config>]")
 
 
+def check_source(source: TextSource, folder: Path | None = None) -> None:
+    """Fail before any work when a local source is missing (Hub sources are only found out by loading them)."""
+    name = source.dataset
+    if name in LOCAL_FILES:
+        local = data_dir(folder)
+        if local is not None and not (local / LOCAL_FILES[name]).is_file():
+            raise UserError(f"missing data file {local / LOCAL_FILES[name]}; put {LOCAL_FILES[name]} there or unset "
+                            f"the data folder to use the Hub")
+    elif not name.startswith("hf:"):
+        path = Path(name).expanduser()
+        if not (path.suffix in (".txt", ".jsonl", ".raw") and path.is_file()):
+            raise UserError(f"unknown data source '{name}': use wikitext2, c4, an existing .txt/.jsonl file, or "
+                            f"hf:<dataset>[:<config>]")
+
+
 def _read_local(path: Path, text_field: str) -> list[str]:
     if path.suffix == ".jsonl":
         docs = []
@@ -140,6 +155,13 @@ def packed_sequences(tokenizer, docs: list[str], seq_len: int, max_sequences: in
     if n == 0:
         raise UserError(f"training text has {len(stream)} tokens, fewer than one sequence of {seq_len}")
     return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def source_label(name: str) -> str:
+    """Short name of a source for metric names: wikitext2, c4, a file's stem, a Hub dataset's name."""
+    if name.startswith("hf:"):
+        return name[3:].split(":")[0].rsplit("/", 1)[-1]
+    return Path(name).stem if name not in LOCAL_FILES else name
 
 
 def check_not_eval_text(source: TextSource, purpose: str) -> None:

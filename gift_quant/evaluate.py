@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .config import EvaluateConfig
-from .data import evaluation_ids, load_documents
+from .data import evaluation_ids, load_documents, source_label
 
 
 @dataclass
@@ -62,7 +62,7 @@ def evaluate_stage(state, cfg: EvaluateConfig) -> Perplexity:
     ids = eval_ids(state, cfg)
     model = state.model.to(state.device)
     result = perplexity(model, ids, cfg.seq_len, cfg.max_windows, cfg.batch_size, state.device)
-    state.record("evaluate", f"{cfg.dataset}_ppl", result.value, label=cfg.label or state.last_stage,
+    state.record("evaluate", f"{source_label(cfg.dataset)}_ppl", result.value, label=cfg.label or state.last_stage,
                  tokens=result.tokens, seconds=round(result.seconds, 2),
                  note=f"{cfg.dataset} perplexity over {result.windows} windows of {cfg.seq_len} tokens")
     return result

@@ -18,13 +18,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -68,7 +69,14 @@ def export_packed(
     dtype: torch.dtype = torch.float16,
 ) -> dict:
     """Write the packed checkpoint of ``model`` (whose quantized linears are any modules with
-    ``to_quantized_weight()``) to ``out_dir``; returns ``{"path", "files", **size_report}``."""
+    ``to_quantized_weight()``) to ``out_dir``; returns ``{"path", "files", **size_report}``.
+
+    ``quant_info`` is stored in ``quantization_config``: JSON-able recipe settings such as ``salient`` (selection
+    metric and count) and ``rotation`` (the record of ``rotate_model``, restored on load). ``bits`` /
+    ``group_size`` / ``sym``, if given, must agree with the linears; the tensor-derived keys are always recomputed,
+    so a reloaded model's ``gift_quant_config`` can be passed back as is. Unquantized tensors are written in
+    ``dtype``; the quantized linears' scales and salient weights are always fp16 (the GPTQ format).
+    """
     modules = quantized_modules(model)
     if not modules:
         raise ValueError("the model has no quantized linears (modules with to_quantized_weight()) to pack")
@@ -100,9 +108,8 @@ def export_dense(
         if getattr(m, "bias", None) is not None:
             tensors[f"{name}.bias"] = m.bias.detach().to(dtype)
     config = copy.deepcopy(model.config)
-    for attr in ("quantization_config",):
-        if hasattr(config, attr):
-            delattr(config, attr)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
     files = _write_folder(model, config, tokenizer, tensors, Path(out_dir), max_shard_size, dtype, tied)
     return {"path": str(out_dir), "files": files}
 
@@ -256,11 +263,11 @@ def load_quantized(
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint folder")
-    _verify_manifest(path, verify_checksums)
-    config_dict = _read_json(path / "config.json")
-    qc = config_dict.pop("quantization_config", None)
-    _check_quantization_config(qc, path)
     try:
+        _verify_manifest(path, verify_checksums)
+        config_dict = _read_json(path / "config.json")
+        qc = config_dict.pop("quantization_config", None)
+        _check_quantization_config(qc, path)
         model = _build_model(config_dict, dtype)
         if qc.get("rotation"):
             from gift_quant.rotate import restore_online_modules
@@ -271,7 +278,7 @@ def load_quantized(
         _load_tensors(model, path, headers, qc)
     except CheckpointError:
         raise
-    except (ValueError, TypeError, KeyError, AttributeError, OSError) as err:
+    except (ValueError, TypeError, KeyError, AttributeError, OSError, SafetensorError) as err:
         raise CheckpointError(f"{path}: {type(err).__name__}: {_one_line(err)}") from err
     model.gift_quant_config = qc  # kept off model.config so transformers never sees an unknown quant_method
     if (path / "generation_config.json").is_file():
@@ -299,6 +306,8 @@ def _verify_manifest(folder: Path, verify_checksums: bool) -> None:
         raise CheckpointError(f"{folder / MANIFEST}: not a gift_quant manifest")
     for name, entry in files.items():
         p = folder / name
+        if not isinstance(entry, dict) or not {"size", "sha256"} <= entry.keys():
+            raise CheckpointError(f"{folder / MANIFEST}: malformed entry for {name}")
         if not p.is_file():
             raise CheckpointError(f"{p}: listed in the manifest but missing")
         if p.stat().st_size != entry["size"]:
@@ -348,7 +357,7 @@ def _tensor_headers(folder: Path) -> dict[str, tuple[Path, torch.dtype, tuple[in
                 for key in f.keys():
                     s = f.get_slice(key)
                     headers[key] = (folder / name, _safetensors_dtype(s.get_dtype()), tuple(s.get_shape()))
-        except Exception as err:  # safetensors raises its own error types for malformed files
+        except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{folder / name}: unreadable safetensors file ({_one_line(err)})") from err
     if weight_map is not None and {k: str(v[0].name) for k, v in headers.items()} != weight_map:
         raise CheckpointError(f"{folder / INDEX}: weight_map disagrees with the tensors in the shards")
@@ -495,3 +504,72 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
     return _numel(shape) * torch.empty(0, dtype=dtype).element_size()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pipeline stage
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def export_stage(state, cfg) -> None:
+    """Stage `export`: write the packed (or dense) checkpoint, report its real size, and optionally reload it and
+    measure the perplexity the deployed model will have."""
+    path = Path(cfg.path or state.output_dir / cfg.format)
+    dtype = getattr(torch, cfg.dtype)
+    model = state.model
+    start = time.perf_counter()
+    if cfg.format == "packed":
+        export_packed(model, state.tokenizer, path, quant_info=_quant_info(state), max_shard_size=cfg.max_shard_size,
+                      dtype=dtype)
+        size = size_report(path)
+        state.record("export", "bits_per_weight", round(size["bits_per_weight"], 4), path=str(path),
+                     checkpoint_mb=round(size["checkpoint_bytes"] / 2**20, 2), fp16_mb=round(size["fp16_bytes"] / 2**20, 2),
+                     size_ratio_vs_fp16=round(size["ratio"], 4), seconds=round(time.perf_counter() - start, 1),
+                     note=f"export: packed checkpoint in {path}, bits per weight of the quantized linears include "
+                          f"scales, zeros, g_idx and the fp16 salient columns")
+    else:
+        export_dense(model, state.tokenizer, path, dtype=dtype, max_shard_size=cfg.max_shard_size)
+        size = sum(p.stat().st_size for p in path.glob("model*.safetensors"))
+        state.record("export", "checkpoint_mb", round(size / 2**20, 2), path=str(path),
+                     seconds=round(time.perf_counter() - start, 1),
+                     note=f"export: dense {cfg.dtype} checkpoint in {path} (no size saving: weights dequantized)")
+    if cfg.verify is not None:
+        _verify_reload(state, cfg, path)
+
+
+def _verify_reload(state, cfg, path: Path) -> None:
+    """Reload from disk and evaluate like the recipe's last evaluate stage: the number a user of the file gets."""
+    from transformers import AutoModelForCausalLM
+
+    from .data import source_label
+    from .evaluate import eval_ids, perplexity
+
+    dtype = getattr(torch, cfg.verify)
+    if cfg.format == "packed":
+        reloaded = load_quantized(path, device=state.device, dtype=dtype)
+    else:
+        reloaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(state.device).eval()
+    ev = _last_evaluate(state)
+    result = perplexity(reloaded, eval_ids(state, ev), ev.seq_len, ev.max_windows, ev.batch_size, state.device)
+    state.record("export", f"{source_label(ev.dataset)}_ppl_reloaded", result.value, tokens=result.tokens,
+                 seconds=round(result.seconds, 1), label=f"reloaded {cfg.format} ({cfg.verify})")
+    del reloaded
+
+
+def _last_evaluate(state):
+    from .config import EvaluateConfig
+
+    configs = [s.config for s in state.recipe.stages if s.name == "evaluate"]
+    return configs[-1] if configs else EvaluateConfig()
+
+
+def _quant_info(state) -> dict:
+    q = state.artifacts.get("quantize", {}).get("config")
+    select = state.artifacts.get("select")
+    info = {"salient": select.model_dump(mode="json") if select else None, "rotation": state.artifacts.get("rotation")}
+    if q is not None:
+        info.update(method=q.method, bits=q.bits, group_size=q.group_size, sym=q.sym)
+    recover = state.artifacts.get("recover")
+    if recover is not None:
+        info["recover"] = recover
+    return info

@@ -62,6 +62,15 @@ class GPTQ:
     def nsamples(self) -> int:
         return self._nsamples
 
+    def clone(self) -> "GPTQ":
+        """An independent copy: linears that read the same input (q/k/v, gate/up) share one accumulation."""
+        if self._consumed:
+            raise RuntimeError("the Hessian was freed by quantize(); clone before quantizing")
+        other = GPTQ(self.in_features, self.device)
+        other.H = None if self.H is None else self.H.clone()
+        other._nsamples = self._nsamples
+        return other
+
     def add_batch(self, x: Tensor) -> None:
         """x (..., in_features); every leading index is one sample (token)."""
         if self._consumed:

@@ -122,6 +122,7 @@ class PackedLinear(nn.Module):
     ``salient_weight`` stay fp16 under ``model.to(dtype)`` (only device moves apply): they are the stored values,
     and a cast to bf16 would round them. ``cache_dense=True`` keeps the dequantized weight between forwards (speed
     for memory); by default it is rebuilt each time so resident memory stays that of the packed tensors.
+    ``dtype`` is the bias's (the model's compute dtype); the forward computes in the input's dtype.
     """
 
     _PINNED = ("scales", "salient_weight")
@@ -147,6 +148,8 @@ class PackedLinear(nn.Module):
         self.bits, self.group_size, self.sym = bits, group_size, sym
         self.cache_dense = cache_dense
         self._dense: torch.Tensor | None = None
+        self._order_key: tuple | None = None
+        self._order_ok = False
         i32 = dict(dtype=torch.int32, device=device)
         f16 = dict(dtype=torch.float16, device=device)
         self.register_buffer("qweight", torch.zeros(packed_rows(in_features, bits), out_features, **i32))
@@ -192,10 +195,31 @@ class PackedLinear(nn.Module):
     def quantized_part(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Dequantized low-bit weight (out, in), salient columns exactly 0; the same float32 arithmetic as
         ``QuantizedWeight.quantized_part`` so a reloaded model reproduces the in-memory one bit for bit."""
-        g = self.g_idx.long()
-        # Row-major like the record's: F.linear on a column-major weight takes another BLAS path (other rounding).
+        codes, zeros = self.codes().to(torch.float32), self.zeros()
         scales = self.scales.t().to(torch.float32).contiguous()
-        return (scales[:, g] * (self.codes().to(torch.float32) - self.zeros()[:, g])).to(dtype).contiguous()
+        if self._groups_in_order():
+            # Same elementwise products as the gather below, broadcast per group instead of indexed per column.
+            n_groups = scales.shape[1]
+            w = scales.unsqueeze(2) * (codes.view(self.out_features, n_groups, -1) - zeros.unsqueeze(2))
+            w = w.reshape(self.out_features, self.in_features)
+        else:
+            g = self.g_idx.long()
+            w = scales[:, g] * (codes - zeros[:, g])
+        # Row-major like the record's: F.linear on a column-major weight takes another BLAS path (other rounding).
+        return w.to(dtype).contiguous()
+
+    def _groups_in_order(self) -> bool:
+        """Whether column j is in group j // (in / n_groups) (no act-order permutation); cached per g_idx version."""
+        key = (self.g_idx.data_ptr(), self.g_idx._version, self.scales.shape[0])
+        if self._order_key != key:
+            n_groups = self.scales.shape[0]
+            width = self.in_features // n_groups if n_groups else 0
+            self._order_ok = bool(
+                width * n_groups == self.in_features
+                and torch.equal(self.g_idx.long(), torch.arange(self.in_features, device=self.g_idx.device) // width)
+            )
+            self._order_key = key
+        return self._order_ok
 
     def _dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         if not self.cache_dense:

@@ -110,11 +110,23 @@ def plan(recipe: Recipe, output_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def preflight(state: RunState) -> None:
+    """Catch missing inputs before minutes of work: local data files first, then the model itself."""
+    from .config import TextSource
+    from .data import check_source
+
+    for stage in state.recipe.stages:
+        if isinstance(stage.config, TextSource):
+            check_source(stage.config, state.recipe.data.dir)
+    state.model  # noqa: B018 (loads it)
+
+
 def run(recipe: Recipe, output_dir: Path) -> RunState:
     """Execute the stages in order; results.json and report.md are rewritten after every stage."""
+    state = RunState(recipe=recipe, output_dir=output_dir)
+    preflight(state)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_text(output_dir / "recipe.resolved.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    state = RunState(recipe=recipe, output_dir=output_dir)
     for stage in recipe.stages:
         fn = stage_function(stage.name)
         start = time.perf_counter()

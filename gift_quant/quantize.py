@@ -59,6 +59,11 @@ class LinearStats:
     norms: ChannelNorms
     tokens: int = 0
 
+    def clone(self) -> "LinearStats":
+        norms = ChannelNorms(self.norms.in_features)
+        norms.__dict__.update({k: v.clone() if torch.is_tensor(v) else v for k, v in self.norms.__dict__.items()})
+        return LinearStats(self.gptq.clone() if self.gptq is not None else None, norms, self.tokens)
+
     def add(self, x: torch.Tensor) -> None:
         if self.gptq is not None:
             self.gptq.add_batch(x)
@@ -118,6 +123,7 @@ class LayerCheckpoints:
 
     def __init__(self, folder: Path, fingerprint: str, resume: bool):
         self.folder = folder
+        self.loaded = 0  # layers taken from disk by this run
         stamp = folder / "fingerprint.txt"
         if folder.exists() and (not resume or not stamp.is_file() or stamp.read_text() != fingerprint):
             if any(folder.glob("layer_*.safetensors")):
@@ -134,6 +140,7 @@ class LayerCheckpoints:
         path = self._path(index)
         if not path.is_file():
             return None
+        self.loaded += 1
         with safe_open(path, "pt") as f:
             rows = json.loads(f.metadata()["rows"])
             tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -216,8 +223,7 @@ def _quantize_layer(layer, chunks, quantizer: Quantizer, targets, prefix: str, t
     rows = []
     is_target = lambda n: any(t.search(prefix + n) for t in targets)  # noqa: E731
     for group in linear_groups(layer, is_target, true_sequential):
-        stats = {n: quantizer.new_stats(m) for n, m in group.items()}
-        observe(layer, chunks, group, lambda n, x: stats[n].add(x))
+        stats = collect_stats(layer, chunks, group, quantizer)
         group_records = {}
         for n, linear in group.items():
             qw, row = quantizer(prefix + n, linear, stats.pop(n))
@@ -226,6 +232,29 @@ def _quantize_layer(layer, chunks, quantizer: Quantizer, targets, prefix: str, t
         replace_linears(layer, group_records, as_mixed_precision)
         records.update({prefix + n: qw for n, qw in group_records.items()})
     return records, rows
+
+
+def collect_stats(layer, chunks, group: dict[str, nn.Linear], quantizer: Quantizer) -> dict[str, LinearStats]:
+    """Input statistics of each linear in `group`. Linears fed the very same tensor (q/k/v, gate/up) share one
+    accumulation, copied at the end: the Hessian is the costliest part of calibration after the forwards."""
+    stats: dict[str, LinearStats] = {}
+    alias: dict[str, str] = {}
+    last: list = [None, None]  # (input tensor, name of the linear whose stats took it)
+
+    def observer(name: str, x: torch.Tensor) -> None:
+        if x is last[0]:
+            alias[name] = last[1]
+            return
+        last[:] = [x, name]
+        if name not in stats:
+            stats[name] = quantizer.new_stats(group[name])
+        stats[name].add(x)
+
+    observe(layer, chunks, group, observer)
+    last.clear()
+    for name, owner in alias.items():
+        stats[name] = stats[owner].clone()
+    return stats
 
 
 def _quantize_without_data(model, quantizer: Quantizer, targets) -> list[dict]:
@@ -274,7 +303,7 @@ def quantize_stage(state, cfg: QuantizeConfig) -> None:
                                       if isinstance(m, MixedPrecisionLinear)}
     salient = sum(r["salient"] for r in rows)
     state.record("quantize", "quantized_linears", len(rows), seconds=round(seconds, 1),
-                 salient_columns=salient, peak_rss_mb=_peak_rss_mb(),
+                 salient_columns=salient, peak_rss_mb=_peak_rss_mb(), resumed_layers=ckpt.loaded,
                  note=f"quantize: {cfg.method} {cfg.bits}-bit, group {cfg.group_size}, "
                       f"{'sym' if cfg.sym else 'asym'}; per-module log in quantize_log.csv")
 

@@ -111,11 +111,13 @@ def find_params(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
 def _mse_search(w: Tensor, xmin: Tensor, xmax: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec):
     """Shrink the range by p = 1, 1 - 1/grid, ... (> 1 - max_shrink); keep the first p with the smallest error."""
     best = torch.full_like(scale, float("inf"))
+    buf = torch.empty_like(w)  # one scratch tensor, in-place ops: this loop dominates per-layer CPU time
     for i in range(int(spec.max_shrink * spec.grid)):
         p = 1 - i / spec.grid
         scale1, zero1 = _params_from_range(p * xmin, p * xmax, spec)
-        q = fake_quant(w, scale1.unsqueeze(1), zero1.unsqueeze(1), spec.maxq)
-        err = (q - w).abs_().pow_(spec.norm).sum(dim=1)
+        s, z = scale1.unsqueeze(1), zero1.unsqueeze(1)
+        torch.div(w, s, out=buf).round_().add_(z).clamp_(0, spec.maxq).sub_(z).mul_(s).sub_(w).abs_()
+        err = (buf.square_() if spec.norm == 2 else buf.pow_(spec.norm)).sum(dim=1)
         better = err < best
         best = torch.where(better, err, best)
         scale = torch.where(better, scale1, scale)

@@ -298,3 +298,19 @@ def restore_online_modules(model: nn.Module, record: dict) -> None:
     down = _down_rotation(n, mode, seed, model.get_input_embeddings().weight.device)
     for layer in model.base_model.layers:
         _install_online_rotation(layer.mlp, down)
+
+
+def rotate_stage(state, cfg) -> None:
+    """Stage `rotate`: fuse the rotation into the full-precision model; it must run before calibration statistics
+    are taken, so salient columns are chosen in the rotated basis."""
+    from .errors import UserError
+
+    if "quantize" in state.artifacts or "calibration_stats" in state.artifacts:
+        raise UserError("rotate must come before quantize in the recipe")
+    if "rotation" in state.artifacts:
+        raise UserError("the model is already rotated; use one rotate stage")
+    record = rotate_model(state.model, RotateSpec(**cfg.model_dump()))
+    state.artifacts["rotation"] = record
+    state.record("rotate", "rotation", record["hidden_matrix"], note=f"rotate: {record['hidden_matrix']} "
+                 f"{record['hidden_size']}x{record['hidden_size']} residual rotation, seed {record['seed']}"
+                 + (", per-head" if cfg.rotate_heads else "") + (", online down_proj" if cfg.online_down_hadamard else ""))

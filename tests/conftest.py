@@ -31,3 +31,68 @@ def data_dir() -> Path:
     if not (DATA_DIR / "wikitext2_test.raw").is_file():
         pytest.skip(f"shared data not found at {DATA_DIR} (set GIFT_QUANT_DATA)")
     return DATA_DIR
+
+
+class CharTokenizer:
+    """Byte-level stand-in for a HF tokenizer (ids 0..255 = bytes, 256 = EOS): enough for the data functions."""
+
+    eos_token_id = 256
+
+    def __call__(self, text: str, return_tensors: str | None = None):
+        ids = list(text.encode("utf-8"))
+        return type("Encoding", (), {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids})()
+
+
+@pytest.fixture
+def char_tokenizer() -> CharTokenizer:
+    return CharTokenizer()
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No Hub access, whatever the environment says (the libraries read HF_HUB_OFFLINE once, at import)."""
+    import datasets
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
+
+
+def char_hf_tokenizer():
+    """A real (saveable) HF fast tokenizer over printable ASCII: one token per character, ids < 102."""
+    import string
+
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(string.printable)}
+    vocab.update({"</s>": len(vocab), "<unk>": len(vocab) + 1})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.fixture
+def tiny_run(tmp_path, monkeypatch):
+    """Run a recipe (YAML text) end to end on a tiny Llama with a character tokenizer and local text files."""
+    import random
+
+    import gift_quant.models as models
+    from gift_quant.recipe import main
+
+    rng = random.Random(0)
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "home"]
+    text = lambda n: " ".join(rng.choice(words) for _ in range(n)) + "."  # noqa: E731
+    (tmp_path / "train.jsonl").write_text("\n".join(f'{{"text": "{text(120)}"}}' for _ in range(40)))
+    (tmp_path / "eval.txt").write_text(text(3000))
+    monkeypatch.setattr(models, "load_model", lambda cfg: (tiny_llama(), char_hf_tokenizer()))  # fresh each run
+
+    def run(recipe_yaml: str, *extra: str) -> tuple[int, Path]:
+        path = tmp_path / "recipe.yaml"
+        path.write_text(recipe_yaml.replace("TRAIN", str(tmp_path / "train.jsonl"))
+                        .replace("EVAL", str(tmp_path / "eval.txt")))
+        out = run.last_out = tmp_path / "out"
+        return main([str(path), "--output-dir", str(out), *extra]), out
+
+    return run

@@ -190,8 +190,11 @@ def test_rejects_out_of_range():
 OUT, IN, K = 24, 40, 5
 
 
-def hand_record(bits: int = 3, n_groups: int = 4, k: int = K, sym: bool = False, seed: int = 0) -> QuantizedWeight:
-    """Random record with act-order g_idx, fp16-representable scales/salient weights, zero-point salient codes."""
+def hand_record(
+    bits: int = 3, n_groups: int = 4, k: int = K, sym: bool = False, seed: int = 0, ordered: bool = False
+) -> QuantizedWeight:
+    """Random record with act-order g_idx (or groups in column order), fp16-representable scales and salient
+    weights, zero-point salient codes."""
     g = torch.Generator().manual_seed(seed)
     maxq = 2**bits - 1
     scales = (torch.rand(OUT, n_groups, generator=g) * 0.1 + 0.01).half().float()
@@ -200,6 +203,8 @@ def hand_record(bits: int = 3, n_groups: int = 4, k: int = K, sym: bool = False,
     else:
         zeros = torch.randint(0, maxq + 1, (OUT, n_groups), generator=g).float()
     g_idx = (torch.randperm(IN, generator=g) % n_groups).to(torch.int32)
+    if ordered:
+        g_idx = (torch.arange(IN) // (IN // n_groups)).to(torch.int32)
     codes = torch.randint(0, maxq + 1, (OUT, IN), generator=g).to(torch.uint8)
     salient_idx = torch.randperm(IN, generator=g)[:k].sort().values
     codes[:, salient_idx] = zeros[:, g_idx[salient_idx].long()].to(torch.uint8)
@@ -244,11 +249,14 @@ def test_forward_matches_float64_reference():
     torch.testing.assert_close(m(x).double(), ref, rtol=0, atol=1e-5)
 
 
-def test_forward_equals_mixed_precision_linear_exactly():
-    qw = hand_record(bits=4, n_groups=2)
+@pytest.mark.parametrize("ordered,n_groups", [(False, 2), (True, 2), (True, 1)])
+def test_forward_equals_mixed_precision_linear_exactly(ordered, n_groups):
+    qw = hand_record(bits=4, n_groups=n_groups, ordered=ordered)
     bias = torch.randn(OUT).half().float()
     mixed = MixedPrecisionLinear.from_quantized(qw, bias).eval()
     packed = PackedLinear.from_quantized(qw, bias, dtype=torch.float32)
+    assert packed._groups_in_order() == (ordered or n_groups == 1)  # the broadcast fast path vs the gather path
+    assert torch.equal(packed.quantized_part(), qw.quantized_part())
     x = torch.randn(2, 5, IN)
     with torch.no_grad():
         assert torch.equal(packed(x), mixed(x))

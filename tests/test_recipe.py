@@ -1,0 +1,135 @@
+"""Recipe validation and the command line: every user error is one line on stderr with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gift_quant.config import QuantizeConfig, parse_recipe
+from gift_quant.recipe import load_recipe, main
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipes_validate(recipe):
+    r = load_recipe(recipe)
+    assert r.stages, recipe
+
+
+def test_stage_settings_are_typed_and_defaults_filled():
+    r = parse_recipe({"stages": [{"evaluate": {"max_windows": 16}}, "calibrate", {"quantize": {"bits": 3}}]})
+    assert [s.name for s in r.stages] == ["evaluate", "calibrate", "quantize"]
+    q = r.stages[2].config
+    assert isinstance(q, QuantizeConfig) and q.bits == 3 and q.method == "gptq" and q.group_size == -1
+    assert r.stages[0].config.seq_len == 2048
+    # the resolved recipe reads back to the same thing
+    assert parse_recipe(r.to_dict()) == r
+
+
+def test_python_api_equals_yaml():
+    from gift_quant.config import EvaluateConfig
+
+    r = parse_recipe(yaml.safe_load("stages:\n  - evaluate: {max_windows: 4, seq_len: 128}\n"))
+    assert r.stages[0].config == EvaluateConfig(max_windows=4, seq_len=128)
+
+
+BAD = {
+    "missing": None,
+    "bad_yaml": "stages: [evaluate: {max_windows: 3}\n",
+    "unknown_key": "stages:\n  - evaluate: {max_windowz: 3}\n",
+    "unknown_stage": "stages:\n  - quantise: {}\n",
+    "wrong_type": "stages:\n  - evaluate: {max_windows: many}\n",
+    "out_of_range": "stages:\n  - quantize: {bits: 5}\n",
+    "negative": "stages:\n  - evaluate: {seq_len: -1}\n",
+    "top_level_typo": "modle: {name: x}\nstages: [evaluate]\n",
+    "no_stages": "model: {name: x}\n",
+    "both_counts": "stages:\n  - select: {count: 4, fraction: 0.1}\n",
+}
+EXPECT = {"missing": "recipe not found", "bad_yaml": "invalid YAML", "unknown_key": "max_windowz: unknown key",
+          "unknown_stage": "unknown stage 'quantise'", "wrong_type": "max_windows", "out_of_range": "bits",
+          "negative": "seq_len", "top_level_typo": "modle: unknown key", "no_stages": "stages",
+          "both_counts": "either count or fraction"}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_recipes_exit_2_with_one_line(case, tmp_path, capsys):
+    path = tmp_path / "absent.yaml" if BAD[case] is None else write(tmp_path, BAD[case])
+    assert main([str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert EXPECT[case] in err, err
+
+
+def test_errors_have_no_traceback_in_a_real_process(tmp_path):
+    path = write(tmp_path, BAD["unknown_key"])
+    proc = subprocess.run([sys.executable, "-m", "gift_quant.recipe", str(path)], capture_output=True, text=True,
+                          cwd=REPO)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
+
+
+def test_unknown_model_and_missing_data_are_user_errors(tmp_path, capsys):
+    path = write(tmp_path, "model: {name: ./no/such/folder}\nstages: [evaluate]\n")
+    assert main([str(path), "--output-dir", str(tmp_path / "o")]) == 2
+    assert "model folder not found" in capsys.readouterr().err
+    path = write(tmp_path, f"data: {{dir: {tmp_path / 'nodata'}}}\nmodel: {{name: ./x}}\nstages: [evaluate]\n")
+    (tmp_path / "x").mkdir()
+    assert main([str(path), "--output-dir", str(tmp_path / "o")]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_hub_model_without_network_is_a_user_error(tmp_path, capsys, offline):
+    path = write(tmp_path, "model: {name: nobody/no-such-model-xyz}\nstages: [evaluate]\n")
+    assert main([str(path), "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot load model 'nobody/no-such-model-xyz'" in err and err.count("\n") == 1
+
+
+def test_set_overrides_and_dry_run_prints_plan(tmp_path, capsys):
+    recipe = REPO / "recipes" / "llama2_3bit.yaml"
+    assert main([str(recipe), "--dry-run", "--set", "stages.quantize.bits=2", "--set", "model.dtype=bfloat16",
+                 "--output-dir", str(tmp_path / "plan")]) == 0
+    out = capsys.readouterr().out
+    assert "meta-llama/Llama-2-7b-hf" in out and "bits=2" in out and "bfloat16" in out
+    assert not (tmp_path / "plan").exists()  # a dry run writes nothing
+
+
+def test_set_on_ambiguous_stage_name_asks_for_position(tmp_path, capsys):
+    recipe = REPO / "recipes" / "llama2_3bit.yaml"
+    assert main([str(recipe), "--dry-run", "--set", "stages.evaluate.max_windows=2"]) == 2
+    assert "stages.N.key" in capsys.readouterr().err
+    assert main([str(recipe), "--dry-run", "--set", "stages.0.max_windows=2"]) == 0
+
+
+def test_run_writes_results_report_and_resolved_recipe(tmp_path, tiny_model, monkeypatch):
+    """End to end on a tiny model: the runner, the evaluate stage and the output files."""
+    import gift_quant.models as models
+    from conftest import CharTokenizer
+
+    text = tmp_path / "eval.txt"
+    text.write_text("abcdefgh " * 200)
+    monkeypatch.setattr(models, "load_model", lambda cfg: (tiny_model, CharTokenizer()))
+    tiny_model.config.vocab_size = 128
+    # CharTokenizer ids are bytes; keep them inside the tiny vocabulary (ASCII text only)
+    path = write(tmp_path, f"model: {{name: tiny}}\nstages:\n  - evaluate: {{dataset: {text}, seq_len: 64, max_windows: 3}}\n")
+    out = tmp_path / "out"
+    assert main([str(path), "--output-dir", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    (row,) = results["results"]
+    assert row["stage"] == "evaluate" and row["tokens"] == 3 * 63 and row["value"] > 1
+    assert (out / "report.md").read_text().startswith("# gift_quant run")
+    assert yaml.safe_load((out / "recipe.resolved.yaml").read_text())["stages"][0]["evaluate"]["max_windows"] == 3
+    assert not list(out.glob(".*tmp"))  # no temporary files left behind

@@ -1,0 +1,413 @@
+"""Tests for the recover and compare stages (gift_quant/recover.py, gift_quant/compare.py).
+
+A tiny random Llama (hidden 64, 2 layers, vocab 128) quantized with RTN records stands in for the quantize stage; a
+byte-level tokenizer and small local text files stand in for the tokenizer and C4/WikiText-2. References are
+independent: closed-form parameter counts, float64 perplexities, direct activation statistics.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
+
+from gift_quant.compare import compare_stage, earlier_perplexities, gap_recovered
+from gift_quant.config import CompareConfig, EvaluateConfig, QuantizeConfig, Recipe, RecoverConfig, SelectConfig, Stage
+from gift_quant.layers import MixedPrecisionLinear, NoiseSpec, STELinear, replace_linears
+from gift_quant.models import find_linears
+from gift_quant.pipeline import RunState
+from gift_quant.quantizer import QuantSpec, rtn
+from gift_quant.recover import (
+    finish,
+    gift_params,
+    lora_rank,
+    mixed_linears,
+    prepare,
+    prepare_output,
+    recover_stage,
+    train,
+    training_blocks,
+)
+from gift_quant.saliency import quant_error
+
+TARGETS = [r"\.(q|k|v|o)_proj$", r"\.(gate|up|down)_proj$"]
+CPU = torch.device("cpu")
+TRAIN_TEXT = " ".join(f"the {a} fox jumps over the {b} dog number {i}." for i, (a, b) in
+                      enumerate(zip(["quick", "brown", "red", "slow"] * 40, ["lazy", "old", "tired", "big"] * 40)))
+EVAL_TEXT = "a lazy dog sleeps under the quick brown fox while the old cat watches. " * 20
+
+
+class ByteTokenizer:
+    """Bytes as token ids 1..127, EOS 0: all a tokenizer has to do for these stages."""
+
+    eos_token_id = 0
+
+    def __call__(self, text: str, return_tensors: str | None = None):
+        ids = [1 + b % 127 for b in text.encode()]
+        return SimpleNamespace(input_ids=torch.tensor([ids]) if return_tensors == "pt" else ids)
+
+
+def tiny_fp(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, use_cache=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def quantized(fp: nn.Module, k: int = 4, seed: int = 0) -> nn.Module:
+    """What the quantize stage hands over: every target linear a 3-bit RTN MixedPrecisionLinear with k salient columns."""
+    model = copy.deepcopy(fp)
+    g = torch.Generator().manual_seed(seed)
+    records = {n: rtn(lin.weight, QuantSpec(bits=3), torch.randperm(lin.in_features, generator=g)[:k])
+               for n, lin in find_linears(model, TARGETS).items()}
+    replace_linears(model, records, lambda qw, b: MixedPrecisionLinear.from_quantized(qw, b, NoiseSpec()))
+    return model.eval()
+
+
+@pytest.fixture
+def texts(tmp_path: Path) -> SimpleNamespace:
+    (tmp_path / "train.txt").write_text(TRAIN_TEXT)
+    (tmp_path / "eval.txt").write_text(EVAL_TEXT)
+    return SimpleNamespace(train=str(tmp_path / "train.txt"), eval=str(tmp_path / "eval.txt"))
+
+
+def run_state(tmp_path: Path, model: nn.Module, stages: list[Stage]) -> RunState:
+    state = RunState(recipe=Recipe(stages=stages), output_dir=tmp_path / "out")
+    state.model, state._tokenizer = model, ByteTokenizer()
+    return state
+
+
+def recover_cfg(texts, **kw) -> RecoverConfig:
+    base = dict(dataset=texts.train, eval_dataset=texts.eval, max_steps=2, batch_size=2,
+                gradient_accumulation_steps=2, seq_len=16, learning_rate=1e-2, warmup_ratio=0.0, eval_seq_len=16,
+                eval_windows=2)
+    return RecoverConfig(**{**base, **kw})
+
+
+def ref_perplexity(model: nn.Module, windows: torch.Tensor) -> float:
+    """Pooled next-token NLL over the windows, accumulated in float64."""
+    with torch.no_grad():
+        logits = model.eval()(input_ids=windows).logits.double()
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1), reduction="sum")
+    return math.exp(nll.item() / windows[:, 1:].numel())
+
+
+def eval_windows(text: str, n: int, seq_len: int) -> torch.Tensor:
+    ids = ByteTokenizer()(text, return_tensors="pt").input_ids.view(-1)
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+# ---------------------------------------------------------------- what each method trains
+
+
+def expected_trainable(model: nn.Module, method: str) -> int:
+    layers = mixed_linears(model).values()
+    if method in ("gift_sw", "salient_ft"):
+        return sum(m.out_features * m.num_salient for m in layers)
+    if method == "ste":
+        return sum(m.out_features * m.in_features for m in layers)
+    return lora_rank(model) * sum(m.in_features + m.out_features for m in layers)
+
+
+@pytest.mark.parametrize("method", ["gift_sw", "salient_ft", "ste", "lora"])
+def test_method_trains_only_its_parameters(method: str, tmp_path: Path, texts) -> None:
+    fp = tiny_fp()
+    model = quantized(fp)
+    expected = expected_trainable(model, method)
+    cfg = recover_cfg(texts, method=method)
+    state = run_state(tmp_path, model, [Stage(name="recover", config=cfg)])
+
+    n = prepare(model, cfg)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert n == expected == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    suffix = {"gift_sw": "salient_weight", "salient_ft": "salient_weight", "ste": "weight", "lora": "weight"}[method]
+    assert all(name.endswith(suffix) for name in trainable)
+    if method == "ste":
+        assert all(isinstance(model.get_submodule(name.rsplit(".", 1)[0]), STELinear) for name in trainable)
+    if method == "lora":
+        assert all(".lora_A." in name or ".lora_B." in name for name in trainable)
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = train(model, training_blocks(state, cfg, 8), None, cfg, tmp_path / "ckpt", CPU, "test", n)
+    after = model.state_dict()
+    for key, value in before.items():
+        changed = not torch.equal(value, after[key])
+        assert changed == (key in trainable), key
+    # Every method sees the same tokens: steps × batch × accumulation × seq_len.
+    assert report.tokens == 2 * 2 * 2 * 16
+    assert report.steps == 2 and report.trainable_params == expected
+
+
+def test_ste_finish_requantizes_to_what_it_trained(tmp_path: Path, texts) -> None:
+    model = quantized(tiny_fp())
+    cfg = recover_cfg(texts, method="ste")
+    state = run_state(tmp_path, model, [Stage(name="recover", config=cfg)])
+    n = prepare(model, cfg)
+    train(model, training_blocks(state, cfg, 8), None, cfg, tmp_path / "ckpt", CPU, "test", n)
+    x = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        ste_logits = model.eval()(input_ids=x).logits
+        finish(model, "ste", torch.float32)
+        assert not any(isinstance(m, STELinear) for m in model.modules())
+        assert len(mixed_linears(model)) == 14
+        assert not any(p.requires_grad for p in model.parameters())
+        # The STE forward is the fake-quant of the trained weights: the re-quantized layers compute the same.
+        torch.testing.assert_close(model(input_ids=x).logits, ste_logits, rtol=0, atol=1e-5)
+
+
+def test_noise_only_for_gift_sw(texts) -> None:
+    for method, active in [("gift_sw", True), ("salient_ft", False), ("lora", False)]:
+        model = quantized(tiny_fp())
+        prepare(model, recover_cfg(texts, method=method, noise_scale=0.25))
+        for m in mixed_linears(model).values():
+            assert m.noise.active == active
+            if active:  # σ = 0.25 · Δ of the layer's own grid
+                torch.testing.assert_close(m.noise_std, 0.25 * m.scales)
+
+
+# ---------------------------------------------------------------- training works and resumes
+
+
+def test_short_run_lowers_loss_on_a_fixed_batch(tmp_path: Path, texts) -> None:
+    model = quantized(tiny_fp())
+    cfg = recover_cfg(texts, method="gift_sw", max_steps=15, batch_size=1, gradient_accumulation_steps=1,
+                      learning_rate=3e-2, warmup_ratio=0.0)
+    batch = eval_windows(TRAIN_TEXT, 1, 16)
+    loss_before = model(input_ids=batch, labels=batch).loss.item()
+    n = prepare(model, cfg)
+    report = train(model, batch.repeat(8, 1), None, cfg, tmp_path / "ckpt", CPU, "test", n)
+    finish(model, "gift_sw", torch.float32)
+    with torch.no_grad():
+        loss_after = model(input_ids=batch, labels=batch).loss.item()
+    assert loss_after < loss_before - 0.3, (loss_before, loss_after)
+    assert report.loss_last < report.loss_first
+
+
+class StopAt(TrainerCallback):
+    """Simulates an interrupted run: save and stop after `step` optimizer steps."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+@pytest.mark.parametrize("method", ["gift_sw", "lora"])
+def test_resume_reproduces_the_uninterrupted_run(method: str, tmp_path: Path, texts) -> None:
+    fp = tiny_fp()
+    cfg = recover_cfg(texts, method=method, max_steps=4, save_steps=2, batch_size=1, gradient_accumulation_steps=1)
+    state = run_state(tmp_path, quantized(fp), [Stage(name="recover", config=cfg)])
+    data = training_blocks(state, cfg, 4)
+
+    def trained(out: str, callbacks=()) -> tuple[nn.Module, object]:
+        model = quantized(fp)
+        n = prepare(model, cfg)
+        return model, train(model, data, None, cfg, tmp_path / out, CPU, "same", n, callbacks)
+
+    whole, whole_report = trained("whole")
+    _, first = trained("split", [StopAt(2)])
+    assert first.steps == 2 and first.resumed_from is None
+    resumed, second = trained("split")
+    assert second.resumed_from is not None and second.resumed_from.endswith("checkpoint-2")
+    assert second.steps == 4 and second.tokens == whole_report.tokens == 4 * 16
+
+    params = {n: p for n, p in whole.named_parameters() if p.requires_grad}
+    start = dict(quantized(fp).named_parameters()) if method == "gift_sw" else {}
+    for name, p in resumed.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p, params[name], rtol=0, atol=1e-6)
+            if name in start:
+                assert not torch.equal(p, start[name])  # it trained
+
+
+def test_rerun_of_a_finished_stage_reloads_its_result(tmp_path: Path, texts) -> None:
+    fp = tiny_fp()
+    cfg = recover_cfg(texts, method="gift_sw", max_steps=3, eval_steps=2)
+    first = run_state(tmp_path, quantized(fp), [Stage(name="recover", config=cfg)])
+    recover_stage(first, cfg)
+    again = run_state(tmp_path, quantized(fp), first.recipe.stages)  # same recipe, same output folder
+    recover_stage(again, cfg)
+    report = again.artifacts["recover"]["report"]
+    assert report.resumed_from.endswith("checkpoint-3") and report.tokens == 3 * 2 * 2 * 16
+    for name, m in mixed_linears(first.model).items():
+        assert torch.equal(m.salient_weight, mixed_linears(again.model)[name].salient_weight)
+    curve = [(r["step"], r["value"]) for r in first.results if r["metric"].endswith("_ppl_training")]
+    assert [s for s, _ in curve] == [0, 2, 3]  # start, every eval_steps, and the last step
+    assert curve == [(r["step"], r["value"]) for r in again.results if r["metric"].endswith("_ppl_training")]
+
+
+def test_stale_checkpoints_are_not_resumed(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert prepare_output(out, "a", resume=True) is None
+    ckpt = out / "checkpoint-3"
+    ckpt.mkdir()
+    (ckpt / "trainer_state.json").write_text("{}")
+    (ckpt / "trainable.safetensors").write_bytes(b"")
+    (out / "checkpoint-5").mkdir()  # incomplete: no trainer state
+    assert prepare_output(out, "a", resume=True) == ckpt
+    assert prepare_output(out, "b", resume=True) is None  # settings changed: start over
+    assert not list(out.glob("checkpoint-*"))
+    ckpt.mkdir()
+    (ckpt / "trainer_state.json").write_text("{}")
+    (ckpt / "trainable.safetensors").write_bytes(b"")
+    assert prepare_output(out, "b", resume=False) is None and not ckpt.exists()
+
+
+# ---------------------------------------------------------------- LoRA rank
+
+
+@pytest.mark.parametrize("k", [4, 5, 7])
+def test_lora_rank_matches_gift_sw_parameter_count(k: int, texts) -> None:
+    model = quantized(tiny_fp(), k=k)
+    layers = mixed_linears(model).values()
+    gift = sum(m.out_features * k for m in layers)
+    per_rank = sum(m.in_features + m.out_features for m in layers)
+    r = lora_rank(model)
+    assert gift_params(model) == gift
+    # The closest achievable count: no other rank comes nearer to GIFT-SW's.
+    assert all(abs(r * per_rank - gift) <= abs(other * per_rank - gift) for other in range(1, 4 * r + 2))
+    assert prepare(model, recover_cfg(texts, method="lora")) == r * per_rank
+    x = torch.randint(0, 128, (1, 16))
+    plain = quantized(tiny_fp(), k=k)
+    with torch.no_grad():  # B starts at zero: the adapters change nothing before training
+        torch.testing.assert_close(model.eval()(input_ids=x).logits, plain(input_ids=x).logits, rtol=0, atol=1e-6)
+    other = quantized(tiny_fp(), k=k)
+    assert prepare(other, recover_cfg(texts, method="lora", lora_rank=3)) == 3 * per_rank
+
+
+# ---------------------------------------------------------------- Pre-GIFT-SW (order: before)
+
+
+def test_pre_gift_sw_trains_selected_columns_of_the_fp_model(tmp_path: Path, texts) -> None:
+    fp = tiny_fp()
+    model = copy.deepcopy(fp)
+    cfg = recover_cfg(texts, method="gift_sw", order="before", max_steps=3)
+    quant = QuantizeConfig(method="rtn", bits=3)
+    select = SelectConfig(metric="gift", fraction=1 / 16, overrides={r"down_proj$": 8})
+    state = run_state(tmp_path, model, [Stage(name="recover", config=cfg), Stage(name="quantize", config=quant)])
+    calib = torch.randint(1, 128, (3, 16), generator=torch.Generator().manual_seed(1))
+    state.artifacts.update(select=select, calibration=calib)
+
+    # Independent reference: activation maxima captured directly, s_j = max_i |D_ij| · max_t |X_tj|.
+    x_max: dict[str, torch.Tensor] = {}
+    linears = find_linears(fp, TARGETS)
+    hooks = [lin.register_forward_pre_hook(
+        lambda _m, a, n=n: x_max.__setitem__(n, torch.maximum(x_max.get(n, torch.zeros(a[0].shape[-1], dtype=torch.float64)),
+                                                               a[0].detach().double().abs().flatten(0, -2).amax(0))))
+        for n, lin in linears.items()]
+    with torch.no_grad():
+        fp(input_ids=calib)
+    for h in hooks:
+        h.remove()
+
+    recover_stage(state, cfg)
+    salient = state.artifacts["salient_idx"]
+    assert set(salient) == set(linears)
+    for name, lin in linears.items():
+        k = 8 if name.endswith("down_proj") else round(lin.in_features / 16)
+        scores = quant_error(lin.weight.double(), 3).abs().amax(0) * x_max[name]
+        assert torch.equal(salient[name], scores.topk(k).indices.sort().values)
+        new = model.get_submodule(name)
+        assert type(new) is nn.Linear
+        mask = torch.zeros(lin.in_features, dtype=torch.bool)
+        mask[salient[name]] = True
+        assert torch.equal(new.weight[:, ~mask], lin.weight[:, ~mask])  # frozen columns untouched
+        assert not torch.equal(new.weight[:, mask], lin.weight[:, mask])  # salient columns trained
+    for name, p in fp.named_parameters():  # embeddings, norms, lm_head frozen
+        if not any(name.startswith(t + ".") for t in linears):
+            assert torch.equal(p, model.get_parameter(name)), name
+
+
+# ---------------------------------------------------------------- compare
+
+
+def test_earlier_perplexities_pick_rows_of_the_same_model_and_settings() -> None:
+    rows = [
+        {"stage": "evaluate", "after": "model", "metric": "w_ppl", "value": 10.0, "tokens": 4 * 2047},
+        {"stage": "calibrate", "after": "evaluate", "metric": "seconds", "value": 1.0},
+        {"stage": "evaluate", "after": "quantize", "metric": "w_ppl", "value": 30.0, "tokens": 4 * 2047},
+        {"stage": "evaluate", "after": "evaluate", "metric": "w_ppl", "value": 31.0, "tokens": 2 * 2047},
+        {"stage": "evaluate", "after": "evaluate", "metric": "c4_ppl", "value": 50.0, "tokens": 4 * 2047},
+    ]
+    assert earlier_perplexities(rows, "evaluate", "w_ppl", 2048, 4) == (10.0, 30.0)
+    assert earlier_perplexities(rows, "evaluate", "w_ppl", 2048, 2) == (None, 31.0)
+    assert earlier_perplexities(rows, "recover", "w_ppl", 2048, 4) == (10.0, None)  # the model changed since
+    assert earlier_perplexities(rows, "evaluate", "w_ppl", 1024, 4) == (None, None)
+    tagged = [{**r, "seq_len": 512, "windows": 3} for r in rows]  # explicit settings win over the token count
+    assert earlier_perplexities(tagged, "evaluate", "w_ppl", 512, 3) == (10.0, 31.0)
+    assert gap_recovered(10.0, 30.0, 15.0) == pytest.approx(75.0)
+    assert gap_recovered(None, 30.0, 15.0) is None
+
+
+def test_compare_writes_table_json_and_plot(tmp_path: Path, texts) -> None:
+    fp = tiny_fp()
+    model = quantized(fp)
+    ptq_ppl = ref_perplexity(model, eval_windows(EVAL_TEXT, 2, 32))
+    # A random model has no real quantization gap (fp and PTQ both sit near the vocabulary size), so the fp row the
+    # stage must pick up from the results is given a value that opens one.
+    fp_ppl = 0.5 * ptq_ppl
+    cfg = CompareConfig(methods=["gift_sw", "ste", "lora", "none"], dataset=texts.train, eval_dataset=texts.eval,
+                        max_steps=2, seq_len=16, learning_rate=1e-2, learning_rates={"ste": 1e-3}, eval_steps=1,
+                        eval_windows=2, eval_seq_len=16, final_seq_len=32, final_windows=2)
+    stages = [Stage(name="evaluate", config=EvaluateConfig(dataset=texts.eval, seq_len=32, max_windows=2)),
+              Stage(name="quantize", config=QuantizeConfig(method="rtn", bits=3)), Stage(name="compare", config=cfg)]
+    state = run_state(tmp_path, model, stages)
+    state.results.append({"stage": "evaluate", "after": "model", "metric": "eval_ppl", "value": fp_ppl,
+                          "tokens": 2 * 31})
+    state.last_stage = "quantize"
+    start_state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    summary = compare_stage(state, cfg)
+
+    assert state.model is model and all(torch.equal(v, model.state_dict()[k]) for k, v in start_state.items())
+    out = tmp_path / "out"
+    saved = json.loads((out / "comparison.json").read_text())
+    assert saved["fp_ppl"] == pytest.approx(fp_ppl) and saved["sources"] == {"fp": "results", "start": "measured"}
+    assert saved["ptq_ppl"] == pytest.approx(ptq_ppl, rel=1e-5)
+    by = {m["method"]: m for m in saved["methods"]}
+    assert list(by) == cfg.methods
+    curve_start = ref_perplexity(model, eval_windows(EVAL_TEXT, 2, 16))
+    for name in ("gift_sw", "ste", "lora"):
+        m = by[name]
+        assert m["tokens"] == 2 * 16 and m["steps"] == 2
+        assert m["ppl_before"] == pytest.approx(ptq_ppl, rel=1e-5)
+        assert m["gap_recovered_pct"] == pytest.approx(100 * (m["ppl_before"] - m["ppl_after"]) /
+                                                      (m["ppl_before"] - fp_ppl))
+        assert [p["step"] for p in m["curve"]] == [0, 1, 2]
+        assert m["curve"][0]["tokens"] == 0 and m["curve"][-1]["tokens"] == 2 * 16
+        assert m["curve"][0]["ppl"] == pytest.approx(curve_start, rel=1e-5)  # the same start for every method
+        assert m["peak_mb"] > 0 and m["seconds"] > 0
+    assert by["ste"]["learning_rate"] == 1e-3 and by["gift_sw"]["learning_rate"] == 1e-2
+    assert by["ste"]["trainable_params"] == expected_trainable(model, "ste")
+    assert by["lora"]["trainable_params"] == expected_trainable(model, "lora")
+    assert by["none"]["tokens"] == 0 and by["none"]["ppl_after"] == by["none"]["ppl_before"]
+    assert summary["methods"][0]["method"] == "gift_sw"
+
+    table = (out / "comparison.md").read_text()
+    for name in cfg.methods:
+        assert f"| {name} |" in table
+    png = (out / "recovery.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    rows = [r for r in state.results if r["stage"] == "compare"]
+    assert [r["method"] for r in rows] == cfg.methods
+
+
+def test_config_rules() -> None:
+    with pytest.raises(ValueError, match="order: before"):
+        RecoverConfig(order="before", method="ste")
+    with pytest.raises(ValueError, match="belong to the recover stage"):
+        CompareConfig(method="lora")
+    with pytest.raises(ValueError, match="without repeats"):
+        CompareConfig(methods=["gift_sw", "gift_sw"])

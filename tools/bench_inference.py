@@ -1,0 +1,184 @@
+"""Packed vs dense inference on CPU: checkpoint size, resident memory after load, decode tokens/s.
+
+    python tools/bench_inference.py --model-dir outputs/run/packed [--new-tokens 32] [--threads 2]
+    python tools/bench_inference.py --tiny            # builds a tiny random quantized export first (smoke test)
+
+The packed model is ``load_quantized`` (PackedLinear: codes dequantized at every forward, compute in --dtype);
+the dense model is the same weights merged into plain fp32 ``nn.Linear`` (``export_dense`` to a temporary folder,
+loaded with ``AutoModelForCausalLM``). Each model is measured in its own child process so that one model's freed
+memory cannot hide the other's RSS growth (``--in-process`` measures both here, sequentially: faster, RSS less
+trustworthy). Decode speed is (N-1) / (t(N new tokens) - t(1 new token)), greedy, median over --repeats, so the
+prompt's prefill is excluded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from gift_quant.export import export_dense, export_packed, load_quantized, size_report  # noqa: E402
+from gift_quant.packing import PackedLinear  # noqa: E402
+
+MB = 2**20
+
+
+def build_tiny(folder: Path) -> Path:
+    """A 2-layer random Llama, RTN 4-bit (group 32) with 4 salient columns per linear, exported packed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gift_quant.layers import MixedPrecisionLinear, replace_linears
+    from gift_quant.quantizer import QuantSpec, rtn
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = LlamaForCausalLM(cfg).eval()
+    spec = QuantSpec(bits=4, group_size=32, sym=True)
+    records = {
+        name: rtn(m.weight.detach(), spec, torch.arange(4))
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and name != "lm_head"
+    }
+    replace_linears(model, records, lambda qw, b: MixedPrecisionLinear.from_quantized(qw, b))
+    out = folder / "tiny_packed"
+    export_packed(model.eval(), None, out, quant_info={"bits": 4, "group_size": 32, "sym": True})
+    return out
+
+
+def rss() -> int:
+    gc.collect()
+    return psutil.Process().memory_info().rss
+
+
+def warm_imports(dense_dir: Path) -> None:
+    """Import the architecture's modules before the RSS baseline, so code pages don't count as model memory."""
+    from transformers import AutoConfig, GenerationConfig  # noqa: F401
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(dense_dir))]
+
+
+def load(kind: str, model_dir: Path, dense_dir: Path, dtype: torch.dtype, cache_dense: bool):
+    if kind == "packed":
+        model = load_quantized(model_dir, dtype=dtype)
+        for m in model.modules():
+            if isinstance(m, PackedLinear):
+                m.cache_dense = cache_dense
+        return model
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def decode_speed(model, prompt_tokens: int, new_tokens: int, repeats: int) -> float:
+    vocab = model.config.vocab_size
+    prompt = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
+
+    def run(n: int) -> float:
+        t0 = time.perf_counter()
+        model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        return time.perf_counter() - t0
+
+    run(2)  # warm-up
+    times = [run(new_tokens) - run(1) for _ in range(repeats)]
+    return (new_tokens - 1) / max(statistics.median(times), 1e-9)
+
+
+def measure(kind: str, args: argparse.Namespace) -> dict:
+    warm_imports(Path(args.dense_dir))
+    before = rss()
+    model = load(kind, Path(args.model_dir), Path(args.dense_dir), getattr(torch, args.dtype), args.cache_dense)
+    after = rss()
+    tps = decode_speed(model, args.prompt_tokens, args.new_tokens, args.repeats)
+    # With --cache-dense the dequantized weights appear during the first forward: report that footprint too.
+    return {"rss_delta_bytes": after - before, "rss_delta_after_decode_bytes": rss() - before, "tokens_per_s": tps}
+
+
+def measure_in_child(kind: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, "--model-dir", str(args.model_dir), "--dense-dir",
+           str(args.dense_dir), "--dtype", args.dtype, "--prompt-tokens", str(args.prompt_tokens),
+           "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if args.cache_dense:
+        cmd += ["--cache-dense"]
+    run = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model-dir", help="packed export folder (export_packed)")
+    src.add_argument("--tiny", action="store_true", help="build and bench a tiny random export")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="compute dtype of the packed model (the dense reference is always float32)")
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--cache-dense", action="store_true",
+                   help="packed model keeps its dequantized weights between forwards (speed for memory)")
+    p.add_argument("--in-process", action="store_true", help="measure both models in this process")
+    p.add_argument("--dense-dir", help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["packed", "dense"], help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.new_tokens < 2:
+        p.error("--new-tokens must be >= 2")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child:
+        result = measure(args.child, args)
+        print(json.dumps(result))
+        return result
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.tiny:
+            args.model_dir = str(build_tiny(Path(tmp)))
+        args.dense_dir = str(Path(tmp) / "dense_fp32")
+        export_dense(load_quantized(args.model_dir, dtype=torch.float32), None, args.dense_dir, dtype=torch.float32)
+        gc.collect()
+        run = measure if args.in_process else measure_in_child
+        packed, dense = run("packed", args), run("dense", args)
+        sizes = size_report(args.model_dir)
+    result = {
+        "model_dir": args.model_dir,
+        "checkpoint_bytes": sizes["checkpoint_bytes"],
+        "fp16_bytes": sizes["fp16_bytes"],
+        "bits_per_weight": sizes["bits_per_weight"],
+        "packed": packed,
+        "dense": dense,
+        "memory_ratio": packed["rss_delta_bytes"] / dense["rss_delta_bytes"] if dense["rss_delta_bytes"] > 0 else None,
+        "speed_ratio": packed["tokens_per_s"] / dense["tokens_per_s"],
+    }
+    print(f"checkpoint: {sizes['checkpoint_bytes'] / MB:.2f} MB ({sizes['bits_per_weight']:.3f} bits/weight in "
+          f"quantized linears; fp16 model {sizes['fp16_bytes'] / MB:.2f} MB, ratio {sizes['ratio']:.3f})")
+    for name, r in (("packed (" + args.dtype + ")", packed), ("dense fp32", dense)):
+        print(f"{name:>16}: RSS after load +{r['rss_delta_bytes'] / MB:.1f} MB "
+              f"(+{r['rss_delta_after_decode_bytes'] / MB:.1f} MB after decoding), "
+              f"decode {r['tokens_per_s']:.1f} tokens/s")
+    mem = "n/a" if result["memory_ratio"] is None else f"{result['memory_ratio']:.3f}"
+    print(f"packed/dense ratio: memory {mem}, speed {result['speed_ratio']:.3f}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

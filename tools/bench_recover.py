@@ -1,0 +1,177 @@
+"""Step time and peak memory of GIFT-SW against STE (QAT) and full fine-tuning, measured in the same run.
+
+Each method runs in its own fresh process (so one method's freed memory cannot hide another's peak) on the same
+model: by default SmolLM2-135M's architecture with random weights (no download), ``--model`` for a real checkpoint,
+``--tiny`` for a 2-layer smoke test. The quantized methods start from 3-bit RTN layers with 1/32 salient columns and
+are set up by ``gift_quant.recover.prepare`` exactly as the recover stage does; ``full`` trains every parameter of the
+full-precision model. A step is forward + backward + AdamW update on random tokens; the first ``--warmup`` steps
+(which allocate the optimizer state) count for memory but not for time.
+
+    python tools/bench_recover.py                     # SmolLM2-135M shape, all 30 layers, batch 1 × 512
+    python tools/bench_recover.py --layers 8 --steps 5
+    python tools/bench_recover.py --tiny              # seconds; checks the tool works
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+METHODS = ("gift_sw", "salient_ft", "ste", "lora", "full")
+TARGETS = [r"\.(q|k|v|o)_proj$", r"\.(gate|up|down)_proj$"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--tiny", action="store_true", help="2-layer, hidden-64 model (smoke test)")
+    source.add_argument("--model", help="load this model (alias, Hub id or folder) instead of random SmolLM2 weights")
+    p.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=["gift_sw", "ste", "full"])
+    p.add_argument("--bits", type=int, default=3)
+    p.add_argument("--fraction", type=float, default=1 / 32, help="salient columns per linear, fraction of inputs")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--steps", type=int, default=3, help="timed steps")
+    p.add_argument("--warmup", type=int, default=1, help="untimed first steps")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def build_model(args: argparse.Namespace):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if args.model:
+        from gift_quant.config import ModelConfig
+        from gift_quant.models import load_model
+
+        model = load_model(ModelConfig(name=args.model))[0]
+    else:
+        torch.manual_seed(0)
+        if args.tiny:
+            cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+        else:  # SmolLM2-135M's shape
+            cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                              num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                              tie_word_embeddings=True, rope_theta=100000.0)
+        model = LlamaForCausalLM(cfg)
+    if args.layers:
+        model.model.layers = model.model.layers[: args.layers]
+        model.config.num_hidden_layers = args.layers
+    model.config.use_cache = False
+    return model
+
+
+def quantize(model, bits: int, fraction: float) -> None:
+    """RTN records with the columns of largest norm salient: a stand-in for GPTQ that costs nothing to build."""
+    import torch
+
+    from gift_quant.layers import MixedPrecisionLinear, NoiseSpec, replace_linears
+    from gift_quant.models import find_linears
+    from gift_quant.quantizer import QuantSpec, rtn
+    from gift_quant.saliency import num_salient
+
+    records = {}
+    for name, lin in find_linears(model, TARGETS).items():
+        k = num_salient(lin.in_features, None, fraction)
+        salient = lin.weight.detach().norm(dim=0).topk(k).indices
+        records[name] = rtn(lin.weight, QuantSpec(bits=bits), salient)
+    replace_linears(model, records, lambda qw, b: MixedPrecisionLinear.from_quantized(qw, b, NoiseSpec()))
+    torch.manual_seed(0)
+
+
+def worker(args: argparse.Namespace) -> dict:
+    import torch
+
+    from gift_quant.config import RecoverConfig
+    from gift_quant.recover import PeakMemory, prepare
+
+    device = torch.device(args.device)
+    model = build_model(args)
+    if args.worker == "full":
+        model.requires_grad_(True)
+        trainable = sum(p.numel() for p in model.parameters())
+    else:
+        quantize(model, args.bits, args.fraction)
+        trainable = prepare(model, RecoverConfig(method=args.worker), master_fp32=device.type == "cuda")
+    model.to(device).train()
+    if args.checkpointing:
+        model.activation_checkpointing_enable()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    vocab = model.config.vocab_size
+    x = torch.randint(0, vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    times = []
+    with PeakMemory(device) as mem:
+        for step in range(args.warmup + args.steps):
+            start = time.perf_counter()
+            with autocast:
+                loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if step >= args.warmup:
+                times.append(time.perf_counter() - start)
+    return {"method": args.worker, "trainable_params": trainable, "step_s": sum(times) / len(times),
+            "tokens_per_s": args.batch * args.seq_len * len(times) / sum(times), "peak_mb": mem.peak_mb,
+            "extra_mb": mem.extra_mb, "loss": loss.item()}
+
+
+def run_all(args: argparse.Namespace, argv: list[str]) -> list[dict]:
+    results = []
+    for method in args.methods:
+        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--worker", method]
+        print(f"[bench] {method} ...", file=sys.stderr, flush=True)
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return results
+
+
+def table(results: list[dict], args: argparse.Namespace) -> str:
+    ref = next((r for r in results if r["method"] == "gift_sw"), results[0])
+    shape = "tiny" if args.tiny else (args.model or "SmolLM2-135M shape, random weights")
+    lines = [f"model: {shape}, layers: {args.layers or 'all'}, batch {args.batch} × {args.seq_len} tokens, "
+             f"{args.bits}-bit, salient fraction {args.fraction:g}, device {args.device}, "
+             f"checkpointing {'on' if args.checkpointing else 'off'}, {args.steps} timed steps",
+             "", f"| method | trainable params | step (s) | tokens/s | peak memory (MB) | training memory (MB) | "
+             f"step time / {ref['method']} | training memory / {ref['method']} |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r['method']} | {r['trainable_params']:,} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | "
+                     f"{r['peak_mb']:.0f} | {r['extra_mb']:.0f} | {r['step_s'] / ref['step_s']:.2f}× | "
+                     f"{r['extra_mb'] / max(ref['extra_mb'], 1e-9):.2f}× |")
+    lines.append("")
+    lines.append("peak memory: the whole process (CPU RSS) or CUDA max allocated, model included; training memory: "
+                 "the peak above the level after building the model (activations, gradients, optimizer state).")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    results = run_all(args, argv)
+    print(table(results, args))
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results},
+                                        indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
