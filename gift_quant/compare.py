@@ -60,9 +60,7 @@ def _model_states(results: list[dict[str, Any]], last_stage: str) -> tuple[list[
 def _same_settings(row: dict[str, Any], metric: str, seq_len: int, windows: int) -> bool:
     if row.get("metric") != metric:
         return False
-    if "seq_len" in row and "windows" in row:
-        return row["seq_len"] == seq_len and row["windows"] == windows
-    return row.get("tokens") == windows * (seq_len - 1)  # evaluate rows count predicted tokens
+    return row.get("seq_len") == seq_len and row.get("windows") == windows
 
 
 def earlier_perplexities(results: list[dict[str, Any]], last_stage: str, metric: str, seq_len: int,
@@ -106,7 +104,7 @@ def compare_stage(state, cfg: CompareConfig) -> dict[str, Any]:
         raise UserError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {cfg.final_seq_len}")
     metric = f"{source_label(cfg.eval_dataset)}_ppl"  # the evaluate stage's name for it
     fp, start = earlier_perplexities(state.results, state.last_stage, metric, cfg.final_seq_len, n_windows)
-    sources = {"fp": "results" if fp is not None else "measured", "start": "results" if start is not None else "measured"}
+    sources = {name: "results" if value is not None else "measured" for name, value in (("fp", fp), ("start", start))}
     if start is None:
         start = perplexity(base.to(state.device), ids, cfg.final_seq_len, cfg.final_windows, device=state.device).value
         if state.device.type == "cuda":
@@ -139,7 +137,8 @@ def compare_stage(state, cfg: CompareConfig) -> dict[str, Any]:
         "model": state.recipe.model.name,
         "eval": {"dataset": cfg.eval_dataset, "seq_len": cfg.final_seq_len, "windows": n_windows,
                  "curve_seq_len": cfg.eval_seq_len, "curve_windows": cfg.eval_windows},
-        "training": cfg.model_dump(mode="json", exclude={"methods", "final_seq_len", "final_windows", "resume"}),
+        "training": cfg.model_dump(mode="json", exclude={"method", "order", "methods", "final_seq_len", "final_windows",
+                                                         "resume"}),
         "fp_ppl": fp, "ptq_ppl": start, "sources": sources, "device": str(state.device),
         "methods": entries,
     }
@@ -177,20 +176,22 @@ def render_markdown(summary: dict[str, Any]) -> str:
         f"Full precision {_fmt(summary['fp_ppl'])} ({summary['sources']['fp']}), "
         f"after quantization {_fmt(summary['ptq_ppl'])} ({summary['sources']['start']}).",
         "",
-        "| method | lr | trainable params | tokens | ppl before | ppl after | gap recovered | seconds | peak memory (MB) |",
+        "| method | lr | trainable params | tokens | ppl before | ppl after | gap recovered | seconds "
+        "| peak memory (MB) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for m in summary["methods"]:
-        gap = m["gap_recovered_pct"]
+        gap, trained = m["gap_recovered_pct"], m["method"] != "none"
+        lr = format(m["learning_rate"], "g") if trained else "–"
+        peak = format(m["peak_mb"], ".0f") if trained else "–"
         lines.append(
-            f"| {m['method']} | {m['learning_rate']:g} | {m['trainable_params']:,} | {m['tokens']:,} | "
-            f"{m['ppl_before']:.2f} | {m['ppl_after']:.2f} | {'–' if gap is None else f'{gap:.1f} %'} | "
-            f"{m['seconds']:.0f} | {m['peak_mb']:.0f} |")
+            f"| {m['method']} | {lr} | {m['trainable_params']:,} | {m['tokens']:,} | {m['ppl_before']:.2f} | "
+            f"{m['ppl_after']:.2f} | {'–' if gap is None else f'{gap:.1f} %'} | {m['seconds']:.0f} | {peak} |")
     lines += [
         "",
         "- Gap recovered = (PTQ − method) / (PTQ − fp). Embeddings, norms and lm_head stay frozen for every method.",
-        "- `gift_sw` and `salient_ft` train only the fp salient columns (out × k per linear); `ste` trains every weight "
-        "of the quantized linears through the fixed quantization grid (straight-through estimator) and is "
+        "- `gift_sw` and `salient_ft` train only the fp salient columns (out × k per linear); `ste` trains every "
+        "weight of the quantized linears through the fixed quantization grid (straight-through estimator) and is "
         "re-quantized on that grid afterwards; `lora` trains adapters on the quantized linears with a rank matched "
         "to GIFT-SW's parameter count, and they stay unmerged (exporting such a model would need re-quantization).",
         "- Peak memory: CUDA max allocated, or on CPU the process's peak RSS (which includes the starting model and "
@@ -198,6 +199,10 @@ def render_markdown(summary: dict[str, Any]) -> str:
         f"- The curve in `recovery.png` is perplexity on {e['curve_windows']} windows of {e['curve_seq_len']} tokens "
         "during training.",
     ]
+    resumed = [m["method"] for m in summary["methods"] if m.get("resumed_from")]
+    if resumed:
+        lines.append(f"- Resumed from a checkpoint (seconds and memory cover only the resumed part): "
+                     f"{', '.join(resumed)}.")
     return "\n".join(lines) + "\n"
 
 
@@ -208,9 +213,11 @@ def plot_recovery(summary: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for m in summary["methods"]:
+    styles = zip("osD^v<>", ["-", "--", "-.", ":"] * 2)  # curves can coincide (e.g. ste and salient_ft early on)
+    for m, (marker, line) in zip(summary["methods"], styles):
         if m["curve"]:
-            ax.plot([p["tokens"] for p in m["curve"]], [p["ppl"] for p in m["curve"]], marker="o", label=m["method"])
+            ax.plot([p["tokens"] for p in m["curve"]], [p["ppl"] for p in m["curve"]], marker=marker, linestyle=line,
+                    alpha=0.85, label=m["method"])
     e = summary["eval"]
     ax.set_xlabel("training tokens seen")
     ax.set_ylabel(f"{e['dataset']} perplexity ({e['curve_windows']}×{e['curve_seq_len']} tokens)")

@@ -63,6 +63,6 @@ def evaluate_stage(state, cfg: EvaluateConfig) -> Perplexity:
     model = state.model.to(state.device)
     result = perplexity(model, ids, cfg.seq_len, cfg.max_windows, cfg.batch_size, state.device)
     state.record("evaluate", f"{source_label(cfg.dataset)}_ppl", result.value, label=cfg.label or state.last_stage,
-                 tokens=result.tokens, seconds=round(result.seconds, 2),
+                 tokens=result.tokens, seq_len=cfg.seq_len, windows=result.windows, seconds=round(result.seconds, 2),
                  note=f"{cfg.dataset} perplexity over {result.windows} windows of {cfg.seq_len} tokens")
     return result

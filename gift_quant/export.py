@@ -515,6 +515,10 @@ def export_stage(state, cfg) -> None:
     """Stage `export`: write the packed (or dense) checkpoint, report its real size, and optionally reload it and
     measure the perplexity the deployed model will have."""
     path = Path(cfg.path or state.output_dir / cfg.format)
+    recover = state.artifacts.get("recover") or {}
+    if recover.get("exportable") is False:
+        raise UserError(f"the {recover.get('method')} recovery keeps unmerged adapters that the low-bit format cannot "
+                        f"hold; export after gift_sw, salient_ft or ste, or drop the export stage")
     dtype = getattr(torch, cfg.dtype)
     model = state.model
     start = time.perf_counter()

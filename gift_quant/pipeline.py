@@ -84,6 +84,8 @@ class RunState:
         self.save()
 
     def save(self) -> None:
+        if os.environ.get("RANK", "0") != "0":  # under torchrun every rank runs the pipeline; one writes
+            return
         write_json(self.output_dir / "results.json", {"recipe": self.recipe.to_dict(), "results": self.results})
         write_text(self.output_dir / "report.md", render_report(self))
 

@@ -78,13 +78,14 @@ class Quantizer:
     cfg: QuantizeConfig
     select: SelectConfig | None
     fixed_salient: dict[str, torch.Tensor] = field(default_factory=dict)  # chosen earlier (Pre-GIFT-SW)
+    solver: type[GPTQ] = GPTQ  # benchmarks plug the reference implementation in here
 
     @property
     def spec(self) -> QuantSpec:
         return quant_spec(self.cfg)
 
     def new_stats(self, linear: nn.Linear) -> LinearStats:
-        gptq = GPTQ(linear.in_features) if self.cfg.method == "gptq" else None
+        gptq = self.solver(linear.in_features) if self.cfg.method == "gptq" else None
         return LinearStats(gptq, ChannelNorms(linear.in_features))
 
     def __call__(self, name: str, linear: nn.Linear, stats: LinearStats | None) -> tuple[QuantizedWeight, dict]:
@@ -174,10 +175,12 @@ def _dump(cfg) -> dict | None:
     return None if cfg is None else cfg.model_dump(mode="json")
 
 
-def _stages_before(state) -> list[str]:
-    # A model changed by an earlier stage (e.g. recover before quantize) must not reuse layers of an unchanged one.
+def _stages_before(state) -> list[dict]:
+    # A model changed by an earlier stage (rotate, recover before quantize) must not reuse layers of another model;
+    # evaluate stages change nothing and stay out, so adding one does not invalidate saved layers.
     names = [s.name for s in state.recipe.stages]
-    return names[: names.index("quantize")] if "quantize" in names else names
+    before = state.recipe.stages[: names.index("quantize")] if "quantize" in names else state.recipe.stages
+    return [{s.name: s.config.model_dump(mode="json")} for s in before if s.name != "evaluate"]
 
 
 def quantize_model(model, quantizer: Quantizer, windows: torch.Tensor | None, *, device: torch.device,

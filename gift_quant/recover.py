@@ -73,7 +73,9 @@ def mixed_linears(model: nn.Module) -> dict[str, MixedPrecisionLinear]:
 
 
 def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace submodule ``name``; the new one keeps the old one's train/eval mode (noise is on only in training)."""
     parent, _, child = name.rpartition(".")
+    module.train(model.get_submodule(name).training)
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
@@ -155,10 +157,6 @@ def finish(model: nn.Module, method: str, dtype: torch.dtype) -> None:
         model.activation_checkpointing_disable()
     model.requires_grad_(False)
     model.eval()
-
-
-def has_lora(model: nn.Module) -> bool:
-    return any(".lora_A." in n for n, _ in model.named_parameters())
 
 
 # ---------------------------------------------------------------- data
@@ -281,6 +279,12 @@ def _trainer_class():
             tensors = {n: p.detach().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
             save_file(tensors, str(out / TRAINABLE_FILE))
 
+        def evaluate(self, *args, **kwargs):
+            # An evaluation draws from the CPU generator (the data loader's base seed); isolating it keeps the noise
+            # and data of a run independent of how often it is evaluated.
+            with torch.random.fork_rng(devices=[]):
+                return super().evaluate(*args, **kwargs)
+
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
             from safetensors.torch import load_file
 
@@ -321,7 +325,7 @@ def prepare_output(out_dir: Path, fingerprint: str, resume: bool) -> Path | None
     return last_checkpoint(out_dir)
 
 
-def training_arguments(cfg: RecoverConfig, out_dir: Path, device: torch.device, evaluate: bool, resuming: bool):
+def training_arguments(cfg: RecoverConfig, out_dir: Path, device: torch.device, evaluate: bool):
     from transformers import TrainingArguments
 
     return TrainingArguments(
@@ -335,14 +339,13 @@ def training_arguments(cfg: RecoverConfig, out_dir: Path, device: torch.device, 
         optim="adamw_torch",
         lr_scheduler_type="cosine",
         warmup_steps=cfg.warmup_ratio,  # a float below 1 is a ratio of max_steps
-        bf16=device.type == "cuda",
+        bf16=device.type == "cuda" and torch.cuda.is_bf16_supported(),  # autocast; the trainable tensors stay fp32
         use_cpu=device.type == "cpu",
         seed=cfg.seed,
         data_seed=cfg.seed,
         activation_checkpointing=cfg.gradient_checkpointing,
         eval_strategy="steps" if evaluate else "no",
         eval_steps=cfg.eval_steps if evaluate else None,  # transformers also evaluates the last step
-        eval_on_start=evaluate and not resuming,
         prediction_loss_only=True,
         save_strategy="steps",
         save_steps=cfg.save_steps or max(1, math.ceil(cfg.max_steps / 4)),
@@ -362,9 +365,14 @@ def train(model: nn.Module, train_data: torch.Tensor, eval_data: torch.Tensor | 
     """Train the prepared ``model`` in place with the Trainer; resumes from ``out_dir`` when allowed."""
     from transformers import default_data_collator
 
-    checkpoint = prepare_output(out_dir, fingerprint, cfg.resume)
+    if trainable_params == 0:
+        raise UserError(f"recover ({cfg.method}) has nothing to train: the quantized linears keep no salient columns "
+                        f"(give the select stage a count or fraction)")
     evaluate = eval_data is not None and cfg.eval_steps is not None
-    args = training_arguments(cfg, out_dir, device, evaluate, checkpoint is not None)
+    args = training_arguments(cfg, out_dir, device, evaluate)
+    with args.main_process_first(desc="checkpoint check"):  # rank 0 removes stale checkpoints before others look
+        checkpoint = prepare_output(out_dir, fingerprint, cfg.resume)
+    args.eval_on_start = evaluate and checkpoint is None  # a resumed run has its start in the saved log
     trainer = _trainer_class()(
         model=model, args=args, train_dataset=TokenBlocks(train_data),
         eval_dataset=TokenBlocks(eval_data) if evaluate else None, data_collator=default_data_collator,
@@ -426,9 +434,10 @@ def record_report(state, stage: str, report: TrainReport, cfg: RecoverConfig) ->
                      note=f"{report.method}: {report.steps} steps of {cfg.batch_size}×"
                           f"{cfg.gradient_accumulation_steps}×{cfg.seq_len} tokens on {cfg.dataset}, "
                           f"lr {cfg.learning_rate:g} cosine", **common)
+    metric = f"{source_label(cfg.eval_dataset)}_ppl_training"
     for p in report.curve:
-        state.record(stage, f"{source_label(cfg.eval_dataset)}_ppl_training", p["ppl"], method=report.method, step=p["step"],
-                     tokens=p["tokens"], seq_len=cfg.eval_seq_len, windows=cfg.eval_windows)
+        state.record(stage, metric, p["ppl"], method=report.method, step=p["step"], tokens=p["tokens"],
+                     seq_len=cfg.eval_seq_len, windows=cfg.eval_windows)
 
 
 # ---------------------------------------------------------------- Pre-GIFT-SW (order: before)
@@ -538,8 +547,12 @@ def recover_stage(state, cfg: RecoverConfig) -> None:
         report = run_method(state, state.model, cfg, state.output_dir / "recover" / cfg.method, stage_cfg=cfg)
     record_report(state, "recover", report, cfg)
     exportable = cfg.method != "lora"
-    state.artifacts["recover"] = {"method": cfg.method, "order": cfg.order, "report": report,
-                                  "exportable": exportable}
+    # JSON-safe summary (export stores it with the checkpoint); the full report, curve included, beside it.
+    state.artifacts["recover"] = {
+        **cfg.model_dump(mode="json", include={"method", "order", "dataset", "learning_rate", "max_steps", "seq_len",
+                                               "noise", "noise_scale", "noise_bits", "seed"}),
+        "tokens": report.tokens, "exportable": exportable}
+    state.artifacts["recover_report"] = report
     if not exportable:
         state.record("recover", "exportable", 0, method="lora",
                      note="LoRA adapters stay unmerged over the low-bit layers: the model evaluates, but exporting "

@@ -9,6 +9,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+# Tiny tensors: one thread avoids OpenMP spin contention on small shared machines (measured 30x slowdowns).
+torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("GIFT_QUANT_DATA", REPO.parent / "shared" / "data"))
 

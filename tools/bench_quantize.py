@@ -1,0 +1,131 @@
+"""Quantization benchmark on the embedded SmolLM2 (or any model): perplexity, quantization seconds, peak memory.
+
+For every (method, bits, salient fraction[, rotation]) the fp model is copied, quantized layer by layer on the same
+calibration windows, and evaluated on WikiText-2. `ref` is the independent float64 column-by-column transcription of
+the published GPTQ algorithm (tools/reference_gptq.py) run through the same driver, so `gptq` vs `ref` compares
+quality and time of the two implementations on identical inputs, in the same run.
+
+    python tools/bench_quantize.py --bits 4 3 2 --fractions 0 0.03125 --methods rtn gptq ref --out docs/bench_quantize.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reference_gptq import reference_gptq  # noqa: E402
+
+from gift_quant.config import ModelConfig, QuantizeConfig, SelectConfig, TextSource  # noqa: E402
+from gift_quant.data import calibration_windows, evaluation_ids, load_documents  # noqa: E402
+from gift_quant.evaluate import perplexity  # noqa: E402
+from gift_quant.gptq import GPTQ, GPTQResult  # noqa: E402
+from gift_quant.models import load_model  # noqa: E402
+from gift_quant.quantize import Quantizer, quantize_model  # noqa: E402
+from gift_quant.quantized import QuantizedWeight  # noqa: E402
+
+
+class ReferenceGPTQ(GPTQ):
+    """Same Hessian accumulation, quantization by the float64 reference transcription."""
+
+    def quantize(self, weight, spec, salient_idx=None, *, block_size=128, percdamp=0.01, act_order=False,
+                 static_groups=False) -> GPTQResult:
+        start = time.perf_counter()
+        H, self.H = self.H, None
+        r = reference_gptq(weight.double(), H.double(), spec, salient_idx, percdamp=percdamp, act_order=act_order,
+                           static_groups=static_groups)
+        qw = QuantizedWeight(codes=r.codes.to(torch.uint8), scales=r.scales.float(), zeros=r.zeros.float(),
+                             g_idx=r.g_idx.int(), salient_idx=r.salient_idx, salient_weight=r.salient_weight.float(),
+                             bits=spec.bits, group_size=spec.group_size, sym=spec.sym)
+        return GPTQResult(qw, r.loss, percdamp, time.perf_counter() - start)
+
+
+def reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current RSS
+
+
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
+    ap.add_argument("--fractions", type=float, nargs="+", default=[0.0, 1 / 32])
+    ap.add_argument("--methods", nargs="+", default=["rtn", "gptq", "ref"], choices=["rtn", "gptq", "ref"])
+    ap.add_argument("--rotate", nargs="+", default=["off"], choices=["off", "on"])
+    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--calib-len", type=int, default=512)
+    ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--eval-len", type=int, default=2048)
+    ap.add_argument("--mse", action="store_true", help="MSE clip search for the scales (default: min-max, as GPTQ)")
+    ap.add_argument("--act-order", action="store_true")
+    ap.add_argument("--out", type=Path, help="write a markdown table (and .json beside it)")
+    args = ap.parse_args()
+
+    base, tok = load_model(ModelConfig(name=args.model))
+    calib = calibration_windows(tok, load_documents(TextSource(dataset="c4")), args.calib_samples, args.calib_len, 0)
+    ids = evaluation_ids(tok, load_documents(TextSource(dataset="wikitext2")))
+    evaluate = lambda m: perplexity(m, ids, args.eval_len, args.eval_windows, progress=False).value  # noqa: E731
+    rows = [{"method": "fp32", "bits": 32, "salient": 0, "rotate": "off", "ppl": evaluate(base), "seconds": 0.0,
+             "peak_rss_mb": peak_rss_mb()}]
+    print(rows[-1], flush=True)
+    for rotate in args.rotate:
+        for bits in args.bits:
+            for fraction in args.fractions:
+                for method in args.methods:
+                    rows.append(run_one(base, calib, evaluate, method, bits, fraction, rotate, args))
+                    print(rows[-1], flush=True)
+    table = render(rows, args)
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(table)
+        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+
+
+def run_one(base, calib, evaluate, method, bits, fraction, rotate, args) -> dict:
+    model = copy.deepcopy(base)
+    reset_peak_rss()
+    start = time.perf_counter()
+    if rotate == "on":
+        from gift_quant.rotate import RotateSpec, rotate_model
+
+        rotate_model(model, RotateSpec())
+    cfg = QuantizeConfig(method="rtn" if method == "rtn" else "gptq", bits=bits, mse=args.mse,
+                         act_order=args.act_order)
+    select = SelectConfig(metric="gift", fraction=fraction) if fraction else None
+    quantizer = Quantizer(cfg, select, solver=ReferenceGPTQ if method == "ref" else GPTQ)
+    needs_data = method != "rtn" or select is not None
+    quantize_model(model, quantizer, calib if needs_data else None, device=torch.device("cpu"))
+    seconds = time.perf_counter() - start
+    return {"method": method, "bits": bits, "salient": fraction, "rotate": rotate, "ppl": evaluate(model),
+            "seconds": round(seconds, 1), "peak_rss_mb": round(peak_rss_mb(), 1)}
+
+
+def render(rows: list[dict], args) -> str:
+    fp = rows[0]["ppl"]
+    head = (f"WikiText-2 perplexity ({args.eval_windows} windows x {args.eval_len}), calibration C4 "
+            f"{args.calib_samples} x {args.calib_len}, per-channel symmetric, {'MSE' if args.mse else 'min-max'} "
+            f"scales{', act-order' if args.act_order else ''}; fp32 = {fp:.3f}\n\n")
+    lines = ["| method | bits | salient | rotate | ppl | ppl / fp | quantize s | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows[1:]:
+        sal = "0" if not r["salient"] else f"{r['salient']:.4g} of in"
+        lines.append(f"| {r['method']} | {r['bits']} | {sal} | {r['rotate']} | {r['ppl']:.3f} | {r['ppl'] / fp:.3f} "
+                     f"| {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} |")
+    return head + "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
