@@ -63,7 +63,10 @@ def main() -> None:
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.0, 1 / 32])
     ap.add_argument("--methods", nargs="+", default=["rtn", "gptq", "ref"], choices=["rtn", "gptq", "ref"])
+    ap.add_argument("--ref-bits", type=int, nargs="*", default=[4, 3],
+                    help="run `ref` only at these bit-widths, without salient columns (it is slow)")
     ap.add_argument("--rotate", nargs="+", default=["off"], choices=["off", "on"])
+    ap.add_argument("--rotate-methods", nargs="+", default=["gptq"], help="methods also run with rotation on")
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--calib-len", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=16)
@@ -84,6 +87,10 @@ def main() -> None:
         for bits in args.bits:
             for fraction in args.fractions:
                 for method in args.methods:
+                    if method == "ref" and (bits not in args.ref_bits or fraction or rotate == "on"):
+                        continue
+                    if rotate == "on" and method not in args.rotate_methods:
+                        continue
                     rows.append(run_one(base, calib, evaluate, method, bits, fraction, rotate, args))
                     print(rows[-1], flush=True)
     table = render(rows, args)
