@@ -6,7 +6,6 @@ import csv
 import json
 import math
 
-import pytest
 
 RECIPE = """
 model: {name: tiny}
