@@ -44,37 +44,30 @@ def data_dir(configured: Path | None = None) -> Path | None:
 
 def load_documents(source: TextSource, folder: Path | None = None) -> list[str]:
     """The documents of a source, in order."""
+    path = local_path(source, folder)
+    return _read_hub(source.dataset, source) if path is None else _read_local(path, source.text_field)
+
+
+def local_path(source: TextSource, folder: Path | None = None) -> Path | None:
+    """The local file a source reads, or None when it comes from the Hub; a missing local file is a UserError, so
+    calling this before any work (the runner's preflight) catches it early."""
     name = source.dataset
     if name in LOCAL_FILES:
         local = data_dir(folder)
-        if local is not None:
-            path = local / LOCAL_FILES[name]
-            if not path.is_file():
-                raise UserError(f"missing data file {path}; put {LOCAL_FILES[name]} there or unset the data folder "
-                                f"to use the Hub")
-            return _read_local(path, source.text_field)
-        return _read_hub(name, source)
+        if local is None:
+            return None
+        path = local / LOCAL_FILES[name]
+        if not path.is_file():
+            raise UserError(f"missing data file {path}; put {LOCAL_FILES[name]} there or unset the data folder "
+                            f"to use the Hub")
+        return path
     if name.startswith("hf:"):
-        return _read_hub(name, source)
+        return None
     path = Path(name).expanduser()
     if path.suffix in (".txt", ".jsonl", ".raw") and path.is_file():
-        return _read_local(path, source.text_field)
-    raise UserError(f"unknown data source '{name}': use wikitext2, c4, a .txt/.jsonl file, or hf:<dataset>[:<config>]")
-
-
-def check_source(source: TextSource, folder: Path | None = None) -> None:
-    """Fail before any work when a local source is missing (Hub sources are only found out by loading them)."""
-    name = source.dataset
-    if name in LOCAL_FILES:
-        local = data_dir(folder)
-        if local is not None and not (local / LOCAL_FILES[name]).is_file():
-            raise UserError(f"missing data file {local / LOCAL_FILES[name]}; put {LOCAL_FILES[name]} there or unset "
-                            f"the data folder to use the Hub")
-    elif not name.startswith("hf:"):
-        path = Path(name).expanduser()
-        if not (path.suffix in (".txt", ".jsonl", ".raw") and path.is_file()):
-            raise UserError(f"unknown data source '{name}': use wikitext2, c4, an existing .txt/.jsonl file, or "
-                            f"hf:<dataset>[:<config>]")
+        return path
+    raise UserError(f"unknown data source '{name}': use wikitext2, c4, an existing .txt/.jsonl file, or "
+                    f"hf:<dataset>[:<config>]")
 
 
 def _read_local(path: Path, text_field: str) -> list[str]:

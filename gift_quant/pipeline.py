@@ -115,11 +115,11 @@ def plan(recipe: Recipe, output_dir: Path) -> str:
 def preflight(state: RunState) -> None:
     """Catch missing inputs before minutes of work: local data files first, then the model itself."""
     from .config import TextSource
-    from .data import check_source
+    from .data import local_path
 
     for stage in state.recipe.stages:
         if isinstance(stage.config, TextSource):
-            check_source(stage.config, state.recipe.data.dir)
+            local_path(stage.config, state.recipe.data.dir)
     state.model  # noqa: B018 (loads it)
 
 

@@ -60,9 +60,7 @@ class LinearStats:
     tokens: int = 0
 
     def clone(self) -> "LinearStats":
-        norms = ChannelNorms(self.norms.in_features)
-        norms.__dict__.update({k: v.clone() if torch.is_tensor(v) else v for k, v in self.norms.__dict__.items()})
-        return LinearStats(self.gptq.clone() if self.gptq is not None else None, norms, self.tokens)
+        return LinearStats(self.gptq.clone() if self.gptq is not None else None, self.norms.clone(), self.tokens)
 
     def add(self, x: torch.Tensor) -> None:
         if self.gptq is not None:

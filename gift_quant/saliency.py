@@ -61,6 +61,13 @@ class ChannelNorms:
             self._linf = torch.maximum(self._linf, linf)
             self._sumsq += sumsq
 
+    def clone(self) -> "ChannelNorms":
+        """An independent copy (linears that read the same input share one accumulation)."""
+        other = ChannelNorms(self.in_features)
+        if self._linf is not None:
+            other._linf, other._sumsq = self._linf.clone(), self._sumsq.clone()
+        return other
+
     def _require(self) -> None:
         if self._linf is None:
             raise RuntimeError("no inputs seen: call add_batch() first")
