@@ -252,3 +252,45 @@ def test_restore_without_online_rotation_is_noop():
     restore_online_modules(model, rotate_model(tiny_llama(), RotateSpec()))
     assert not hasattr(model.model.layers[0].mlp, "online_rotation")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# ------------------------------------------------------------------ the real model
+
+
+def residual_outlier_stats(model, input_ids) -> list[tuple[float, float]]:
+    """Per decoder layer output: (token-averaged kurtosis across channels, max/mean of the per-channel max |x|)."""
+    with torch.no_grad():
+        hidden = model(input_ids, output_hidden_states=True, use_cache=False).hidden_states
+    stats = []
+    for h in hidden[1:-1]:  # layer outputs; the last entry is after the final norm
+        x = h.reshape(-1, h.shape[-1]).double()
+        z = x - x.mean(-1, keepdim=True)
+        kurtosis = ((z**4).mean(-1) / (z**2).mean(-1) ** 2).mean().item()
+        channel_max = x.abs().amax(0)
+        stats.append((kurtosis, (channel_max.max() / channel_max.mean()).item()))
+    return stats
+
+
+@pytest.mark.slow
+def test_rotation_removes_residual_outliers_in_smollm2(data_dir):
+    """QuaRot's observation on Llama, checked on SmolLM2: a few residual channels carry huge values (kurtosis far
+    above a Gaussian's 3); after the Hadamard rotation every layer's residual stream is close to Gaussian."""
+    from gift_quant.config import ModelConfig, TextSource
+    from gift_quant.data import calibration_windows, load_documents
+    from gift_quant.models import load_model
+
+    model, tok = load_model(ModelConfig())
+    x = calibration_windows(tok, load_documents(TextSource(dataset="c4"), data_dir), 2, 256, 0)
+    with torch.no_grad():
+        reference = model(x, use_cache=False).logits
+    before = residual_outlier_stats(model, x)
+    rotate_model(model, RotateSpec(mode="hadamard"))
+    after = residual_outlier_stats(model, x)
+    with torch.no_grad():
+        rotated = model(x, use_cache=False).logits
+    assert ((rotated - reference).norm() / reference.norm()).item() < 1e-4  # same function
+
+    for (k0, r0), (k1, r1) in zip(before, after):
+        assert k1 < 4 and k1 < k0 / 5, (k0, k1)  # near-Gaussian, and far below the outlier-heavy original
+        assert r1 < 3 and r1 < r0 / 2, (r0, r1)
+    assert sum(k for k, _ in before) / len(before) > 20  # the outliers really are there to remove

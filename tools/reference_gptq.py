@@ -72,28 +72,39 @@ def reference_gptq(
         group[j] = pos // gs if (act_order and not static_groups and spec.group_size != -1) else j // gs
     dynamic = spec.group_size != -1 and not static_groups
 
+    # Work in processing order so the not-yet-quantized columns are always the trailing block: eliminated rows and
+    # columns of H_F^-1 are exactly zero, so restricting both updates to that block (in place) changes no value.
+    perm = torch.tensor(order)
+    pos_of = {j: i for i, j in enumerate(order)}
+    Wp = W[:, perm].clone()
+    Hp = H[perm][:, perm]
+    Hinv = torch.linalg.inv(Hp + percdamp * H.diagonal().mean() * torch.eye(n, dtype=torch.float64))
+    codes = torch.zeros(rows, n, dtype=torch.int64)
+    loss = 0.0
+
     def params_of(g: int) -> tuple[Tensor, Tensor]:
-        cols = [j for j in normal if group[j] == g]
-        return find_params(W[:, cols], spec)
+        cols = [pos_of[j] for j in normal if group[j] == g]
+        return find_params(Wp[:, cols], spec)
 
     params: dict[int, tuple[Tensor, Tensor]] = {}
     if not dynamic:  # computed once on the dead-zeroed, not yet updated weight
         params = {g: params_of(g) for g in range(n // gs)}
 
-    Hinv = torch.linalg.inv(H + percdamp * H.diagonal().mean() * torch.eye(n, dtype=torch.float64))
-    codes = torch.zeros(rows, n, dtype=torch.int64)
-    loss = 0.0
-    for j in normal:
+    for i, j in enumerate(normal):
         if group[j] not in params:  # dynamic group reached for the first time: use the current (updated) weights
             params[group[j]] = params_of(group[j])
         scale, zero = params[group[j]]
-        c = quantize(W[:, j : j + 1], scale, zero, spec.maxq)
+        c = quantize(Wp[:, i : i + 1], scale, zero, spec.maxq)
         q = dequantize(c, scale, zero)[:, 0]
         codes[:, j] = c[:, 0].long()
-        d = Hinv[j, j]
-        loss += float(((W[:, j] - q) ** 2).sum() / (2 * d))
-        W -= torch.outer((W[:, j] - q) / d, Hinv[j, :])  # column j becomes q; eliminated columns have Hinv[j, c] = 0
-        Hinv = Hinv - torch.outer(Hinv[:, j], Hinv[j, :]) / d
+        d = Hinv[i, i].item()
+        err = (Wp[:, i] - q) / d
+        loss += float(((Wp[:, i] - q) ** 2).sum() / (2 * d))
+        row = Hinv[i, i:].clone()
+        Wp[:, i:].addr_(err, row, alpha=-1.0)  # column i becomes q
+        Hinv[i:, i:].addr_(Hinv[i:, i].clone(), row, alpha=-1.0 / d)
+    W = torch.empty_like(Wp)
+    W[:, perm] = Wp
 
     for g in range(n // gs):  # groups with no quantized column
         params.setdefault(g, find_params(W[:, []], spec))
