@@ -6,6 +6,9 @@ the published GPTQ algorithm (tools/reference_gptq.py) run through the same driv
 quality and time of the two implementations on identical inputs, in the same run.
 
     python tools/bench_quantize.py --bits 4 3 2 --fractions 0 0.03125 --methods rtn gptq ref --out docs/bench_quantize.md
+
+With OMP_NUM_THREADS=1 the CPU seconds of the quantization are the single-thread work whatever else shares the
+machine, so parts of the table can run in parallel processes (`--fp-ppl` skips re-measuring the fp32 row).
 """
 
 from __future__ import annotations
@@ -73,6 +76,8 @@ def main() -> None:
     ap.add_argument("--eval-len", type=int, default=2048)
     ap.add_argument("--mse", action="store_true", help="MSE clip search for the scales (default: min-max, as GPTQ)")
     ap.add_argument("--act-order", action="store_true")
+    ap.add_argument("--fp-ppl", type=float,
+                    help="skip the fp32 evaluation and use this value (it is deterministic; for runs split in parts)")
     ap.add_argument("--out", type=Path, help="write a markdown table (and .json beside it)")
     args = ap.parse_args()
 
@@ -80,7 +85,8 @@ def main() -> None:
     calib = calibration_windows(tok, load_documents(TextSource(dataset="c4")), args.calib_samples, args.calib_len, 0)
     ids = evaluation_ids(tok, load_documents(TextSource(dataset="wikitext2")))
     evaluate = lambda m: perplexity(m, ids, args.eval_len, args.eval_windows, progress=False).value  # noqa: E731
-    rows = [{"method": "fp32", "bits": 32, "salient": 0, "rotate": "off", "ppl": evaluate(base), "seconds": 0.0,
+    fp = args.fp_ppl if args.fp_ppl is not None else evaluate(base)
+    rows = [{"method": "fp32", "bits": 32, "salient": 0, "rotate": "off", "ppl": fp, "seconds": 0.0, "cpu_seconds": 0.0,
              "peak_rss_mb": peak_rss_mb()}]
     print(rows[-1], flush=True)
     for rotate in args.rotate:
@@ -104,7 +110,7 @@ def main() -> None:
 def run_one(base, calib, evaluate, method, bits, fraction, rotate, args) -> dict:
     model = copy.deepcopy(base)
     reset_peak_rss()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     if rotate == "on":
         from gift_quant.rotate import RotateSpec, rotate_model
 
@@ -115,9 +121,9 @@ def run_one(base, calib, evaluate, method, bits, fraction, rotate, args) -> dict
     quantizer = Quantizer(cfg, select, solver=ReferenceGPTQ if method == "ref" else GPTQ)
     needs_data = method != "rtn" or select is not None
     quantize_model(model, quantizer, calib if needs_data else None, device=torch.device("cpu"))
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     return {"method": method, "bits": bits, "salient": fraction, "rotate": rotate, "ppl": evaluate(model),
-            "seconds": round(seconds, 1), "peak_rss_mb": round(peak_rss_mb(), 1)}
+            "seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1), "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 
 def render(rows: list[dict], args) -> str:
@@ -125,12 +131,12 @@ def render(rows: list[dict], args) -> str:
     head = (f"WikiText-2 perplexity ({args.eval_windows} windows x {args.eval_len}), calibration C4 "
             f"{args.calib_samples} x {args.calib_len}, per-channel symmetric, {'MSE' if args.mse else 'min-max'} "
             f"scales{', act-order' if args.act_order else ''}; fp32 = {fp:.3f}\n\n")
-    lines = ["| method | bits | salient | rotate | ppl | ppl / fp | quantize s | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | bits | salient | rotate | ppl | ppl / fp | quantize s (wall) | quantize s (CPU) | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows[1:]:
         sal = "0" if not r["salient"] else f"{r['salient']:.4g} of in"
         lines.append(f"| {r['method']} | {r['bits']} | {sal} | {r['rotate']} | {r['ppl']:.3f} | {r['ppl'] / fp:.3f} "
-                     f"| {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} |")
+                     f"| {r['seconds']:.1f} | {r.get('cpu_seconds', float('nan')):.1f} | {r['peak_rss_mb']:.0f} |")
     return head + "\n".join(lines) + "\n"
 
 

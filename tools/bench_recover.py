@@ -113,10 +113,10 @@ def worker(args: argparse.Namespace) -> dict:
     vocab = model.config.vocab_size
     x = torch.randint(0, vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0)).to(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    times = []
+    times, cpu_times = [], []
     with PeakMemory(device) as mem:
         for step in range(args.warmup + args.steps):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             with autocast:
                 loss = model(input_ids=x, labels=x).loss
             loss.backward()
@@ -126,7 +126,9 @@ def worker(args: argparse.Namespace) -> dict:
                 torch.cuda.synchronize(device)
             if step >= args.warmup:
                 times.append(time.perf_counter() - start)
+                cpu_times.append(time.process_time() - cpu_start)
     return {"method": args.worker, "trainable_params": trainable, "step_s": sum(times) / len(times),
+            "step_cpu_s": sum(cpu_times) / len(cpu_times),
             "tokens_per_s": args.batch * args.seq_len * len(times) / sum(times), "peak_mb": mem.peak_mb,
             "extra_mb": mem.extra_mb, "loss": loss.item()}
 
@@ -147,14 +149,17 @@ def table(results: list[dict], args: argparse.Namespace) -> str:
     lines = [f"model: {shape}, layers: {args.layers or 'all'}, batch {args.batch} × {args.seq_len} tokens, "
              f"{args.bits}-bit, salient fraction {args.fraction:g}, device {args.device}, "
              f"checkpointing {'on' if args.checkpointing else 'off'}, {args.steps} timed steps",
-             "", f"| method | trainable params | step (s) | tokens/s | peak memory (MB) | training memory (MB) | "
-             f"step time / {ref['method']} | training memory / {ref['method']} |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "", f"| method | trainable params | step (s) | step CPU (s) | tokens/s | peak memory (MB) | training memory (MB) "
+             f"| step CPU time / {ref['method']} | training memory / {ref['method']} |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        lines.append(f"| {r['method']} | {r['trainable_params']:,} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | "
-                     f"{r['peak_mb']:.0f} | {r['extra_mb']:.0f} | {r['step_s'] / ref['step_s']:.2f}× | "
+        lines.append(f"| {r['method']} | {r['trainable_params']:,} | {r['step_s']:.3f} | {r['step_cpu_s']:.3f} | "
+                     f"{r['tokens_per_s']:.0f} | {r['peak_mb']:.0f} | {r['extra_mb']:.0f} | "
+                     f"{r['step_cpu_s'] / ref['step_cpu_s']:.2f}× | "
                      f"{r['extra_mb'] / max(ref['extra_mb'], 1e-9):.2f}× |")
     lines.append("")
+    lines.append("step CPU: process CPU seconds per step; with OMP_NUM_THREADS=1 it is the single-thread cost even "
+                 "when other jobs share the machine (wall `step` then is not).")
     lines.append("peak memory: the whole process (CPU RSS) or CUDA max allocated, model included; training memory: "
                  "the peak above the level after building the model (activations, gradients, optimizer state).")
     return "\n".join(lines)
