@@ -78,8 +78,14 @@ def main() -> None:
     ap.add_argument("--act-order", action="store_true")
     ap.add_argument("--fp-ppl", type=float,
                     help="skip the fp32 evaluation and use this value (it is deterministic; for runs split in parts)")
+    ap.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                    help="only render one table from the .json files of runs split in parts (pass their settings)")
     ap.add_argument("--out", type=Path, help="write a markdown table (and .json beside it)")
     args = ap.parse_args()
+    if args.merge:
+        parts = [json.loads(path.read_text()) for path in args.merge]
+        write([parts[0][0], *sorted((r for part in parts for r in part[1:]), key=row_order)], args)
+        return
 
     base, tok = load_model(ModelConfig(name=args.model))
     calib = calibration_windows(tok, load_documents(TextSource(dataset="c4")), args.calib_samples, args.calib_len, 0)
@@ -99,6 +105,14 @@ def main() -> None:
                         continue
                     rows.append(run_one(base, calib, evaluate, method, bits, fraction, rotate, args))
                     print(rows[-1], flush=True)
+    write(rows, args)
+
+
+def row_order(row: dict) -> tuple:
+    return -row["bits"], row["salient"], ["rtn", "gptq", "ref"].index(row["method"]), row["rotate"]
+
+
+def write(rows: list[dict], args) -> None:
     table = render(rows, args)
     print(table)
     if args.out:
@@ -134,7 +148,7 @@ def render(rows: list[dict], args) -> str:
     lines = ["| method | bits | salient | rotate | ppl | ppl / fp | quantize s (wall) | quantize s (CPU) | peak RSS MB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows[1:]:
-        sal = "0" if not r["salient"] else f"{r['salient']:.4g} of in"
+        sal = "0" if not r["salient"] else f"1/{1 / r['salient']:.3g} of in"
         lines.append(f"| {r['method']} | {r['bits']} | {sal} | {r['rotate']} | {r['ppl']:.3f} | {r['ppl'] / fp:.3f} "
                      f"| {r['seconds']:.1f} | {r.get('cpu_seconds', float('nan')):.1f} | {r['peak_rss_mb']:.0f} |")
     return head + "\n".join(lines) + "\n"
