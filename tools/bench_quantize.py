@@ -49,6 +49,22 @@ class ReferenceGPTQ(GPTQ):
         return GPTQResult(qw, r.loss, percdamp, time.perf_counter() - start)
 
 
+class Float64GPTQ(GPTQ):
+    """gift_quant's GPTQ computing in float64 (it follows the weight's dtype): isolates float32 rounding from the
+    algorithm when comparing with `ref`."""
+
+    def quantize(self, weight, spec, salient_idx=None, **kwargs) -> GPTQResult:
+        self.H = self.H.double()
+        r = super().quantize(weight.double(), spec, salient_idx, **kwargs)
+        qw = r.weight
+        qw.scales, qw.zeros, qw.salient_weight = qw.scales.float(), qw.zeros.float(), qw.salient_weight.float()
+        return r
+
+
+SOLVERS = {"gptq": GPTQ, "gptq64": Float64GPTQ, "ref": ReferenceGPTQ}
+METHODS = ["rtn", *SOLVERS]
+
+
 def reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current RSS
 
@@ -65,7 +81,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.0, 1 / 32])
-    ap.add_argument("--methods", nargs="+", default=["rtn", "gptq", "ref"], choices=["rtn", "gptq", "ref"])
+    ap.add_argument("--methods", nargs="+", default=["rtn", "gptq", "ref"], choices=METHODS,
+                    help="gptq64: gift_quant's GPTQ in float64, to separate rounding from the algorithm vs ref")
     ap.add_argument("--ref-bits", type=int, nargs="*", default=[4, 3],
                     help="run `ref` only at these bit-widths, without salient columns (it is slow)")
     ap.add_argument("--rotate", nargs="+", default=["off"], choices=["off", "on"])
@@ -109,7 +126,7 @@ def main() -> None:
 
 
 def row_order(row: dict) -> tuple:
-    return -row["bits"], row["salient"], ["rtn", "gptq", "ref"].index(row["method"]), row["rotate"]
+    return -row["bits"], row["salient"], METHODS.index(row["method"]), row["rotate"]
 
 
 def write(rows: list[dict], args) -> None:
@@ -132,7 +149,7 @@ def run_one(base, calib, evaluate, method, bits, fraction, rotate, args) -> dict
     cfg = QuantizeConfig(method="rtn" if method == "rtn" else "gptq", bits=bits, mse=args.mse,
                          act_order=args.act_order)
     select = SelectConfig(metric="gift", fraction=fraction) if fraction else None
-    quantizer = Quantizer(cfg, select, solver=ReferenceGPTQ if method == "ref" else GPTQ)
+    quantizer = Quantizer(cfg, select, solver=SOLVERS.get(method, GPTQ))
     needs_data = method != "rtn" or select is not None
     quantize_model(model, quantizer, calib if needs_data else None, device=torch.device("cpu"))
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
