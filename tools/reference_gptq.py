@@ -98,10 +98,10 @@ def reference_gptq(
         q = dequantize(c, scale, zero)[:, 0]
         codes[:, j] = c[:, 0].long()
         d = Hinv[i, i].item()
-        err = (Wp[:, i] - q) / d
-        loss += float(((Wp[:, i] - q) ** 2).sum() / (2 * d))
+        diff = Wp[:, i] - q
+        loss += float((diff**2).sum() / (2 * d))
         row = Hinv[i, i:].clone()
-        Wp[:, i:].addr_(err, row, alpha=-1.0)  # column i becomes q
+        Wp[:, i:].addr_(diff / d, row, alpha=-1.0)  # column i becomes q
         Hinv[i:, i:].addr_(Hinv[i:, i].clone(), row, alpha=-1.0 / d)
     W = torch.empty_like(Wp)
     W[:, perm] = Wp
