@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from gift_quant.errors import UserError
-from gift_quant.io_utils import atomic_dir
+from gift_quant.io_utils import PARTIAL_MARK, atomic_dir, check_replaceable
 from gift_quant.layers import quantized_modules
 from gift_quant.packing import PackedLinear
 from gift_quant.quantized import QuantizedWeight
@@ -202,7 +202,7 @@ def _write_folder(
     if getattr(config, "tie_word_embeddings", False) and not tied:
         # The weights were not actually shared (e.g. a quantized lm_head): loading must not re-tie them.
         config.tie_word_embeddings = False
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, ours=is_export, what="gift_quant export") as tmp:
         _write_tensors(tmp, tensors, max_shard_size)
         config.save_pretrained(tmp)
         if tokenizer is not None:
@@ -226,6 +226,22 @@ def _write_tensors(folder: Path, tensors: dict[str, torch.Tensor], max_shard_siz
         (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
+def is_export(folder: Path) -> bool:
+    """Whether ``folder`` holds an earlier gift_quant export (the only kind of folder an export may replace)."""
+    return (Path(folder) / MANIFEST).is_file()
+
+
+def check_export_target(path: Path, output_dir: Path) -> None:
+    """Refuse, before any work, an export path whose replacement could lose data: one that holds the working
+    directory or the run's output folder, a file, or a folder that is not an earlier export."""
+    target = Path(path).expanduser().resolve()
+    for inside, what in ((Path.cwd().resolve(), "the working directory"),
+                         (Path(output_dir).expanduser().resolve(), "the output folder")):
+        if target == inside or target in inside.parents:
+            raise UserError(f"export path {path} contains {what}; export into a new subfolder instead")
+    check_replaceable(target, is_export, "gift_quant export")
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -239,7 +255,7 @@ def _write_manifest(folder: Path) -> None:
     entries = {
         str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)}
         for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
+        if p.is_file() and p.name not in (MANIFEST, PARTIAL_MARK)
     }
     manifest = {"format": "gift_quant", "format_version": FORMAT_VERSION, "files": entries}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -515,6 +531,7 @@ def export_stage(state, cfg) -> None:
     """Stage `export`: write the packed (or dense) checkpoint, report its real size, and optionally reload it and
     measure the perplexity the deployed model will have."""
     path = Path(cfg.path or state.output_dir / cfg.format)
+    check_export_target(path, state.output_dir)
     recover = state.artifacts.get("recover") or {}
     if recover.get("exportable") is False:
         raise UserError(f"the {recover.get('method')} recovery keeps unmerged adapters that the low-bit format cannot "

@@ -117,9 +117,13 @@ def preflight(state: RunState) -> None:
     from .config import TextSource
     from .data import local_path
 
+    from .export import check_export_target
+
     for stage in state.recipe.stages:
         if isinstance(stage.config, TextSource):
             local_path(stage.config, state.recipe.data.dir)
+        if stage.name == "export":
+            check_export_target(stage.config.path or state.output_dir / stage.config.format, state.output_dir)
     state.model  # noqa: B018 (loads it)
 
 

@@ -14,7 +14,6 @@ import io
 import json
 import logging
 import re
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,10 +124,12 @@ class LayerCheckpoints:
         self.loaded = 0  # layers taken from disk by this run
         stamp = folder / "fingerprint.txt"
         if folder.exists() and (not resume or not stamp.is_file() or stamp.read_text() != fingerprint):
-            if any(folder.glob("layer_*.safetensors")):
+            saved = list(folder.glob("layer_*.safetensors"))
+            if saved:
                 log.info("quantize: %s; starting over", "resume disabled" if not resume else
                          "model, data or settings changed since the saved layers")
-            shutil.rmtree(folder)
+            for p in saved:  # only what this class writes: the folder may hold anything else
+                p.unlink()
         folder.mkdir(parents=True, exist_ok=True)
         write_text(stamp, fingerprint)
 

@@ -314,7 +314,7 @@ def prepare_output(out_dir: Path, fingerprint: str, resume: bool) -> Path | None
     stamp = out_dir / FINGERPRINT_FILE
     old = json.loads(stamp.read_text())["fingerprint"] if stamp.is_file() else None
     if not resume or old != fingerprint:
-        stale = list(out_dir.glob("checkpoint-*"))
+        stale = [p for p in out_dir.glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
         if stale:
             why = "resume is off" if not resume else "the recipe or training settings changed"
             log.warning("removing %d checkpoint(s) under %s: %s", len(stale), out_dir, why)

@@ -65,3 +65,65 @@ def test_rotate_then_quantize(tiny_run):
     (reloaded,) = [x for x in r if x["metric"].endswith("_ppl_reloaded")]
     quant = [x["value"] for x in r if x["stage"] == "evaluate"][1]
     assert math.isclose(reloaded["value"], quant, rel_tol=1e-3)
+
+
+# ---------------------------------------------------------------- the export never deletes what it did not create
+
+QUICK = """
+model: {name: tiny}
+stages:
+  - calibrate: {dataset: TRAIN, num_samples: 4, seq_len: 32}
+  - quantize: {method: rtn, bits: 4}
+  - export: {path: TARGET}
+"""
+
+
+def _tree(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.name != "recipe.yaml")
+
+
+def test_export_into_the_output_folder_or_working_directory_is_refused(tiny_run, tmp_path, monkeypatch, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("keep me")
+    monkeypatch.chdir(work)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me too")
+    for target, why in ((out, "contains the output folder"), (".", "contains the working directory"),
+                        (tmp_path, "contains the working directory")):
+        before = _tree(tmp_path)
+        rc, _ = tiny_run(QUICK.replace("TARGET", str(target)))
+        err = capsys.readouterr().err
+        assert rc == 2 and why in err and err.count("\n") == 1, err
+        assert _tree(tmp_path) == before  # nothing deleted, nothing written: refused before any work
+    assert (work / "notes.txt").read_text() == "keep me" and (out / "mine.txt").read_text() == "keep me too"
+
+
+def test_export_refuses_a_folder_that_is_not_an_earlier_export(tiny_run, tmp_path, capsys):
+    target = tmp_path / "precious"
+    target.mkdir()
+    (target / "thesis.tex").write_text("years of work")
+    rc, _ = tiny_run(QUICK.replace("TARGET", str(target)))
+    assert rc == 2 and "is not a previous gift_quant export" in capsys.readouterr().err
+    assert _tree(target) == ["thesis.tex"]
+    target.joinpath("thesis.tex").unlink()  # an empty folder may be filled
+    assert tiny_run(QUICK.replace("TARGET", str(target)))[0] == 0
+    first = (target / "model.safetensors").stat().st_mtime_ns
+    assert tiny_run(QUICK.replace("TARGET", str(target)))[0] == 0  # an earlier export is replaced
+    assert (target / "model.safetensors").stat().st_mtime_ns != first
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".precious")]  # no temporary siblings left
+
+
+def test_partial_folders_of_a_killed_export_are_cleaned_on_the_next_run(tiny_run, tmp_path):
+    from gift_quant.io_utils import PARTIAL_MARK
+
+    target = tmp_path / "packed"
+    dead = tmp_path / ".packed.abc123.tmp"  # what a kill -9 during an export leaves
+    dead.mkdir()
+    (dead / PARTIAL_MARK).write_text("999999999\n")  # a pid that does not exist
+    (dead / "model.safetensors").write_bytes(b"half")
+    foreign = tmp_path / ".packed.user.tmp"  # same name pattern, not ours: untouched
+    foreign.mkdir()
+    assert tiny_run(QUICK.replace("TARGET", str(target)))[0] == 0
+    assert not dead.exists() and foreign.is_dir() and (target / "gift_quant_manifest.json").is_file()
