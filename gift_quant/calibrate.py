@@ -21,6 +21,7 @@ from torch import nn
 from .config import CalibrateConfig
 from .data import calibration_windows, check_not_eval_text, load_documents
 from .models import decoder_layers
+from .state import Calibration
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,7 @@ def calibrate_stage(state, cfg: CalibrateConfig) -> None:
     check_not_eval_text(cfg, "calibration")
     docs = load_documents(cfg, state.recipe.data.dir)
     windows = calibration_windows(state.tokenizer, docs, cfg.num_samples, cfg.seq_len, cfg.seed)
-    state.artifacts["calibration"] = windows
-    state.artifacts["calibrate"] = cfg
+    state.calibration = Calibration(cfg, windows)
     state.record("calibrate", "calibration_tokens", int(windows.numel()), tokens=int(windows.numel()), seconds=0.0,
                  note=f"calibration: {cfg.num_samples} windows x {cfg.seq_len} tokens of {cfg.dataset}, seed {cfg.seed}")
 

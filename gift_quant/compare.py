@@ -119,7 +119,7 @@ def compare_stage(state, cfg: CompareConfig) -> dict[str, Any]:
             report, after = TrainReport(method="none", trainable_params=0), start
         else:
             model = copy.deepcopy(base)
-            report = run_method(state, model, mcfg, state.output_dir / "compare" / method, stage_cfg=cfg)
+            report = run_method(state, model, mcfg, state.output_dir / "compare" / method)
             after = perplexity(model, ids, cfg.final_seq_len, cfg.final_windows, device=state.device).value
             del model
             gc.collect()
@@ -143,7 +143,6 @@ def compare_stage(state, cfg: CompareConfig) -> dict[str, Any]:
         "methods": entries,
     }
     write_outputs(state.output_dir, summary)
-    state.artifacts["compare"] = summary
     return summary
 
 

@@ -8,12 +8,24 @@ This module knows nothing about torch, so validating a recipe (``--dry-run``) is
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PositiveInt = Annotated[int, Field(gt=0)]
+
+
+def _compiles(pattern: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"'{pattern}' is not a valid regular expression ({e})") from None
+    return pattern
+
+
+Regex = Annotated[str, AfterValidator(_compiles)]
 
 
 class Strict(BaseModel):
@@ -73,7 +85,7 @@ class SelectConfig(Strict):
     gamma: Literal[0.5, 1.0, 2.0] | None = None  # custom only; default 1
     count: int | None = Field(default=None, ge=0)  # salient columns per linear (0 = plain GPTQ)
     fraction: float | None = Field(default=None, ge=0, le=1)  # of in_features (1/32 for small models)
-    overrides: dict[str, Annotated[float, Field(ge=0)]] = {}  # regex on module name -> count (>= 1) or fraction (< 1)
+    overrides: dict[Regex, Annotated[float, Field(ge=0)]] = {}  # regex on module name -> count (>= 1) or fraction (< 1)
 
     @field_validator("tau", "rho", mode="before")
     @classmethod
@@ -105,7 +117,7 @@ class QuantizeConfig(Strict):
     block_size: PositiveInt = 128
     act_order: bool = False
     static_groups: bool = False
-    targets: list[str] = [r"\.(q|k|v|o)_proj$", r"\.(gate|up|down)_proj$"]  # regexes on module names
+    targets: list[Regex] = Field(default=[r"\.(q|k|v|o)_proj$", r"\.(gate|up|down)_proj$"], min_length=1)
     resume: bool = True  # continue after the last finished layer when the fingerprint matches
 
     @field_validator("group_size")
@@ -211,11 +223,60 @@ class Recipe(Strict):
     seed: int = 0
     stages: list[Stage]
 
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir(cls, v: Path | None) -> Path | None:
+        if v is not None and str(v).strip() in ("", "."):
+            raise ValueError("must name a folder of its own (not empty, not the working directory)")
+        return v
+
+    @model_validator(mode="after")
+    def _stage_order(self) -> "Recipe":
+        check_stage_order(self.stages)
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe in the YAML's own shape (one-key stage mappings)."""
         out = self.model_dump(mode="json", exclude={"stages"})
         out["stages"] = [{s.name: s.config.model_dump(mode="json")} for s in self.stages]
         return out
+
+
+def check_stage_order(stages: list[Stage]) -> None:
+    """The rules between stages, so that ``--dry-run`` catches a recipe that could only fail or mislead later."""
+    names = [s.name for s in stages]
+    for once in ("calibrate", "select", "rotate", "quantize"):
+        if names.count(once) > 1:
+            second = [i for i, n in enumerate(names) if n == once][1]
+            raise ValueError(f"stages.{second}.{once}: a recipe has at most one {once} stage")
+    q = names.index("quantize") if "quantize" in names else None
+    before = lambda name, i: name in names[:i]  # noqa: E731
+    for i, stage in enumerate(stages):
+        where, cfg = f"stages.{i}.{stage.name}", stage.config
+        pre_gift = stage.name == "recover" and cfg.order == "before"
+        if stage.name == "rotate" and q is not None and i > q:
+            raise ValueError(f"{where}: must come before the quantize stage (the quantized grid is not rotated)")
+        if stage.name == "select" and (q is None or i > q):
+            raise ValueError(f"{where}: must come before a quantize stage (it chooses the columns quantize keeps)")
+        if stage.name == "quantize":
+            fixed = any(s.name == "recover" and s.config.order == "before" for s in stages[:i])
+            if cfg.method == "gptq" and not before("calibrate", i):
+                raise ValueError(f"{where}: gptq needs calibration data: add a 'calibrate' stage before it")
+            if before("select", i) and not fixed and not before("calibrate", i):
+                raise ValueError(f"{where}: salient selection needs calibration data: add a 'calibrate' stage before "
+                                 f"it")
+        if pre_gift:
+            if q is None or i > q:
+                raise ValueError(f"{where}: order: before needs a quantize stage after it")
+            if not (before("calibrate", i) and before("select", i)):
+                raise ValueError(f"{where}: order: before needs calibrate and select stages before it")
+        elif stage.name in ("recover", "compare", "export") and (q is None or i < q):
+            raise ValueError(f"{where}: needs the quantized model: put a quantize stage before it")
+        if stage.name == "export":
+            lora = [s for s in stages[:i] if s.name == "recover" and s.config.method == "lora"]
+            if lora:
+                raise ValueError(f"{where}: LoRA recovery keeps unmerged adapters that the low-bit format cannot hold; "
+                                 f"export after another method, or drop the export stage")
 
 
 def parse_stage(index: int, item: Any) -> Stage:
@@ -254,6 +315,9 @@ def describe(err: ValidationError, prefix: str = "") -> str:
     """First validation problem as 'where: what'; extra ones are counted, not listed."""
     first = err.errors()[0]
     where = ".".join(str(p) for p in (prefix, *first["loc"]) if p != "")
-    what = "unknown key (check the spelling; see the stage's settings in the README)" if first["type"] == "extra_forbidden" else first["msg"]
+    if first["type"] == "extra_forbidden":
+        what = "unknown key (check the spelling; see the stage's settings in the README)"
+    else:
+        what = first["msg"].removeprefix("Value error, ")
     more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{where}: {what}{more}"
+    return f"{where}: {what}{more}" if where else f"{what}{more}"

@@ -51,10 +51,10 @@ def perplexity(model, input_ids: torch.Tensor, seq_len: int = 2048, max_windows:
 def eval_ids(state, cfg) -> torch.Tensor:
     """Tokenized evaluation text, cached in the run state (tokenizing WikiText-2 takes seconds)."""
     key = ("eval_ids", cfg.dataset, cfg.split, cfg.text_field)
-    if key not in state.artifacts:
+    if key not in state.tokens:
         docs = load_documents(cfg, state.recipe.data.dir)
-        state.artifacts[key] = evaluation_ids(state.tokenizer, docs)
-    return state.artifacts[key]
+        state.tokens[key] = evaluation_ids(state.tokenizer, docs)
+    return state.tokens[key]
 
 
 def evaluate_stage(state, cfg: EvaluateConfig) -> Perplexity:

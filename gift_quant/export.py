@@ -532,10 +532,9 @@ def export_stage(state, cfg) -> None:
     measure the perplexity the deployed model will have."""
     path = Path(cfg.path or state.output_dir / cfg.format)
     check_export_target(path, state.output_dir)
-    recover = state.artifacts.get("recover") or {}
-    if recover.get("exportable") is False:
-        raise UserError(f"the {recover.get('method')} recovery keeps unmerged adapters that the low-bit format cannot "
-                        f"hold; export after gift_sw, salient_ft or ste, or drop the export stage")
+    if state.recovery is not None and not state.recovery.exportable:
+        raise UserError(f"the {state.recovery.summary['method']} recovery keeps unmerged adapters that the low-bit "
+                        f"format cannot hold; export after gift_sw, salient_ft or ste, or drop the export stage")
     dtype = getattr(torch, cfg.dtype)
     model = state.model
     start = time.perf_counter()
@@ -580,17 +579,16 @@ def _verify_reload(state, cfg, path: Path) -> None:
 def _last_evaluate(state):
     from .config import EvaluateConfig
 
-    configs = [s.config for s in state.recipe.stages if s.name == "evaluate"]
+    configs = [s.config for s in state.stages_before if s.name == "evaluate"]
     return configs[-1] if configs else EvaluateConfig()
 
 
 def _quant_info(state) -> dict:
-    q = state.artifacts.get("quantize", {}).get("config")
-    select = state.artifacts.get("select")
-    info = {"salient": select.model_dump(mode="json") if select else None, "rotation": state.artifacts.get("rotation")}
-    if q is not None:
+    select = state.selection
+    info = {"salient": select.model_dump(mode="json") if select else None, "rotation": state.rotation}
+    if state.quantization is not None:
+        q = state.quantization.config
         info.update(method=q.method, bits=q.bits, group_size=q.group_size, sym=q.sym)
-    recover = state.artifacts.get("recover")
-    if recover is not None:
-        info["recover"] = recover
+    if state.recovery is not None:
+        info["recover"] = state.recovery.summary
     return info

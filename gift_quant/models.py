@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -100,6 +101,17 @@ def _drop_quantization_config(model) -> None:
             delattr(obj, "quantization_config")
     model.hf_quantizer = None
     model.is_quantized = False if hasattr(model, "is_quantized") else None
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 of every tensor of the model's state dict (names, dtypes, shapes and bytes), in order."""
+    from .fingerprint import tensor_bytes
+
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(tensor_bytes(t))
+    return h.hexdigest()
 
 
 def decoder_layers(model) -> nn.ModuleList:

@@ -1,23 +1,26 @@
-"""Runs a recipe: the stage registry, the shared run state, and the run's output files.
+"""Runs a recipe: the stage registry, the runner, and the run's report.
 
 A stage is a function ``stage(state: RunState, config) -> None`` living in the module named after it; the table below
-maps recipe names to them, so a new stage adds one line here and one config class in ``config.py``.
+maps recipe names to them, so a new stage adds one line here and one config class in ``config.py``. The order of the
+stages and the rules between them are checked when the recipe is parsed (``config.Recipe``), what needs the model or
+the data right after it loads (``preflight``), and the run's status is in ``results.json`` at every moment.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
 import logging
+import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import yaml
 
 from .config import Recipe, Strict
-from .io_utils import write_json, write_text
+from .errors import UserError
+from .io_utils import write_text
+from .state import RunState
 
 log = logging.getLogger(__name__)
 
@@ -33,65 +36,14 @@ STAGE_FUNCTIONS: dict[str, str] = {
 }
 
 
-def stage_function(name: str) -> Callable[["RunState", Strict], None]:
+def stage_function(name: str) -> Callable[[RunState, Strict], None]:
     module, func = STAGE_FUNCTIONS[name].split(":")
     return getattr(importlib.import_module(module), func)
 
 
-@dataclass
-class RunState:
-    """Everything stages hand to each other. The model loads on first use, so planning costs nothing."""
-
-    recipe: Recipe
-    output_dir: Path
-    results: list[dict[str, Any]] = field(default_factory=list)
-    artifacts: dict[str, Any] = field(default_factory=dict)  # stage outputs: calibration, selection, records, ...
-    last_stage: str = "model"
-    _model: Any = None
-    _tokenizer: Any = None
-
-    def _load(self) -> None:
-        from .models import load_model
-
-        self._model, self._tokenizer = load_model(self.recipe.model)
-
-    @property
-    def model(self):
-        if self._model is None:
-            self._load()
-        return self._model
-
-    @model.setter
-    def model(self, value) -> None:
-        self._model = value
-
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            self._load()
-        return self._tokenizer
-
-    @property
-    def device(self):
-        from .models import resolve_device
-
-        return resolve_device(self.recipe.model.device)
-
-    def record(self, stage: str, metric: str, value: float, **extra: Any) -> None:
-        row = {"stage": stage, "after": self.last_stage, "metric": metric, "value": value, **extra}
-        self.results.append(row)
-        log.info("%s: %s = %s", stage, metric, value)
-        self.save()
-
-    def save(self) -> None:
-        if os.environ.get("RANK", "0") != "0":  # under torchrun every rank runs the pipeline; one writes
-            return
-        write_json(self.output_dir / "results.json", {"recipe": self.recipe.to_dict(), "results": self.results})
-        write_text(self.output_dir / "report.md", render_report(self))
-
-
-def render_report(state: RunState) -> str:
-    lines = [f"# gift_quant run: {state.recipe.model.name}", "", "| stage | after | metric | value | tokens | seconds |",
+def render_report(state: RunState, status: str = "running", error: str | None = None) -> str:
+    lines = [f"# gift_quant run: {state.recipe.model.name}", "", f"Status: **{status}**" +
+             (f" — {error}" if error else ""), "", "| stage | after | metric | value | tokens | seconds |",
              "|---|---|---|---|---|---|"]
     for r in state.results:
         value = f"{r['value']:.4f}" if isinstance(r["value"], float) else r["value"]
@@ -113,10 +65,9 @@ def plan(recipe: Recipe, output_dir: Path) -> str:
 
 
 def preflight(state: RunState) -> None:
-    """Catch missing inputs before minutes of work: local data files first, then the model itself."""
+    """Catch missing inputs before minutes of work: local data files and export targets first, then the model."""
     from .config import TextSource
     from .data import local_path
-
     from .export import check_export_target
 
     for stage in state.recipe.stages:
@@ -128,17 +79,24 @@ def preflight(state: RunState) -> None:
 
 
 def run(recipe: Recipe, output_dir: Path) -> RunState:
-    """Execute the stages in order; results.json and report.md are rewritten after every stage."""
+    """Execute the stages in order; results.json and report.md are rewritten after every stage and say whether the
+    run is running, complete or failed (with the one-line error)."""
     state = RunState(recipe=recipe, output_dir=output_dir)
     preflight(state)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_text(output_dir / "recipe.resolved.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    for stage in recipe.stages:
-        fn = stage_function(stage.name)
-        start = time.perf_counter()
-        log.info("stage %s", stage.name)
-        fn(state, stage.config)
-        state.last_stage = stage.name
-        log.info("stage %s done in %.1f s", stage.name, time.perf_counter() - start)
-        state.save()
+    state.save()
+    try:
+        for position, stage in enumerate(recipe.stages):
+            state.position = position
+            start = time.perf_counter()
+            log.info("stage %s", stage.name)
+            stage_function(stage.name)(state, stage.config)
+            log.info("stage %s done in %.1f s", stage.name, time.perf_counter() - start)
+            state.save()
+    except BaseException as err:
+        state.save("failed", " ".join(str(err).split()) or type(err).__name__)
+        raise
+    state.position = len(recipe.stages)
+    state.save("complete")
     return state

@@ -9,7 +9,6 @@ mode), ready for `evaluate`, `recover` and `export`.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -26,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .calibrate import capture_layer0_inputs, linear_groups, observe, run_layer
 from .config import QuantizeConfig, SelectConfig
+from .fingerprint import fingerprint
 from .errors import UserError
 from .gptq import GPTQ
 from .io_utils import write_text
@@ -34,6 +34,7 @@ from .models import decoder_layers, find_linears
 from .quantized import QuantizedWeight
 from .quantizer import QuantSpec, rtn
 from .saliency import ChannelNorms
+from .state import Quantization
 from .select import choose_salient
 
 log = logging.getLogger(__name__)
@@ -156,32 +157,6 @@ class LayerCheckpoints:
         tmp.replace(self._path(index))
 
 
-def fingerprint(state, cfg: QuantizeConfig, windows: torch.Tensor | None, fixed: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    settings = {"model": state.recipe.model.model_dump(mode="json", exclude={"device"}),
-                "quantize": cfg.model_dump(mode="json", exclude={"resume"}),
-                "select": _dump(state.artifacts.get("select")), "calibrate": _dump(state.artifacts.get("calibrate")),
-                "rotate": state.artifacts.get("rotation"), "stages_before": _stages_before(state)}
-    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
-    if windows is not None:
-        h.update(windows.numpy().tobytes())
-    for name in sorted(fixed):
-        h.update(name.encode() + fixed[name].numpy().tobytes())
-    return h.hexdigest()
-
-
-def _dump(cfg) -> dict | None:
-    return None if cfg is None else cfg.model_dump(mode="json")
-
-
-def _stages_before(state) -> list[dict]:
-    # A model changed by an earlier stage (rotate, recover before quantize) must not reuse layers of another model;
-    # evaluate stages change nothing and stay out, so adding one does not invalidate saved layers.
-    names = [s.name for s in state.recipe.stages]
-    before = state.recipe.stages[: names.index("quantize")] if "quantize" in names else state.recipe.stages
-    return [{s.name: s.config.model_dump(mode="json")} for s in before if s.name != "evaluate"]
-
-
 def quantize_model(model, quantizer: Quantizer, windows: torch.Tensor | None, *, device: torch.device,
                    true_sequential: bool = True, batch_size: int = 8, checkpoints: LayerCheckpoints | None = None,
                    stop_after: int | None = None) -> list[dict]:
@@ -283,26 +258,25 @@ def write_log(path: Path, rows: list[dict]) -> None:
 
 
 def quantize_stage(state, cfg: QuantizeConfig) -> None:
-    select: SelectConfig | None = state.artifacts.get("select")
-    windows = state.artifacts.get("calibration")
-    fixed = state.artifacts.get("salient_idx", {})
+    select, calib, fixed = state.selection, state.calibration, state.fixed_salient or {}
     needs_data = cfg.method == "gptq" or (select is not None and not fixed)
-    if needs_data and windows is None:
+    if needs_data and calib is None:  # the recipe's rules catch this at parse time; the Python API may not
         raise UserError(f"quantize ({cfg.method}{' with salient selection' if select else ''}) needs calibration "
                         f"data: add a 'calibrate' stage before it")
-    calib = state.artifacts.get("calibrate")
+    windows = calib.windows if needs_data else None
     quantizer = Quantizer(cfg, select, fixed)
     start = time.perf_counter()
     model = state.model
-    ckpt = LayerCheckpoints(state.output_dir / "quantize", fingerprint(state, cfg, windows, fixed), cfg.resume)
-    rows = quantize_model(model, quantizer, windows if needs_data else None, device=state.device,
-                          true_sequential=calib.true_sequential if calib else True,
-                          batch_size=calib.batch_size if calib else 8, checkpoints=ckpt)
+    stamp = fingerprint(state, cfg.model_dump(mode="json", exclude={"resume"}),
+                        ([windows] if windows is not None else []) + [fixed[n] for n in sorted(fixed)])
+    ckpt = LayerCheckpoints(state.output_dir / "quantize", stamp, cfg.resume)
+    rows = quantize_model(model, quantizer, windows, device=state.device,
+                          true_sequential=calib.config.true_sequential if calib else True,
+                          batch_size=calib.config.batch_size if calib else 8, checkpoints=ckpt)
     seconds = time.perf_counter() - start
     write_log(state.output_dir / "quantize_log.csv", rows)
-    state.artifacts["quantize"] = {"spec": quantizer.spec, "config": cfg}
-    state.artifacts["salient_idx"] = {n: m.salient_idx.cpu() for n, m in model.named_modules()
-                                      if isinstance(m, MixedPrecisionLinear)}
+    salient = {n: m.salient_idx.cpu() for n, m in model.named_modules() if isinstance(m, MixedPrecisionLinear)}
+    state.quantization = Quantization(cfg, stamp, salient)
     salient = sum(r["salient"] for r in rows)
     state.record("quantize", "quantized_linears", len(rows), seconds=round(seconds, 1),
                  salient_columns=salient, peak_rss_mb=_peak_rss_mb(), resumed_layers=ckpt.loaded,

@@ -20,17 +20,58 @@ from .errors import UserError
 EXIT_USER_ERROR = 2
 
 
-def load_recipe(path: Path, overrides: list[str] = ()) -> Recipe:
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML without silent surprises: a key given twice in one mapping is an error, not "the last one wins"."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+MAX_DEPTH = 32  # recipes are a few levels deep; far deeper nesting is a mistake (and could exhaust the stack)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """A YAML document with unique keys; every problem is one UserError line naming ``where``."""
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise UserError(f"recipe not found: {path} (give the path of a .yaml recipe, e.g. recipes/smollm2_3bit.yaml)")
-    except OSError as e:
-        raise UserError(f"cannot read recipe {path}: {e.strerror}")
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise UserError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', e)}")
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"{where}: invalid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+    except RecursionError:
+        raise UserError(f"{where}: nested too deeply to be a recipe") from None
+    if _depth(data) > MAX_DEPTH:
+        raise UserError(f"{where}: nested more than {MAX_DEPTH} levels deep; not a recipe")
+    return data
+
+
+def _depth(node: Any, level: int = 0) -> int:
+    if level > MAX_DEPTH:
+        return level
+    children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+    return max((_depth(c, level + 1) for c in children), default=level)
+
+
+def load_recipe(path: Path, overrides: list[str] = ()) -> Recipe:
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"recipe not found: {path} (give the path of a .yaml recipe, e.g. recipes/smollm2_3bit.yaml)")
+    except IsADirectoryError:
+        raise UserError(f"{path} is a folder; give the path of a .yaml recipe")
+    except OSError as e:
+        raise UserError(f"cannot read recipe {path}: {e.strerror}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save the recipe as UTF-8") from None
+    data = parse_yaml(text, str(path))
     for item in overrides:
         apply_override(data, item)
     try:
@@ -44,8 +85,10 @@ def apply_override(data: Any, item: str) -> None:
     if "=" not in item:
         raise UserError(f"--set {item}: expected key.path=value")
     key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw)
+    value = parse_yaml(raw, f"--set {key}")
     parts = key.split(".")
+    if not isinstance(data, dict):
+        raise UserError("--set needs a recipe that is a YAML mapping")
     node = data
     for i, part in enumerate(parts[:-1]):
         node = _child(node, part, ".".join(parts[: i + 1]))

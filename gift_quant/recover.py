@@ -13,7 +13,7 @@ frozen:
 
 ``order: before`` is Pre-GIFT-SW: salient columns are chosen on the full-precision model (as the select stage would),
 trained under noise of the next quantize stage's grid, written back into the plain linears, and handed to quantize
-through ``state.artifacts["salient_idx"]``.
+through ``state.fixed_salient``.
 
 Checkpoints (``<output>/recover/<method>/checkpoint-N``) hold only the trainable tensors plus the optimizer, scheduler
 and RNG states: the frozen quantized model is rebuilt by the earlier stages, so a rerun resumes where it stopped when
@@ -22,7 +22,6 @@ the run's fingerprint (recipe up to here and the training settings) still matche
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -44,11 +43,13 @@ from .config import EvaluateConfig, QuantizeConfig, RecoverConfig
 from .data import check_not_eval_text, load_documents, packed_sequences, source_label
 from .errors import UserError
 from .evaluate import eval_ids
+from .fingerprint import fingerprint
 from .layers import MixedPrecisionLinear, NoiseSpec, STELinear
 from .models import find_linears
 from .quantizer import QuantSpec, rtn
 from .saliency import ChannelNorms
 from .select import choose_salient
+from .state import Recovery
 
 log = logging.getLogger(__name__)
 
@@ -179,14 +180,14 @@ def training_blocks(state, cfg: RecoverConfig, count: int) -> torch.Tensor:
     """``count`` packed training sequences of ``cfg.seq_len`` (fewer when the text is short), cached in the state."""
     check_not_eval_text(cfg, "recovery training")
     key = ("train_blocks", cfg.dataset, cfg.split, cfg.text_field, cfg.seq_len, count)
-    if key not in state.artifacts:
+    if key not in state.tokens:
         docs = load_documents(cfg, state.recipe.data.dir)
         blocks = packed_sequences(state.tokenizer, docs, cfg.seq_len, max_sequences=count)
         if blocks.shape[0] < count:
             log.warning("training text gives %d sequences of %d tokens for %d needed; the trainer repeats them",
                         blocks.shape[0], cfg.seq_len, count)
-        state.artifacts[key] = blocks
-    return state.artifacts[key]
+        state.tokens[key] = blocks
+    return state.tokens[key]
 
 
 def eval_blocks(state, cfg: RecoverConfig) -> torch.Tensor:
@@ -395,18 +396,15 @@ def train(model: nn.Module, train_data: torch.Tensor, eval_data: torch.Tensor | 
     return report
 
 
-def fingerprint(state, stage_cfg, cfg: RecoverConfig) -> str:
-    """What the trained weights depend on: the model, the stages before this one (bar evaluations) and the
-    training settings of ``cfg``."""
-    stages = state.recipe.stages
-    index = next((i for i, s in enumerate(stages) if s.config is stage_cfg), len(stages))
-    before = [{s.name: s.config.model_dump(mode="json")} for s in stages[:index] if s.name != "evaluate"]
-    payload = {"model": state.recipe.model.model_dump(mode="json"), "before": before,
-               "train": cfg.model_dump(mode="json", exclude=NOT_TRAINING)}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+def training_fingerprint(state, cfg: RecoverConfig, train_data: torch.Tensor) -> str:
+    """What the trained weights depend on: the model and stages before (``fingerprint``), the quantized base they
+    train on, the training text actually used and the training settings of ``cfg``."""
+    base = state.quantization.fingerprint if state.quantization is not None else None
+    return fingerprint(state, {"base": base, "train": cfg.model_dump(mode="json", exclude=NOT_TRAINING)},
+                       [train_data])
 
 
-def run_method(state, model: nn.Module, cfg: RecoverConfig, out_dir: Path, stage_cfg=None,
+def run_method(state, model: nn.Module, cfg: RecoverConfig, out_dir: Path,
                callbacks: Iterable[Any] = ()) -> TrainReport:
     """Prepare, train and finish one method on the quantized ``model`` (in place)."""
     if cfg.method == "none":
@@ -418,7 +416,7 @@ def run_method(state, model: nn.Module, cfg: RecoverConfig, out_dir: Path, stage
     count = cfg.max_steps * cfg.batch_size * cfg.gradient_accumulation_steps * world
     train_data = training_blocks(state, cfg, count)
     eval_data = eval_blocks(state, cfg) if cfg.eval_steps else None
-    stamp = fingerprint(state, stage_cfg if stage_cfg is not None else cfg, cfg)
+    stamp = training_fingerprint(state, cfg, train_data)
     report = train(model, train_data, eval_data, cfg, out_dir, device, stamp, trainable, callbacks)
     finish(model, cfg.method, dtype)
     return report
@@ -443,10 +441,8 @@ def record_report(state, stage: str, report: TrainReport, cfg: RecoverConfig) ->
 # ---------------------------------------------------------------- Pre-GIFT-SW (order: before)
 
 
-def _following_quantize(state, cfg: RecoverConfig) -> QuantizeConfig:
-    stages = state.recipe.stages
-    index = next((i for i, s in enumerate(stages) if s.config is cfg), -1)
-    after = [s.config for s in stages[index + 1:] if s.name == "quantize"]
+def _following_quantize(state) -> QuantizeConfig:
+    after = [s.config for s in state.stages_after if s.name == "quantize"]
     if not after:
         raise UserError("recover with order: before needs a quantize stage after it")
     return after[0]
@@ -497,11 +493,11 @@ def _to_linear(m: MixedPrecisionLinear) -> nn.Linear:
 
 def pre_gift_sw(state, cfg: RecoverConfig) -> TrainReport:
     """``order: before``: GIFT-SW on the full-precision model at the next quantize stage's bit-width."""
-    qcfg = _following_quantize(state, cfg)
-    select = state.artifacts.get("select")
-    windows = state.artifacts.get("calibration")
-    if select is None or windows is None:
+    qcfg = _following_quantize(state)
+    select = state.selection
+    if select is None or state.calibration is None:
         raise UserError("recover with order: before needs calibrate and select stages before it")
+    windows = state.calibration.windows
     model, device = state.model, state.device
     model.to(device)
     linears = find_linears(model, qcfg.targets)
@@ -522,14 +518,15 @@ def pre_gift_sw(state, cfg: RecoverConfig) -> TrainReport:
             m.salient_weight.data = m.salient_weight.data.float()
     trainable = sum(m.salient_weight.numel() for m in layers.values())
     count = cfg.max_steps * cfg.batch_size * cfg.gradient_accumulation_steps * int(os.environ.get("WORLD_SIZE", "1"))
-    report = train(model, training_blocks(state, cfg, count), eval_blocks(state, cfg) if cfg.eval_steps else None,
-                   cfg, state.output_dir / "recover" / f"pre_{cfg.method}", device, fingerprint(state, cfg, cfg),
-                   trainable)
+    train_data = training_blocks(state, cfg, count)
+    report = train(model, train_data, eval_blocks(state, cfg) if cfg.eval_steps else None,
+                   cfg, state.output_dir / "recover" / f"pre_{cfg.method}", device,
+                   training_fingerprint(state, cfg, train_data), trainable)
     for name, m in layers.items():
         _swap(model, name, _to_linear(m))
     model.requires_grad_(False)
     model.eval()
-    state.artifacts["salient_idx"] = {n: idx.clone() for n, idx in salient.items()}
+    state.fixed_salient = {n: idx.clone() for n, idx in salient.items()}
     return report
 
 
@@ -544,15 +541,14 @@ def recover_stage(state, cfg: RecoverConfig) -> None:
     if cfg.order == "before":
         report = pre_gift_sw(state, cfg)
     else:
-        report = run_method(state, state.model, cfg, state.output_dir / "recover" / cfg.method, stage_cfg=cfg)
+        report = run_method(state, state.model, cfg, state.output_dir / "recover" / cfg.method)
     record_report(state, "recover", report, cfg)
     exportable = cfg.method != "lora"
     # JSON-safe summary (export stores it with the checkpoint); the full report, curve included, beside it.
-    state.artifacts["recover"] = {
-        **cfg.model_dump(mode="json", include={"method", "order", "dataset", "learning_rate", "max_steps", "seq_len",
-                                               "noise", "noise_scale", "noise_bits", "seed"}),
-        "tokens": report.tokens, "exportable": exportable}
-    state.artifacts["recover_report"] = report
+    summary = {**cfg.model_dump(mode="json", include={"method", "order", "dataset", "learning_rate", "max_steps",
+                                                      "seq_len", "noise", "noise_scale", "noise_bits", "seed"}),
+               "tokens": report.tokens}
+    state.recovery = Recovery(summary, exportable, report)
     if not exportable:
         state.record("recover", "exportable", 0, method="lora",
                      note="LoRA adapters stay unmerged over the low-bit layers: the model evaluates, but exporting "

@@ -303,14 +303,8 @@ def restore_online_modules(model: nn.Module, record: dict) -> None:
 def rotate_stage(state, cfg) -> None:
     """Stage `rotate`: fuse the rotation into the full-precision model; it must run before calibration statistics
     are taken, so salient columns are chosen in the rotated basis."""
-    from .errors import UserError
-
-    if "quantize" in state.artifacts or "calibration_stats" in state.artifacts:
-        raise UserError("rotate must come before quantize in the recipe")
-    if "rotation" in state.artifacts:
-        raise UserError("the model is already rotated; use one rotate stage")
-    record = rotate_model(state.model, RotateSpec(**cfg.model_dump()))
-    state.artifacts["rotation"] = record
+    record = rotate_model(state.model, RotateSpec(**cfg.model_dump()))  # the recipe's rules put it before quantize
+    state.rotation = record
     state.record("rotate", "rotation", record["hidden_matrix"], note=f"rotate: {record['hidden_matrix']} "
                  f"{record['hidden_size']}x{record['hidden_size']} residual rotation, seed {record['seed']}"
                  + (", per-head" if cfg.rotate_heads else "") + (", online down_proj" if cfg.online_down_hadamard else ""))

@@ -15,7 +15,7 @@ from .saliency import num_salient, select_salient, sensitivity
 
 
 def select_stage(state, cfg: SelectConfig) -> None:
-    state.artifacts["select"] = cfg
+    state.selection = cfg
 
 
 def salient_count(name: str, in_features: int, cfg: SelectConfig | None) -> int:

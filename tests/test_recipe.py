@@ -133,3 +133,73 @@ def test_run_writes_results_report_and_resolved_recipe(tmp_path, tiny_model, mon
     assert (out / "report.md").read_text().startswith("# gift_quant run")
     assert yaml.safe_load((out / "recipe.resolved.yaml").read_text())["stages"][0]["evaluate"]["max_windows"] == 3
     assert not list(out.glob(".*tmp"))  # no temporary files left behind
+
+
+# ---------------------------------------------------------------- rules between stages, checked at parse time
+
+ORDER = {
+    "rotate_after_quantize": ("[calibrate, quantize, rotate]", "must come before the quantize stage"),
+    "gptq_without_calibrate": ("[quantize]", "gptq needs calibration data"),
+    "select_after_quantize": ("[calibrate, quantize, select]", "must come before a quantize stage"),
+    "select_without_quantize": ("[calibrate, select]", "must come before a quantize stage"),
+    "rtn_select_without_data": ("[select, {quantize: {method: rtn}}]", "salient selection needs calibration"),
+    "two_quantize": ("[calibrate, quantize, quantize]", "at most one quantize stage"),
+    "two_select": ("[calibrate, select, select, quantize]", "at most one select stage"),
+    "recover_first": ("[recover, calibrate, quantize]", "needs the quantized model"),
+    "compare_without_quantize": ("[compare]", "needs the quantized model"),
+    "export_without_quantize": ("[calibrate, export]", "needs the quantized model"),
+    "export_after_lora": ("[calibrate, quantize, {recover: {method: lora}}, export]", "LoRA recovery keeps unmerged"),
+    "pre_gift_without_quantize": ("[calibrate, select, {recover: {order: before}}]", "must come before a quantize"),
+    "pre_gift_without_select": ("[calibrate, {recover: {order: before}}, quantize]", "calibrate and select stages"),
+    "bad_target_regex": ("[calibrate, {quantize: {targets: ['proj(']}}]", "not a valid regular expression"),
+    "bad_override_regex": ("[calibrate, {select: {count: 1, overrides: {'*x': 2}}}, quantize]",
+                           "not a valid regular expression"),
+    "no_targets": ("[calibrate, {quantize: {targets: []}}]", "targets"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ORDER))
+def test_stage_rules_are_checked_by_dry_run(case, tmp_path, capsys):
+    stages, expected = ORDER[case]
+    assert main([str(write(tmp_path, f"stages: {stages}\n")), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err, err
+
+
+@pytest.mark.parametrize("stages", [
+    "[calibrate, select, quantize, recover, evaluate, export]",
+    "[rotate, calibrate, select, quantize, compare, export]",
+    "[calibrate, select, {recover: {order: before}}, quantize, export]",
+    "[{quantize: {method: rtn}}, export]",
+    "[evaluate, rotate, evaluate]",
+])
+def test_legitimate_stage_orders_pass(stages, tmp_path):
+    assert main([str(write(tmp_path, f"stages: {stages}\n")), "--dry-run"]) == 0
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("stages:\n  - evaluate: {seq_len: 64, seq_len: 128}\n", "duplicate key 'seq_len'"),
+    ("model: {name: a}\nmodel: {name: b}\nstages: [evaluate]\n", "duplicate key 'model'"),
+    ("output_dir: ''\nstages: [evaluate]\n", "output_dir: must name a folder of its own"),
+    ("stages: " + "[" * 200 + "]" * 200 + "\n", "nested"),
+])
+def test_yaml_surprises_are_refused(text, expected, tmp_path, capsys):
+    assert main([str(write(tmp_path, text)), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err, err
+
+
+@pytest.mark.parametrize("encoding", ["latin-1", "utf-16"])
+def test_recipe_that_is_not_utf8_is_one_line(encoding, tmp_path, capsys):
+    path = tmp_path / "r.yaml"
+    path.write_bytes("# café\nstages: [evaluate]\n".encode(encoding))
+    assert main([str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not UTF-8" in err, err
+
+
+def test_set_with_bad_yaml_is_one_line(tmp_path, capsys):
+    path = write(tmp_path, "stages: [evaluate]\n")
+    assert main([str(path), "--dry-run", "--set", "stages.evaluate.seq_len=[1,"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--set stages.evaluate.seq_len: invalid YAML" in err, err

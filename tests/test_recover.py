@@ -20,10 +20,10 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 
 from gift_quant.compare import compare_stage, earlier_perplexities, gap_recovered
-from gift_quant.config import CompareConfig, EvaluateConfig, QuantizeConfig, Recipe, RecoverConfig, SelectConfig, Stage
+from gift_quant.config import CalibrateConfig, CompareConfig, EvaluateConfig, QuantizeConfig, Recipe, RecoverConfig, SelectConfig, Stage
 from gift_quant.layers import MixedPrecisionLinear, NoiseSpec, STELinear, replace_linears
 from gift_quant.models import find_linears
-from gift_quant.pipeline import RunState
+from gift_quant.state import Calibration, RunState
 from gift_quant.quantizer import QuantSpec, rtn
 from gift_quant.recover import (
     finish,
@@ -89,8 +89,13 @@ def texts(tmp_path: Path) -> SimpleNamespace:
 
 
 def run_state(tmp_path: Path, model: nn.Module, stages: list[Stage]) -> RunState:
+    """A run state positioned at the recipe's recover or compare stage; a plain RTN quantize stage stands before it
+    when the test's recipe has none (the quantized model is handed in)."""
+    if "quantize" not in [s.name for s in stages]:
+        stages = [Stage(name="quantize", config=QuantizeConfig(method="rtn", bits=3)), *stages]
     state = RunState(recipe=Recipe(stages=stages), output_dir=tmp_path / "out")
-    state.model, state._tokenizer = model, ByteTokenizer()
+    state.position = next(i for i, s in enumerate(stages) if s.name in ("recover", "compare"))
+    state.model, state.tokenizer = model, ByteTokenizer()
     return state
 
 
@@ -248,8 +253,8 @@ def test_rerun_of_a_finished_stage_reloads_its_result(tmp_path: Path, texts) -> 
     recover_stage(first, cfg)
     again = run_state(tmp_path, quantized(fp), first.recipe.stages)  # same recipe, same output folder
     recover_stage(again, cfg)
-    report = again.artifacts["recover_report"]
-    assert json.loads(json.dumps(again.artifacts["recover"]))["exportable"] is True  # JSON-safe, for export
+    report = again.recovery.report
+    assert again.recovery.exportable and json.loads(json.dumps(again.recovery.summary))["method"] == "gift_sw"
     assert report.resumed_from.endswith("checkpoint-3") and report.tokens == 3 * 2 * 2 * 16
     for name, m in mixed_linears(first.model).items():
         assert torch.equal(m.salient_weight, mixed_linears(again.model)[name].salient_weight)
@@ -306,9 +311,11 @@ def test_pre_gift_sw_trains_selected_columns_of_the_fp_model(tmp_path: Path, tex
     cfg = recover_cfg(texts, method="gift_sw", order="before", max_steps=3)
     quant = QuantizeConfig(method="rtn", bits=3)
     select = SelectConfig(metric="gift", fraction=1 / 16, overrides={r"down_proj$": 8})
-    state = run_state(tmp_path, model, [Stage(name="recover", config=cfg), Stage(name="quantize", config=quant)])
+    calib_cfg = CalibrateConfig(num_samples=3, seq_len=16)
+    state = run_state(tmp_path, model, [Stage(name="calibrate", config=calib_cfg), Stage(name="select", config=select),
+                                        Stage(name="recover", config=cfg), Stage(name="quantize", config=quant)])
     calib = torch.randint(1, 128, (3, 16), generator=torch.Generator().manual_seed(1))
-    state.artifacts.update(select=select, calibration=calib)
+    state.selection, state.calibration = select, Calibration(calib_cfg, calib)
 
     # Independent reference: activation maxima captured directly, s_j = max_i |D_ij| · max_t |X_tj|.
     x_max: dict[str, torch.Tensor] = {}
@@ -325,7 +332,7 @@ def test_pre_gift_sw_trains_selected_columns_of_the_fp_model(tmp_path: Path, tex
         h.remove()
 
     recover_stage(state, cfg)
-    salient = state.artifacts["salient_idx"]
+    salient = state.fixed_salient
     assert set(salient) == set(linears)
     for name, lin in linears.items():
         k = 8 if name.endswith("down_proj") else round(lin.in_features / 16)
@@ -376,7 +383,6 @@ def test_compare_writes_table_json_and_plot(tmp_path: Path, texts) -> None:
     state = run_state(tmp_path, model, stages)
     state.results.append({"stage": "evaluate", "after": "model", "metric": "eval_ppl", "value": fp_ppl,
                           "tokens": 2 * 31, "seq_len": 32, "windows": 2})
-    state.last_stage = "quantize"
     start_state = {k: v.clone() for k, v in model.state_dict().items()}
 
     summary = compare_stage(state, cfg)
@@ -478,7 +484,7 @@ def test_pre_gift_sw_columns_survive_quantization(tiny_run, tmp_path: Path) -> N
     # tiny_run has written the text files and patched the model loader; the recipe runs in-process to see the state.
     text = PRE.replace("TRAIN", str(tmp_path / "train.jsonl")).replace("EVAL", str(tmp_path / "eval.txt"))
     state = run(parse_recipe(yaml.safe_load(text)), tmp_path / "pre")
-    chosen = state.artifacts["salient_idx"]
+    chosen = state.fixed_salient
     layers = mixed_linears(state.model)
     assert set(layers) == set(chosen) and len(layers) == 14
     for name, m in layers.items():
