@@ -1,10 +1,12 @@
 """Stage `compare`: every recovery method from the same quantized model at equal budget, side by side.
 
-Each method trains a deep copy of the current (quantized) model with the same text, steps, batch and sequence length;
-the stage writes ``comparison.json``, ``comparison.md`` and ``recovery.png`` (perplexity against tokens seen) to the
-output folder and leaves ``state.model`` as it found it. The full-precision and post-quantization perplexities come
-from earlier `evaluate` rows measured with the same text, window length and window count, when there are such rows;
-otherwise they are measured here (the fp model is reloaded for that).
+Each method trains a deep copy of the current (quantized) model with the same text, tokens, loss, batch and sequence
+length, once per seed; with ``lr_sweep`` each method first picks its learning rate by the perplexity on held-out
+training-text documents (never WikiText) after a shortened run. The stage writes ``comparison.json``,
+``comparison.md`` (mean ± std over seeds, codes flipped, trainable parameters, CPU seconds) and ``recovery.png``
+(perplexity against tokens seen, with error bars) and leaves ``state.model`` as it found it. The full-precision and
+post-quantization perplexities come from earlier `evaluate` rows with the same text, window length and window count
+when there are such rows; otherwise they are measured here (the fp model is reloaded for that).
 """
 
 from __future__ import annotations
@@ -13,29 +15,40 @@ import copy
 import gc
 import logging
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .config import CompareConfig, EvaluateConfig, RecoverConfig
-from .data import source_label
+from .data import load_documents, packed_sequences, source_label
 from .errors import UserError
 from .evaluate import eval_ids, perplexity
 from .io_utils import write_json, write_text
-from .recover import TrainReport, mixed_linears, run_method
+from .layers import mixed_linears
+from .methods import METHODS
+from .recover import run_method, training_blocks
+from .training import TrainReport
 
 log = logging.getLogger(__name__)
 
 # Stages after which the model still computes the full-precision function (rotation is exact in fp).
 FP_STAGES = {"model", "calibrate", "select", "rotate"}
+BUDGET_FIELDS = ("max_steps", "max_tokens", "max_minutes")
 
 
-def method_config(cfg: CompareConfig, method: str) -> RecoverConfig:
-    """The recover settings of one method: the shared ones, its learning rate, and evaluation at least 4 times."""
+def method_config(cfg: CompareConfig, method: str, learning_rate: float, seed: int, fraction: float = 1.0
+                  ) -> RecoverConfig:
+    """The recover settings of one run: the shared ones, this method, learning rate and seed, the budget scaled by
+    ``fraction`` (learning-rate sweeps), and evaluation at least 4 times along the way."""
     shared = cfg.model_dump(include=set(RecoverConfig.model_fields) - {"method", "order"})
-    shared.update(method=method, learning_rate=cfg.learning_rates.get(method, cfg.learning_rate),
-                  eval_steps=cfg.eval_steps or max(1, cfg.max_steps // 4))
+    for key in BUDGET_FIELDS:
+        if shared[key] is not None and fraction < 1:
+            shared[key] = max(1, round(shared[key] * fraction)) if key != "max_minutes" else shared[key] * fraction
+    steps = shared["max_steps"]
+    shared.update(method=method, learning_rate=learning_rate, seed=seed,
+                  eval_steps=cfg.eval_steps or (max(1, steps // 4) if steps and not cfg.eval_minutes else None))
     return RecoverConfig.model_validate(shared)
 
 
@@ -91,6 +104,104 @@ def gap_recovered(fp: float | None, start: float, after: float) -> float | None:
     return 100.0 * (start - after) / (start - fp)
 
 
+def heldout_blocks(state, cfg: CompareConfig) -> torch.Tensor:
+    """``heldout_windows`` windows of ``seq_len`` from the last documents of the training text, refused when they
+    would overlap the documents training reads (the learning-rate sweep must not score on training data)."""
+    docs = load_documents(cfg, state.recipe.data.dir)
+    needed = cfg.heldout_windows * cfg.seq_len
+    start, have = len(docs), 0
+    while start > 0 and have <= needed:
+        start -= 1
+        have += len(state.tokenizer(docs[start]).input_ids) + 1
+    used = training_blocks(state, method_config(cfg, "gift_sw", cfg.learning_rate, cfg.seeds[0])).numel()
+    consumed, read = 0, 0
+    while read < used and consumed < len(docs):
+        read += len(state.tokenizer(docs[consumed]).input_ids) + 1
+        consumed += 1
+    if have <= needed or consumed > start:
+        raise UserError(f"the training text cannot hold out {cfg.heldout_windows} windows of {cfg.seq_len} tokens "
+                        f"beside the {used} tokens training reads; lower heldout_windows or the budget")
+    return packed_sequences(state.tokenizer, docs[start:], cfg.seq_len, max_sequences=cfg.heldout_windows)
+
+
+def _train_copy(state, base, mcfg: RecoverConfig, out_dir: Path, ids: torch.Tensor, cfg: CompareConfig,
+                heldout: torch.Tensor | None = None) -> tuple[TrainReport, float]:
+    """Train a copy of ``base``; (report, perplexity after) on the final windows, or on ``heldout`` when given."""
+    model = copy.deepcopy(base)
+    report = run_method(state, model, mcfg, out_dir)
+    if heldout is not None:
+        after = perplexity(model, heldout.reshape(1, -1), cfg.seq_len, None, device=state.device).value
+    else:
+        after = perplexity(model, ids, cfg.final_seq_len, cfg.final_windows, device=state.device).value
+    del model
+    gc.collect()
+    if state.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return report, after
+
+
+def pick_learning_rate(state, base, cfg: CompareConfig, method: str, ids, heldout) -> tuple[float, list[dict]]:
+    """The candidate of ``lr_sweep`` with the lowest held-out perplexity after a shortened run (first seed)."""
+    trials = []
+    for lr in cfg.lr_sweep:
+        mcfg = method_config(cfg, method, lr, cfg.seeds[0], cfg.sweep_fraction)
+        report, ppl = _train_copy(state, base, mcfg, state.output_dir / "compare" / method / f"sweep-lr{lr:g}", ids,
+                                  cfg, heldout)
+        trials.append({"learning_rate": lr, "heldout_ppl": ppl, "tokens": report.tokens})
+        log.info("compare: %s lr %g -> held-out ppl %.3f", method, lr, ppl)
+    best = min(trials, key=lambda t: t["heldout_ppl"])
+    return best["learning_rate"], trials
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def _mean_curve(runs: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """Per step, the mean and std over seeds of the training curve (steps every run reached)."""
+    by_step: dict[int, list[dict]] = {}
+    for run in runs:
+        for p in run["curve"]:
+            by_step.setdefault(p["step"], []).append(p)
+    curve = []
+    for step, points in sorted(by_step.items()):
+        if len(points) == len(runs):
+            mean, std = _mean_std([p["ppl"] for p in points])
+            curve.append({"step": step, "tokens": points[0]["tokens"], "ppl": mean, "ppl_std": std,
+                          "minutes": statistics.fmean(p.get("minutes", 0.0) for p in points)})
+    return curve
+
+
+def run_entry(state, base, cfg: CompareConfig, method: str, ids, heldout, start: float, fp: float | None
+              ) -> dict[str, Any]:
+    """One method: its learning rate (given or swept), a run per seed, and the statistics over seeds."""
+    sweep: list[dict] = []
+    if cfg.lr_sweep and not METHODS[method].trains_nothing:
+        lr, sweep = pick_learning_rate(state, base, cfg, method, ids, heldout)
+    else:
+        lr = cfg.learning_rates.get(method, cfg.learning_rate)
+    runs = []
+    for seed in cfg.seeds:
+        if METHODS[method].trains_nothing:
+            report, after = TrainReport(method=method, trainable_params=0), start
+        else:
+            folder = state.output_dir / "compare" / method / (f"seed{seed}" if len(cfg.seeds) > 1 else "")
+            report, after = _train_copy(state, base, method_config(cfg, method, lr, seed), folder, ids, cfg)
+        runs.append({**report.to_dict(), "seed": seed, "ppl_after": after,
+                     "gap_recovered_pct": gap_recovered(fp, start, after)})
+    mean, std = _mean_std([r["ppl_after"] for r in runs])
+    gaps = [r["gap_recovered_pct"] for r in runs if r["gap_recovered_pct"] is not None]
+    gap_mean, gap_std = _mean_std(gaps) if gaps else (None, None)
+    first = runs[0]
+    return {**{k: first[k] for k in ("method", "trainable_params", "steps", "tokens", "resumed_from")},
+            "learning_rate": lr, "lr_sweep": sweep, "seeds": list(cfg.seeds), "ppl_before": start,
+            "ppl_after": mean, "ppl_after_std": std, "gap_recovered_pct": gap_mean, "gap_recovered_std": gap_std,
+            "seconds": statistics.fmean(r["seconds"] for r in runs),
+            "cpu_seconds": statistics.fmean(r["cpu_seconds"] for r in runs),
+            "peak_mb": max(r["peak_mb"] for r in runs), "codes_flipped": first["codes_flipped"],
+            "codes_total": first["codes_total"], "curve": _mean_curve(runs), "runs": runs}
+
+
 def compare_stage(state, cfg: CompareConfig) -> dict[str, Any]:
     """Stage `compare` (see the module docstring); returns the summary written to comparison.json."""
     base = state.model
@@ -111,27 +222,18 @@ def compare_stage(state, cfg: CompareConfig) -> dict[str, Any]:
             base.to("cpu")
     if fp is None:
         fp = _measure_fp(state, ids, cfg)
+    heldout = heldout_blocks(state, cfg) if cfg.lr_sweep else None
 
     entries = []
     for method in cfg.methods:
-        mcfg = method_config(cfg, method)
-        if method == "none":
-            report, after = TrainReport(method="none", trainable_params=0), start
-        else:
-            model = copy.deepcopy(base)
-            report = run_method(state, model, mcfg, state.output_dir / "compare" / method)
-            after = perplexity(model, ids, cfg.final_seq_len, cfg.final_windows, device=state.device).value
-            del model
-            gc.collect()
-            if state.device.type == "cuda":
-                torch.cuda.empty_cache()
-        entry = {"method": method, "learning_rate": mcfg.learning_rate, "ppl_before": start, "ppl_after": after,
-                 "gap_recovered_pct": gap_recovered(fp, start, after), **report.to_dict()}
+        entry = run_entry(state, base, cfg, method, ids, heldout, start, fp)
         entries.append(entry)
-        state.record("compare", metric, after, method=method, label=f"compare:{method}", before=start,
-                     gap_recovered_pct=entry["gap_recovered_pct"], tokens=report.tokens,
-                     seconds=round(report.seconds, 1), trainable_params=report.trainable_params,
-                     peak_mb=round(report.peak_mb), seq_len=cfg.final_seq_len, windows=n_windows)
+        state.record("compare", metric, entry["ppl_after"], method=method, label=f"compare:{method}", before=start,
+                     std=entry["ppl_after_std"], seeds=len(cfg.seeds), learning_rate=entry["learning_rate"],
+                     gap_recovered_pct=entry["gap_recovered_pct"], tokens=entry["tokens"],
+                     seconds=round(entry["seconds"], 1), cpu_seconds=round(entry["cpu_seconds"], 1),
+                     trainable_params=entry["trainable_params"], codes_flipped=entry["codes_flipped"],
+                     peak_mb=round(entry["peak_mb"]), seq_len=cfg.final_seq_len, windows=n_windows)
 
     summary = {
         "model": state.recipe.model.name,
@@ -159,46 +261,81 @@ def _fmt(value: float | None, spec: str = ".2f") -> str:
     return "–" if value is None else format(value, spec)
 
 
+def _pm(mean: float | None, std: float | None, spec: str = ".2f", unit: str = "") -> str:
+    if mean is None:
+        return "–"
+    return f"{mean:{spec}}{unit}" + ("" if std is None else f" ± {std:{spec}}{unit}")
+
+
+def _budget(t: dict[str, Any]) -> str:
+    parts = [f"{t['max_steps']} steps" if t.get("max_steps") else None,
+             f"{t['max_tokens']:,} tokens" if t.get("max_tokens") else None,
+             f"{t['max_minutes']:g} minutes ({t['budget_clock']} clock)" if t.get("max_minutes") else None]
+    return " or ".join(p for p in parts if p) + ", whichever ends first"
+
+
+def exceeds_spread(a: dict[str, Any], b: dict[str, Any]) -> bool | None:
+    """Whether two methods' mean perplexities differ by more than twice the standard error of the difference
+    (Welch); None without at least two seeds each."""
+    if a["ppl_after_std"] is None or b["ppl_after_std"] is None:
+        return None
+    se = math.sqrt(a["ppl_after_std"] ** 2 / len(a["seeds"]) + b["ppl_after_std"] ** 2 / len(b["seeds"]))
+    return abs(a["ppl_after"] - b["ppl_after"]) > 2 * se
+
+
 def render_markdown(summary: dict[str, Any]) -> str:
     t, e = summary["training"], summary["eval"]
-    tokens = t["max_steps"] * t["batch_size"] * t["gradient_accumulation_steps"] * t["seq_len"]
     grid = "each layer's own grid" if t["noise_bits"] is None else f"a {t['noise_bits']}-bit grid"
+    methods = summary["methods"]
+    trained = [m for m in methods if m["tokens"]]
+    best = min(trained, key=lambda m: m["ppl_after"]) if trained else None
+    lr_note = (f"learning rate per method picked from {t['lr_sweep']} by held-out `{t['dataset']}` perplexity after "
+               f"{t['sweep_fraction']:.0%} of the budget" if t["lr_sweep"] else "learning rates as configured")
     lines = [
         f"# Recovery after quantization: {summary['model']}",
         "",
-        f"Every method starts from the same quantized model and trains on `{t['dataset']}` for {t['max_steps']} steps "
-        f"of {t['batch_size']}×{t['gradient_accumulation_steps']} sequences of {t['seq_len']} tokens "
-        f"({tokens:,} tokens per process), AdamW, cosine schedule, {t['warmup_ratio']:.0%} warmup, seed {t['seed']}, "
-        f"on {summary['device']}. GIFT-SW noise: {t['noise']}, σ = {t['noise_scale']}·Δ of {grid}.",
+        f"Every method starts from the same quantized model and trains on `{t['dataset']}` with the `{t['loss']}` loss "
+        f"for {_budget(t)}, batches of {t['batch_size']}×{t['gradient_accumulation_steps']} sequences of "
+        f"{t['seq_len']} tokens, AdamW, cosine schedule, {t['warmup_ratio']:.0%} warmup, seeds {t['seeds']}, "
+        f"{lr_note}, on {summary['device']}. GIFT-SW noise: {t['noise']}, σ = {t['noise_scale']}·Δ of {grid}.",
         "",
-        f"Perplexity: `{e['dataset']}`, {e['windows']} windows of {e['seq_len']} tokens. "
+        f"Perplexity: `{e['dataset']}`, {e['windows']} windows of {e['seq_len']} tokens, mean ± std over seeds. "
         f"Full precision {_fmt(summary['fp_ppl'])} ({summary['sources']['fp']}), "
         f"after quantization {_fmt(summary['ptq_ppl'])} ({summary['sources']['start']}).",
         "",
-        "| method | lr | trainable params | tokens | ppl before | ppl after | gap recovered | seconds "
-        "| peak memory (MB) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | lr | trainable params | tokens | ppl after | gap recovered | codes flipped | CPU s | seconds "
+        f"| peak memory (MB) | differs from {best['method'] if best else 'best'} beyond the spread |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for m in summary["methods"]:
-        gap, trained = m["gap_recovered_pct"], m["method"] != "none"
-        lr = format(m["learning_rate"], "g") if trained else "–"
-        peak = format(m["peak_mb"], ".0f") if trained else "–"
+    for m in methods:
+        trained_row = bool(m["tokens"])
+        lr = format(m["learning_rate"], "g") if trained_row else "–"
+        flipped = (f"{m['codes_flipped']:,} of {m['codes_total']:,}" if m.get("codes_flipped") is not None else "–")
+        verdict = "–" if not trained_row or m is best or best is None else {True: "yes", False: "no", None: "n/a"}[
+            exceeds_spread(m, best)]
         lines.append(
-            f"| {m['method']} | {lr} | {m['trainable_params']:,} | {m['tokens']:,} | {m['ppl_before']:.2f} | "
-            f"{m['ppl_after']:.2f} | {'–' if gap is None else f'{gap:.1f} %'} | {m['seconds']:.0f} | {peak} |")
+            f"| {m['method']} | {lr} | {m['trainable_params']:,} | {m['tokens']:,} | "
+            f"{_pm(m['ppl_after'], m['ppl_after_std'])} | {_pm(m['gap_recovered_pct'], m['gap_recovered_std'], '.1f', ' %')} | "
+            f"{flipped} | {m['cpu_seconds']:.0f} | {m['seconds']:.0f} | {_fmt(m['peak_mb'] if trained_row else None, '.0f')} | "
+            f"{verdict} |")
+    sweeps = [m for m in methods if m["lr_sweep"]]
+    if sweeps:
+        lines += ["", "Learning-rate sweep (held-out perplexity, first seed, shortened run):", "",
+                  "| method | " + " | ".join(f"lr {x['learning_rate']:g}" for x in sweeps[0]["lr_sweep"]) + " |",
+                  "|---|" + "---:|" * len(sweeps[0]["lr_sweep"])]
+        lines += [f"| {m['method']} | " + " | ".join(f"{x['heldout_ppl']:.2f}" for x in m["lr_sweep"]) + " |"
+                  for m in sweeps]
     lines += [
         "",
         "- Gap recovered = (PTQ − method) / (PTQ − fp). Embeddings, norms and lm_head stay frozen for every method.",
-        "- `gift_sw` and `salient_ft` train only the fp salient columns (out × k per linear); `ste` trains every "
-        "weight of the quantized linears through the fixed quantization grid (straight-through estimator) and is "
-        "re-quantized on that grid afterwards; `lora` trains adapters on the quantized linears with a rank matched "
-        "to GIFT-SW's parameter count, and they stay unmerged (exporting such a model would need re-quantization).",
+        "- " + "; ".join(f"`{name}`: {METHODS[name].trains}" for name in dict.fromkeys(m["method"] for m in methods)),
+        "- Beyond the spread: |Δ mean| > 2·√(s₁²/n₁ + s₂²/n₂) against the best method (needs ≥ 2 seeds each).",
         "- Peak memory: CUDA max allocated, or on CPU the process's peak RSS (which includes the starting model and "
-        "its copy).",
+        "its copy). CPU s: process CPU time of the training (all threads).",
         f"- The curve in `recovery.png` is perplexity on {e['curve_windows']} windows of {e['curve_seq_len']} tokens "
-        "during training.",
+        "during training (mean ± std over seeds).",
     ]
-    resumed = [m["method"] for m in summary["methods"] if m.get("resumed_from")]
+    resumed = [m["method"] for m in methods if m.get("resumed_from")]
     if resumed:
         lines.append(f"- Resumed from a checkpoint (seconds and memory cover only the resumed part): "
                      f"{', '.join(resumed)}.")
@@ -212,11 +349,12 @@ def plot_recovery(summary: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    styles = zip("osD^v<>", ["-", "--", "-.", ":"] * 2)  # curves can coincide (e.g. ste and salient_ft early on)
+    styles = zip("osD^v<>ph", ["-", "--", "-.", ":"] * 3)  # curves can coincide (e.g. ste and salient_ft early on)
     for m, (marker, line) in zip(summary["methods"], styles):
         if m["curve"]:
-            ax.plot([p["tokens"] for p in m["curve"]], [p["ppl"] for p in m["curve"]], marker=marker, linestyle=line,
-                    alpha=0.85, label=m["method"])
+            err = [p.get("ppl_std") or 0.0 for p in m["curve"]]
+            ax.errorbar([p["tokens"] for p in m["curve"]], [p["ppl"] for p in m["curve"]], yerr=err, marker=marker,
+                        linestyle=line, alpha=0.85, capsize=3, label=m["method"])
     e = summary["eval"]
     ax.set_xlabel("training tokens seen")
     ax.set_ylabel(f"{e['dataset']} perplexity ({e['curve_windows']}×{e['curve_seq_len']} tokens)")

@@ -135,20 +135,48 @@ class RotateConfig(Strict):
     online_down_hadamard: bool = False
 
 
-RecoverMethod = Literal["gift_sw", "salient_ft", "ste", "lora", "none"]
+RecoverMethod = Literal["gift_sw", "salient_ft", "scales_only", "ste", "ste_lsq", "lora", "none"]
+TRAINS_SALIENT = ("gift_sw", "salient_ft")  # the methods `train_scales` adds step sizes to
+LossKind = Literal["lm", "kd", "lm+kd"]
 
 
-class RecoverConfig(TextSource):
+class NoiseSettings(Strict):
+    """GIFT-SW's noise on the frozen part (methods with noise only): σ = noise_scale · Δ of a grid."""
+
+    noise: Literal["gaussian", "uniform", "none"] = "gaussian"
+    noise_scale: float = Field(default=0.5, ge=0)
+    noise_bits: Literal[2, 3, 4, 8] | None = None  # None: the layer's own grid (before quantization: quantize's)
+
+
+class BudgetSettings(Strict):
+    """How long to train: steps, tokens, minutes; whichever ends first (max_steps 100 when none is given).
+    With a time budget the learning-rate schedule runs on elapsed time."""
+
+    max_steps: PositiveInt | None = None
+    max_tokens: PositiveInt | None = None
+    max_minutes: float | None = Field(default=None, gt=0)
+    budget_clock: Literal["wall", "process"] = "wall"  # process: CPU seconds of this process (all its threads)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_budget(cls, data: Any) -> Any:
+        if isinstance(data, dict) and all(data.get(k) is None for k in ("max_steps", "max_tokens", "max_minutes")):
+            data = {**data, "max_steps": 100}
+        return data
+
+
+class RecoverConfig(TextSource, NoiseSettings, BudgetSettings):
     """Fine-tuning after (or, ``order: before``, ahead of) quantization; ``dataset`` is the training text."""
 
     method: RecoverMethod = "gift_sw"
     order: Literal["after", "before"] = "after"  # before: Pre-GIFT-SW, noise at the target bit-width on the fp model
-    noise: Literal["gaussian", "uniform", "none"] = "gaussian"
-    noise_scale: float = Field(default=0.5, ge=0)  # sigma = noise_scale * quantization step
-    noise_bits: Literal[2, 3, 4, 8] | None = None  # None: the layer's own grid (before: the next quantize stage's)
+    loss: LossKind = "lm"  # next-token loss, distillation from the model before quantization (KL), or their sum
+    kd_temperature: float = Field(default=1.0, gt=0)
+    kd_top_k: PositiveInt = 64  # teacher logits kept per token (cached once per model and training text)
+    train_scales: bool = False  # gift_sw / salient_ft: the quantization scales train too (codes fixed)
     learning_rate: float = Field(default=1e-4, gt=0)
+    scales_learning_rate: float | None = Field(default=None, gt=0)  # None: learning_rate
     weight_decay: float = Field(default=0.0, ge=0)
-    max_steps: PositiveInt = 100
     batch_size: PositiveInt = 1  # per device
     gradient_accumulation_steps: PositiveInt = 1
     seq_len: PositiveInt = 512
@@ -157,7 +185,8 @@ class RecoverConfig(TextSource):
     lora_rank: PositiveInt | None = None  # None: matched to GIFT-SW's trainable parameter count
     lora_alpha: float | None = Field(default=None, gt=0)  # None: 2 * rank
     eval_dataset: str = "wikitext2"  # perplexity text during training (never trained on)
-    eval_steps: PositiveInt | None = None  # None: no evaluation during training
+    eval_steps: PositiveInt | None = None  # None: no evaluation during training (see also eval_minutes)
+    eval_minutes: list[Annotated[float, Field(gt=0)]] = []  # also evaluate when the budget clock passes these
     eval_windows: PositiveInt = 4
     eval_seq_len: PositiveInt = 512
     save_steps: PositiveInt | None = None  # None: every quarter of max_steps (and always at the end)
@@ -165,18 +194,27 @@ class RecoverConfig(TextSource):
     resume: bool = True  # continue from the last checkpoint when the run's fingerprint matches
 
     @model_validator(mode="after")
-    def _order(self) -> "RecoverConfig":
-        if self.order == "before" and self.method in ("ste", "lora"):
+    def _consistent(self) -> "RecoverConfig":
+        if self.order == "before" and self.method not in TRAINS_SALIENT:
             raise ValueError(f"order: before trains the full-precision model; method '{self.method}' needs the "
                              f"quantized one (use gift_sw or salient_ft)")
+        if self.train_scales and (self.method not in TRAINS_SALIENT or self.order == "before"):
+            raise ValueError(f"train_scales adds the scales to gift_sw or salient_ft after quantization; "
+                             f"'{self.method}'{' before quantization' if self.order == 'before' else ''} cannot "
+                             f"take it (scales_only and ste_lsq train scales by definition)")
         return self
 
 
 class CompareConfig(RecoverConfig):
-    """Every method in ``methods`` from the same quantized model, with the training settings inherited above."""
+    """Every method in ``methods`` from the same quantized model, with the training settings inherited above, for
+    every seed in ``seeds``; with ``lr_sweep`` each method first picks its learning rate on held-out C4."""
 
     methods: list[RecoverMethod] = ["gift_sw", "salient_ft", "ste", "lora"]
     learning_rates: dict[RecoverMethod, Annotated[float, Field(gt=0)]] = {}  # per-method override of learning_rate
+    seeds: list[int] = Field(default=[0], min_length=1)
+    lr_sweep: list[Annotated[float, Field(gt=0)]] = []  # candidates; each method's best on held-out text wins
+    sweep_fraction: float = Field(default=0.25, gt=0, le=1)  # of the budget, for each sweep run
+    heldout_windows: PositiveInt = 8  # windows of seq_len from training-text documents that training never reads
     final_seq_len: PositiveInt = 2048  # before/after perplexity; match the evaluate stages to reuse their rows
     final_windows: PositiveInt | None = 16  # None = the whole text
 
@@ -187,7 +225,28 @@ class CompareConfig(RecoverConfig):
                              "belong to the recover stage")
         if not self.methods or len(set(self.methods)) != len(self.methods):
             raise ValueError("methods must be a non-empty list without repeats")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("seeds must not repeat")
+        if self.lr_sweep and self.learning_rates:
+            raise ValueError("give either lr_sweep (each method picks its own) or learning_rates, not both")
         return self
+
+
+class ReconstructConfig(NoiseSettings):
+    """Block-wise reconstruction after quantization: each decoder block in order trains its salient columns (+ scales,
+    + norms) to reproduce the full-precision block's output on the calibration windows (MSE); the next block then
+    reads the reconstructed block's output."""
+
+    method: Literal["gift_sw", "salient_ft", "scales_only"] = "gift_sw"
+    train_scales: bool = True  # gift_sw / salient_ft: the scales train with the salient columns
+    train_norms: bool = False  # the block's RMSNorm weights train too (exported as ordinary fp tensors)
+    learning_rate: float = Field(default=1e-4, gt=0)
+    scales_learning_rate: float | None = Field(default=None, gt=0)  # None: learning_rate
+    epochs: PositiveInt = 2  # passes over the calibration windows per block
+    batch_size: PositiveInt = 4  # calibration windows per step
+    max_minutes: float | None = Field(default=None, gt=0)  # whole stage; split evenly over the blocks
+    seed: int = 0
+    resume: bool = True  # continue after the last finished block when the fingerprint matches
 
 
 class ExportConfig(Strict):
@@ -206,6 +265,7 @@ STAGE_CONFIGS: dict[str, type[Strict]] = {
     "quantize": QuantizeConfig,
     "recover": RecoverConfig,
     "compare": CompareConfig,
+    "reconstruct": ReconstructConfig,
     "export": ExportConfig,
 }
 
@@ -270,8 +330,10 @@ def check_stage_order(stages: list[Stage]) -> None:
                 raise ValueError(f"{where}: order: before needs a quantize stage after it")
             if not (before("calibrate", i) and before("select", i)):
                 raise ValueError(f"{where}: order: before needs calibrate and select stages before it")
-        elif stage.name in ("recover", "compare", "export") and (q is None or i < q):
+        elif stage.name in ("recover", "compare", "reconstruct", "export") and (q is None or i < q):
             raise ValueError(f"{where}: needs the quantized model: put a quantize stage before it")
+        if stage.name == "reconstruct" and not before("calibrate", i):
+            raise ValueError(f"{where}: trains on the calibration windows: add a 'calibrate' stage before it")
         if stage.name == "export":
             lora = [s for s in stages[:i] if s.name == "recover" and s.config.method == "lora"]
             if lora:

@@ -16,7 +16,6 @@ Folders are written into a temporary sibling and renamed into place, so a failed
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import time
 from collections import Counter
@@ -30,7 +29,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from gift_quant.errors import UserError
-from gift_quant.io_utils import PARTIAL_MARK, atomic_dir, check_replaceable
+from gift_quant.io_utils import PARTIAL_MARK, atomic_dir, check_replaceable, file_sha256
 from gift_quant.layers import quantized_modules
 from gift_quant.packing import PackedLinear
 from gift_quant.quantized import QuantizedWeight
@@ -242,18 +241,10 @@ def check_export_target(path: Path, output_dir: Path) -> None:
     check_replaceable(target, is_export, "gift_quant export")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_manifest(folder: Path) -> None:
     """Size and sha256 of every file in the folder (the manifest itself excluded)."""
     entries = {
-        str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name not in (MANIFEST, PARTIAL_MARK)
     }
@@ -328,7 +319,7 @@ def _verify_manifest(folder: Path, verify_checksums: bool) -> None:
             raise CheckpointError(f"{p}: listed in the manifest but missing")
         if p.stat().st_size != entry["size"]:
             raise CheckpointError(f"{p}: size {p.stat().st_size} != {entry['size']} in the manifest (truncated?)")
-        if verify_checksums and _sha256(p) != entry["sha256"]:
+        if verify_checksums and file_sha256(p) != entry["sha256"]:
             raise CheckpointError(f"{p}: sha256 does not match the manifest (corrupted)")
     for needed in ("config.json", *_shard_files(folder)):
         if needed not in files:

@@ -1,78 +1,53 @@
-"""Trainable mixed-precision linears that replace ``nn.Linear`` after quantization.
+"""Trainable quantized linears that replace ``nn.Linear`` after quantization; both hand back a ``QuantizedWeight``.
 
-``MixedPrecisionLinear`` is GIFT-SW's layer: a frozen low-bit part plus a few trainable fp salient input columns,
-with Gaussian (or uniform) noise injected into the frozen part while training. ``STELinear`` is the QAT baseline:
-every weight trainable, forwarded through the record's fixed quantizer with a straight-through estimator.
-Both hand their result back as a ``QuantizedWeight`` for export.
+``MixedPrecisionLinear`` is GIFT-SW's layer: a frozen low-bit part ``scales ⊙ (codes − zeros)`` plus a few trainable
+fp salient input columns. What trains is chosen by explicit ``requires_grad`` flags (the recovery method sets them):
+the salient columns, and optionally the quantization scales (and zero points when asymmetric) with the codes fixed.
+While training, GIFT-SW's noise is added to the frozen part (``set_noise`` changes it in place).
+
+``STELinear`` is the QAT baseline: latent full-precision weights forwarded through the record's grid with a
+straight-through estimator (clipped to the grid's range, as in LSQ), optionally with learned step sizes (LSQ).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gift_quant.noise import NO_NOISE, NoiseSpec, RecomputedLinear, draw, fresh_seed, noise_step
+from gift_quant.pinning import PinnedDtype
 from gift_quant.quantized import QuantizedWeight
-from gift_quant.quantizer import SUPPORTED_BITS, QuantSpec, fake_quant, find_params, quantize
+from gift_quant.quantizer import quantize
 
-NoiseKind = Literal["gaussian", "uniform", "none"]
+__all__ = ["MixedPrecisionLinear", "NoiseSpec", "STELinear", "quantized_modules", "replace_linears"]
 
-
-@dataclass(frozen=True)
-class NoiseSpec:
-    """Noise injected into the frozen weights while training: std = scale * Δ.
-
-    ``bits=None`` takes Δ from the layer's own quantizer; an integer takes it from a ``bits``-bit symmetric
-    MSE-clipped per-row grid of the non-salient columns (the paper's post-quantization setting uses 4).
-    """
-
-    kind: NoiseKind = "gaussian"
-    scale: float = 0.5
-    bits: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("gaussian", "uniform", "none"):
-            raise ValueError(f"noise kind must be gaussian, uniform or none, got {self.kind!r}")
-        if not self.scale >= 0:
-            raise ValueError(f"noise scale must be >= 0, got {self.scale}")
-        if self.bits is not None and self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"noise bits must be None or one of {SUPPORTED_BITS}, got {self.bits}")
-
-    @property
-    def active(self) -> bool:
-        return self.kind != "none" and self.scale > 0
+MIN_SCALE = 1e-8  # a trained step size never reaches 0 (it divides, and 0 would erase its group)
 
 
-class _RecordBuffers(nn.Module):
-    """Holds a record's grid (codes, scales, zeros, g_idx, salient_idx) as buffers.
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) in the forward, identity gradient in the backward."""
+    return x + (x.round() - x).detach()
 
-    ``model.to(torch.bfloat16)`` would round the float32 scales and make the exported grid differ from the one the
-    codes were chosen on, so ``_apply`` follows device moves for them but keeps them float32.
-    """
 
-    _FP32_BUFFERS = ("scales", "zeros")
+class QuantizedLinearBase(PinnedDtype):
+    """A record's grid as module state: ``codes``, ``g_idx``, ``salient_idx`` buffers and float32 ``scales`` /
+    ``zeros`` parameters (frozen until a recovery method trains them); the grid never follows a dtype cast, so the
+    exported grid is the one the codes were chosen on."""
+
+    _PINNED = ("scales", "zeros")
 
     def _init_record(self, qw: QuantizedWeight) -> None:
         self.out_features, self.in_features = qw.shape
         self.bits, self.group_size, self.sym = qw.bits, qw.group_size, qw.sym
         self.register_buffer("codes", qw.codes.to(torch.uint8).clone())
-        self.register_buffer("scales", qw.scales.to(torch.float32).clone())
-        self.register_buffer("zeros", qw.zeros.to(torch.float32).clone())
         self.register_buffer("g_idx", qw.g_idx.to(torch.int32).clone())
         self.register_buffer("salient_idx", qw.salient_idx.to(torch.int64).clone())
-
-    def _apply(self, fn, recurse=True):  # type: ignore[override]
-        kept = {name: self._buffers.pop(name) for name in self._FP32_BUFFERS if name in self._buffers}
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            for name, t in kept.items():
-                self._buffers[name] = t.to(self.codes.device)
-        return self
+        self.scales = nn.Parameter(qw.scales.to(torch.float32).clone(), requires_grad=False)
+        self.zeros = nn.Parameter(qw.zeros.to(torch.float32).clone(), requires_grad=False)
 
     @property
     def num_salient(self) -> int:
@@ -82,141 +57,225 @@ class _RecordBuffers(nn.Module):
     def maxq(self) -> int:
         return 2**self.bits - 1
 
-    def _grid_per_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scale and zero of every weight entry, (out, in) each."""
-        g = self.g_idx.long()
-        return self.scales[:, g], self.zeros[:, g]
+    def per_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-(row, group) tensor (out, n_groups) at every weight (out, in); broadcast when there is one group."""
+        return t if t.shape[1] == 1 else t[:, self.g_idx.long()]
+
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scales, zeros) as the forward uses them: scales kept positive, zero points rounded (straight-through)."""
+        scales = self.scales.clamp(min=MIN_SCALE)
+        zeros = self.zeros if self.sym else round_ste(self.zeros).clamp(0, self.maxq)
+        return scales, zeros
 
     def _record(self, codes: torch.Tensor, salient_weight: torch.Tensor) -> QuantizedWeight:
-        return QuantizedWeight(
-            codes=codes,
-            scales=self.scales.clone(),
-            zeros=self.zeros.clone(),
-            g_idx=self.g_idx.clone(),
-            salient_idx=self.salient_idx.clone(),
-            salient_weight=salient_weight.detach().to(torch.float32).clone(),
-            bits=self.bits,
-            group_size=self.group_size,
-            sym=self.sym,
-        )
+        scales, zeros = (t.detach().clone() for t in self.grid())
+        return QuantizedWeight(codes=codes, scales=scales, zeros=zeros, g_idx=self.g_idx.clone(),
+                               salient_idx=self.salient_idx.clone(),
+                               salient_weight=salient_weight.detach().to(torch.float32).clone(),
+                               bits=self.bits, group_size=self.group_size, sym=self.sym)
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, k={self.num_salient}, "
-            f"bits={self.bits}, group_size={self.group_size}"
-        )
+        return (f"in_features={self.in_features}, out_features={self.out_features}, k={self.num_salient}, "
+                f"bits={self.bits}, group_size={self.group_size}")
 
 
-def _noise_step(qw: QuantizedWeight, noise: NoiseSpec) -> torch.Tensor:
-    """Δ that scales the noise: the record's own (out, n_groups), or a fresh per-row (out, 1) MSE grid's."""
-    if noise.bits is None:
-        return qw.scales.to(torch.float32)
-    nonsalient = torch.ones(qw.shape[1], dtype=torch.bool, device=qw.codes.device)
-    nonsalient[qw.salient_idx] = False
-    if not nonsalient.any():
-        return torch.zeros(qw.shape[0], 1, device=qw.codes.device)
-    # The record keeps no fp copy of the frozen weights; the quantized values sit within Δ/2 of them.
-    w = qw.quantized_part(torch.float32)[:, nonsalient]
-    scale, _ = find_params(w, QuantSpec(bits=noise.bits, group_size=-1, sym=True, mse=True, norm=2.0))
-    return scale.reshape(-1, 1).to(torch.float32)
+class MixedPrecisionLinear(QuantizedLinearBase):
+    """y = x·Ŵᵀ + x[..., S]·W_Sᵀ + b with Ŵ = scales ⊙ (codes − zeros) (salient columns 0) and W_S (out × k).
 
-
-class MixedPrecisionLinear(_RecordBuffers):
-    """y = x W_qᵀ + x[..., S] W_Sᵀ + b with W_q frozen (a buffer) and only W_S (out × k) trainable.
-
-    Plain autograd composition instead of a custom ``autograd.Function``: the frozen weight is a buffer, so the
-    backward of ``F.linear(x, W_q)`` computes only the input gradient and never an out × in weight gradient, and the
-    salient term's weight gradient is gradᵀ · x[..., S] (out × k). Its saved tensors (the noised weight and
-    x[..., S]) are exactly what a hand-written backward would keep, so a custom Function would buy nothing.
-    (Only a Function that re-draws the noise from a saved seed in backward could drop the saved noised weight;
-    gradient checkpointing already bounds that to one decoder layer, so it is not worth the RNG bookkeeping.)
+    Evaluation multiplies with a cached dense Ŵ (rebuilt when the scales change). Training with noise or with
+    trainable scales goes through :class:`~gift_quant.noise.RecomputedLinear`, which rebuilds Ŵ (+ noise from a
+    saved seed) in backward instead of keeping it: no out × in tensor is saved and no out × in gradient is formed
+    unless the scales train. ``frozen`` replaces Ŵ by a given weight (Pre-GIFT-SW trains salient columns of the
+    full-precision model; the record then only carries the target grid for the noise).
     """
 
-    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, noise: NoiseSpec, dtype: torch.dtype) -> None:
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, noise: NoiseSpec = NO_NOISE,
+                 dtype: torch.dtype = torch.float32, frozen: torch.Tensor | None = None) -> None:
         super().__init__()
         self._init_record(qw)
-        self.noise = noise
-        # Dequantized frozen part, salient columns exactly zero: what every forward multiplies with.
-        self.register_buffer("weight_q", qw.quantized_part(dtype))
+        self.on_grid = frozen is None
+        base = qw.quantized_part(dtype) if frozen is None else frozen.detach().to(dtype).clone()
+        base[:, self.salient_idx] = 0
+        self.register_buffer("weight_q", base, persistent=False)  # derived: rebuilt from the grid when it changes
+        self._weight_q_version = (self.scales._version, self.zeros._version)
         self.salient_weight = nn.Parameter(qw.salient_weight.to(dtype).clone())
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype).clone())
-        # σ per row or row-group (expanded through g_idx when it has several groups): no full-size std copy.
-        self.register_buffer("noise_std", (noise.scale * _noise_step(qw, noise)).to(dtype))
+        self.register_buffer("noise_ratio", torch.zeros(qw.scales.shape, dtype=torch.float32), persistent=False)
+        self.set_noise(noise)
 
     @classmethod
-    def from_quantized(
-        cls,
-        qw: QuantizedWeight,
-        bias: torch.Tensor | None = None,
-        noise: NoiseSpec = NoiseSpec(),
-        dtype: torch.dtype = torch.float32,
-    ) -> "MixedPrecisionLinear":
+    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None, noise: NoiseSpec = NO_NOISE,
+                       dtype: torch.dtype = torch.float32) -> "MixedPrecisionLinear":
         return cls(qw, bias, noise, dtype)
 
-    def noisy_weight(self) -> torch.Tensor:
-        """W_q + σ·ε with fresh ε, zero on the salient columns; one out × in tensor, built in place."""
-        w = self.weight_q
-        if self.noise.kind == "gaussian":
-            eps = torch.randn_like(w)
-        else:  # uniform on [-√3, √3] has unit variance, so σ means the same for both kinds
-            eps = torch.empty_like(w).uniform_(-math.sqrt(3.0), math.sqrt(3.0))
-        std = self.noise_std if self.noise_std.shape[1] == 1 else self.noise_std[:, self.g_idx.long()]
-        eps.mul_(std).index_fill_(1, self.salient_idx, 0.0)
-        return eps.add_(w)
+    # ------------------------------------------------------------ noise
+
+    @torch.no_grad()
+    def set_noise(self, noise: NoiseSpec, step: torch.Tensor | None = None) -> None:
+        """Change the noise in place: σ = noise.scale · Δ, held as a ratio to the scales so it follows them when they
+        train. Δ is ``step`` when given, else the layer's own scales (``noise.bits`` None) or a ``noise.bits``-bit
+        grid on the non-salient columns of the frozen part (:func:`~gift_quant.noise.noise_step`)."""
+        self.noise = noise
+        if not noise.active:
+            self.noise_ratio.zero_()
+            return
+        if step is None and noise.bits is not None:
+            step = noise_step(self.weight_q.float(), self.salient_idx, noise.bits, self.group_size)
+        ratio = torch.ones_like(self.scales) if step is None else step.to(self.scales) / self.scales.clamp(MIN_SCALE)
+        self.noise_ratio.copy_(noise.scale * ratio)
+
+    def noise_std(self) -> torch.Tensor:
+        """σ (out, n_groups) of the noise at the current scales."""
+        return self.noise_ratio * self.scales.detach().clamp(min=MIN_SCALE)
+
+    # ------------------------------------------------------------ the frozen part
+
+    def dequantize(self, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+        """Ŵ from the codes on the given grid, salient columns exactly 0 (their code is the zero point)."""
+        w = self.per_weight(scales) * (self.codes.to(scales.dtype) - self.per_weight(zeros))
+        # Already 0 there, but a trained zero point must get no gradient from columns it does not quantize.
+        return w.index_fill(1, self.salient_idx, 0.0).to(self.weight_q.dtype)
+
+    def refresh(self) -> None:
+        """Rebuild the cached Ŵ on the next use (after the scales were replaced rather than updated in place)."""
+        self._weight_q_version = None
+
+    def frozen_weight(self) -> torch.Tensor:
+        """The dense Ŵ evaluation uses, rebuilt after the scales changed."""
+        if self.on_grid and self._weight_q_version != (self.scales._version, self.zeros._version):
+            with torch.no_grad():
+                self.weight_q.copy_(self.dequantize(*self.grid()))
+            self._weight_q_version = (self.scales._version, self.zeros._version)
+        return self.weight_q
+
+    def _builder(self, noisy: bool) -> Callable[..., torch.Tensor]:
+        """The deterministic weight function RecomputedLinear calls in forward and again in backward."""
+        seed = fresh_seed() if noisy else None
+
+        def build(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+            if scales.requires_grad or zeros.requires_grad:
+                grid_scales = scales.clamp(min=MIN_SCALE)
+                grid_zeros = zeros if self.sym else round_ste(zeros).clamp(0, self.maxq)
+                w = self.dequantize(grid_scales, grid_zeros)
+            else:
+                w = self.frozen_weight()
+            if seed is None:
+                return w
+            std = self.per_weight(self.noise_ratio * scales.detach().clamp(min=MIN_SCALE)).to(w.dtype)
+            eps = draw(w.shape, self.noise.kind, seed, w.device, w.dtype).mul_(std)
+            return eps.index_fill_(1, self.salient_idx, 0.0).add_(w)
+
+        return build
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.noisy_weight() if self.training and self.noise.active else self.weight_q
-        y = F.linear(x, w, self.bias)
+        noisy = self.training and self.noise.active
+        if noisy or self.scales.requires_grad or self.zeros.requires_grad:
+            y = RecomputedLinear.apply(x, self._builder(noisy), self.scales, self.zeros)
+            y = y if self.bias is None else y + self.bias.to(y.dtype)
+        else:
+            y = F.linear(x, self.frozen_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         if self.num_salient:
-            y = y + F.linear(x.index_select(-1, self.salient_idx), self.salient_weight)
+            y = y + F.linear(x.index_select(-1, self.salient_idx), self.salient_weight.to(x.dtype))
         return y
 
     def to_quantized_weight(self) -> QuantizedWeight:
+        if not self.on_grid:
+            raise ValueError("this layer wraps a full-precision weight (Pre-GIFT-SW), not a quantized one")
         return self._record(self.codes.clone(), self.salient_weight)
+
+    def to_linear(self) -> nn.Linear:
+        """A plain nn.Linear with the frozen part and the salient columns written back."""
+        weight = self.frozen_weight().clone()
+        weight[:, self.salient_idx] = self.salient_weight.detach().to(weight.dtype)
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=weight.device,
+                        dtype=weight.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(weight)
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, noise={self.noise}"
 
 
-class STELinear(_RecordBuffers):
-    """QAT baseline: a full trainable weight, non-salient columns forwarded through the record's fixed grid
-    (straight-through gradient), salient columns forwarded and trained in fp."""
+def project_into_cells(weight: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
+    """``weight`` moved to the nearest point whose rounding on the record's grid gives the record's code.
 
-    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+    A weight whose own code already is the record's stays exactly as it is; one GPTQ moved to another code (error
+    compensation) goes to that code's cell edge, just inside. Edge codes (0 and maxq) have open cells.
+    """
+    w = weight.detach().to(torch.float32)
+    g = qw.g_idx.long()
+    s, z = qw.scales[:, g], qw.zeros[:, g]
+    codes = qw.codes.to(torch.float32)
+    half = 0.5 * s * (1 - 1e-3)  # strictly inside: rounding at the exact midpoint could go either way
+    centre = s * (codes - z)
+    low = torch.where(codes == 0, torch.full_like(w, -math.inf), centre - half)
+    high = torch.where(codes == 2**qw.bits - 1, torch.full_like(w, math.inf), centre + half)
+    own = quantize(w, s, z, 2**qw.bits - 1)
+    return torch.where(own == codes, w, torch.clamp(w, low, high))
+
+
+class STELinear(QuantizedLinearBase):
+    """QAT baseline: latent weights ``weight`` (every column trainable) forwarded through the record's grid.
+
+    Non-salient columns: ``s·(clamp(round_ste(w/s) + z, 0, maxq) − z)`` — straight-through inside the grid's range, no
+    gradient beyond it; with ``learn_scales`` the step sizes train too, with LSQ's gradient scale 1/√(n·maxq).
+    Salient columns are used and trained as they are. The latent weights start from ``fp_weight`` (the weights before
+    quantization) projected into the record's cells, so the first forward equals the quantized model's and codes flip
+    once a weight crosses a cell edge; without ``fp_weight`` they start on the grid values.
+    """
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype = torch.float32,
+                 fp_weight: torch.Tensor | None = None, learn_scales: bool = False) -> None:
         super().__init__()
         self._init_record(qw)
-        self.weight = nn.Parameter(qw.dequantize(dtype))
+        start = qw.dequantize(torch.float32) if fp_weight is None else project_into_cells(fp_weight, qw)
+        start[:, self.salient_idx] = qw.salient_weight.to(torch.float32)
+        self.weight = nn.Parameter(start.to(dtype))
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype).clone())
-        salient_mask = torch.zeros(self.in_features, dtype=torch.bool, device=qw.codes.device)
-        salient_mask[self.salient_idx] = True
-        self.register_buffer("salient_mask", salient_mask)
+        mask = torch.zeros(self.in_features, dtype=torch.bool, device=qw.codes.device)
+        mask[self.salient_idx] = True
+        self.register_buffer("salient_mask", mask)
+        self.scales.requires_grad_(learn_scales)
+        group = self.in_features if qw.group_size == -1 else qw.group_size
+        self.lsq_grad_scale = 1.0 / math.sqrt(group * self.maxq)  # LSQ: 1/√(weights per step · levels)
 
     @classmethod
-    def from_quantized(
-        cls, qw: QuantizedWeight, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32
-    ) -> "STELinear":
+    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None,
+                       dtype: torch.dtype = torch.float32) -> "STELinear":
         return cls(qw, bias, dtype)
 
     def effective_weight(self) -> torch.Tensor:
-        """Fake-quant non-salient columns, fp salient columns; d(effective)/d(weight) = identity (STE)."""
-        w = self.weight
-        scale, zero = self._grid_per_weight()
-        # Quantize in float32: rounding w/Δ in bf16 would pick wrong codes.
-        wq = fake_quant(w.detach().to(torch.float32), scale, zero, self.maxq).to(w.dtype)
-        # wq + (w - w.detach()) has the value wq exactly (unlike w + (wq - w) in low precision) and gradient 1.
-        w_ste = wq + (w - w.detach())
-        return torch.where(self.salient_mask, w, w_ste)
+        scales, zeros = self.grid()
+        if scales.requires_grad:  # LSQ: same value, gradient scaled so step sizes move at the weights' pace
+            g = self.lsq_grad_scale
+            scales = scales * g + (scales - scales * g).detach()
+        s, z = self.per_weight(scales), self.per_weight(zeros)
+        w = self.weight.to(torch.float32)  # round in float32: bf16 would pick wrong codes
+        q = torch.clamp(round_ste(w / s) + z, 0, self.maxq)
+        w_hat = (s * (q - z)).to(self.weight.dtype)
+        return torch.where(self.salient_mask, self.weight, w_hat)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.effective_weight(), self.bias)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.effective_weight().to(x.dtype), bias)
+
+    def current_codes(self) -> torch.Tensor:
+        scales, zeros = (t.detach() for t in self.grid())
+        w = self.weight.detach().to(torch.float32)
+        codes = quantize(w, self.per_weight(scales), self.per_weight(zeros), self.maxq).to(torch.uint8)
+        # Record convention: salient columns carry the zero point so the quantized part is exactly 0 there.
+        codes[:, self.salient_mask] = self.per_weight(zeros).expand_as(w)[:, self.salient_mask].to(torch.uint8)
+        return codes
+
+    def flipped_codes(self) -> int:
+        """Codes that differ from the ones the layer started with (what makes QAT more than salient tuning)."""
+        return int((self.current_codes() != self.codes).sum())
 
     def to_quantized_weight(self) -> QuantizedWeight:
-        w = self.weight.detach().to(torch.float32)
-        scale, zero = self._grid_per_weight()
-        codes = quantize(w, scale, zero, self.maxq).round().to(torch.uint8)
-        # Record convention: salient columns carry the zero point so the quantized part is exactly 0 there.
-        codes[:, self.salient_mask] = zero[:, self.salient_mask].round().to(torch.uint8)
-        return self._record(codes, w[:, self.salient_idx])
+        return self._record(self.current_codes(), self.weight.detach()[:, self.salient_idx])
 
 
 LinearFactory = Callable[[QuantizedWeight, "torch.Tensor | None"], nn.Module]
@@ -232,10 +291,20 @@ def replace_linears(model: nn.Module, records: dict[str, QuantizedWeight], facto
             raise ValueError(f"{name}: record shape {qw.shape} != linear weight {tuple(old.weight.shape)}")
         bias = None if old.bias is None else old.bias.detach()
         new = factory(qw, bias).to(device=old.weight.device, dtype=old.weight.dtype)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, new)
+        swap_module(model, name, new)
+
+
+def swap_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at ``name``; it takes the old one's train/eval mode (noise is on only in training)."""
+    parent, _, child = name.rpartition(".")
+    module.train(model.get_submodule(name).training)
+    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Every submodule that can hand back a ``QuantizedWeight`` (for export), by qualified name."""
     return {n: m for n, m in model.named_modules() if callable(getattr(m, "to_quantized_weight", None))}
+
+
+def mixed_linears(model: nn.Module) -> dict[str, MixedPrecisionLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, MixedPrecisionLinear)}

@@ -32,6 +32,7 @@ STAGE_FUNCTIONS: dict[str, str] = {
     "quantize": "gift_quant.quantize:quantize_stage",
     "recover": "gift_quant.recover:recover_stage",
     "compare": "gift_quant.compare:compare_stage",
+    "reconstruct": "gift_quant.reconstruct:reconstruct_stage",
     "export": "gift_quant.export:export_stage",
 }
 

@@ -8,8 +8,6 @@ mode), ready for `evaluate`, `recover` and `export`.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import re
@@ -18,17 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checkpoints import ResultStore
 from .calibrate import capture_layer0_inputs, linear_groups, observe, run_layer
 from .config import QuantizeConfig, SelectConfig
 from .fingerprint import fingerprint
 from .errors import UserError
 from .gptq import GPTQ
-from .io_utils import write_text
+from .io_utils import write_csv
 from .layers import MixedPrecisionLinear, NoiseSpec, replace_linears
 from .models import decoder_layers, find_linears
 from .quantized import QuantizedWeight
@@ -117,44 +114,25 @@ def _to_cpu(qw: QuantizedWeight) -> QuantizedWeight:
     return QuantizedWeight.from_state_dict(sd)
 
 
-class LayerCheckpoints:
-    """Per-layer results on disk, valid only under one fingerprint."""
+class LayerCheckpoints(ResultStore):
+    """The quantized layers on disk: each layer's records and log rows, valid only under one fingerprint."""
 
     def __init__(self, folder: Path, fingerprint: str, resume: bool):
-        self.folder = folder
-        self.loaded = 0  # layers taken from disk by this run
-        stamp = folder / "fingerprint.txt"
-        if folder.exists() and (not resume or not stamp.is_file() or stamp.read_text() != fingerprint):
-            saved = list(folder.glob("layer_*.safetensors"))
-            if saved:
-                log.info("quantize: %s; starting over", "resume disabled" if not resume else
-                         "model, data or settings changed since the saved layers")
-            for p in saved:  # only what this class writes: the folder may hold anything else
-                p.unlink()
-        folder.mkdir(parents=True, exist_ok=True)
-        write_text(stamp, fingerprint)
+        super().__init__(folder, fingerprint, resume, prefix="layer")
 
-    def _path(self, index: int) -> Path:
-        return self.folder / f"layer_{index:04d}.safetensors"
-
-    def load(self, index: int) -> tuple[dict[str, QuantizedWeight], list[dict]] | None:
-        path = self._path(index)
-        if not path.is_file():
+    def load_layer(self, index: int) -> tuple[dict[str, QuantizedWeight], list[dict]] | None:
+        saved = self.load(index)
+        if saved is None:
             return None
-        self.loaded += 1
-        with safe_open(path, "pt") as f:
-            rows = json.loads(f.metadata()["rows"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors, metadata = saved
         names = dict.fromkeys(k.rsplit("/", 1)[0] for k in tensors)
         records = {n: QuantizedWeight.from_state_dict({k.rsplit("/", 1)[1]: v for k, v in tensors.items()
                                                        if k.rsplit("/", 1)[0] == n}) for n in names}
-        return records, rows
+        return records, json.loads(metadata["rows"])
 
-    def save(self, index: int, records: dict[str, QuantizedWeight], rows: list[dict]) -> None:
-        tensors = {f"{n}/{k}": v.contiguous() for n, qw in records.items() for k, v in qw.state_dict().items()}
-        tmp = self._path(index).with_suffix(".tmp")
-        save_file(tensors, tmp, metadata={"rows": json.dumps(rows)})
-        tmp.replace(self._path(index))
+    def save_layer(self, index: int, records: dict[str, QuantizedWeight], rows: list[dict]) -> None:
+        tensors = {f"{n}/{k}": v for n, qw in records.items() for k, v in qw.state_dict().items()}
+        self.save(index, tensors, {"rows": json.dumps(rows)})
 
 
 def quantize_model(model, quantizer: Quantizer, windows: torch.Tensor | None, *, device: torch.device,
@@ -175,7 +153,7 @@ def quantize_model(model, quantizer: Quantizer, windows: torch.Tensor | None, *,
         prefix = f"model.layers.{index}."
         home = next(layer.parameters()).device
         layer.to(device)
-        saved = checkpoints.load(index) if checkpoints else None
+        saved = checkpoints.load_layer(index) if checkpoints else None
         if saved is not None:
             records, layer_rows = saved
             replace_linears(layer, {n[len(prefix):]: qw for n, qw in records.items()}, as_mixed_precision)
@@ -184,7 +162,7 @@ def quantize_model(model, quantizer: Quantizer, windows: torch.Tensor | None, *,
             for r in layer_rows:
                 r["layer"] = index
             if checkpoints:
-                checkpoints.save(index, records, layer_rows)
+                checkpoints.save_layer(index, records, layer_rows)
         rows += layer_rows
         with torch.no_grad():
             chunks = run_layer(layer, chunks) if index + 1 < len(layers) else []
@@ -249,14 +227,6 @@ def _layer_index(name: str) -> int | str:
     return int(m.group(1)) if m else ""
 
 
-def write_log(path: Path, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=LOG_FIELDS)
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(path, buf.getvalue())
-
-
 def quantize_stage(state, cfg: QuantizeConfig) -> None:
     select, calib, fixed = state.selection, state.calibration, state.fixed_salient or {}
     needs_data = cfg.method == "gptq" or (select is not None and not fixed)
@@ -274,7 +244,7 @@ def quantize_stage(state, cfg: QuantizeConfig) -> None:
                           true_sequential=calib.config.true_sequential if calib else True,
                           batch_size=calib.config.batch_size if calib else 8, checkpoints=ckpt)
     seconds = time.perf_counter() - start
-    write_log(state.output_dir / "quantize_log.csv", rows)
+    write_csv(state.output_dir / "quantize_log.csv", rows, LOG_FIELDS)
     salient = {n: m.salient_idx.cpu() for n, m in model.named_modules() if isinstance(m, MixedPrecisionLinear)}
     state.quantization = Quantization(cfg, stamp, salient)
     salient = sum(r["salient"] for r in rows)

@@ -60,6 +60,7 @@ class RunState:
     quantization: Quantization | None = None
     recovery: Recovery | None = None
     tokens: dict[tuple, "torch.Tensor"] = field(default_factory=dict)  # tokenized texts, by source and shape
+    teacher: Any = None  # the full-precision model, loaded again when recovery learns from it (teacher.py)
     _model: Any = None
     _tokenizer: Any = None
     _weights_digest: str | None = None

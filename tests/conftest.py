@@ -90,6 +90,7 @@ def tiny_run(tmp_path, monkeypatch):
     (tmp_path / "train.jsonl").write_text("\n".join(f'{{"text": "{text(120)}"}}' for _ in range(40)))
     (tmp_path / "eval.txt").write_text(text(3000))
     monkeypatch.setattr(models, "load_model", lambda cfg: (tiny_llama(), char_hf_tokenizer()))  # fresh each run
+    monkeypatch.setenv("GIFT_QUANT_CACHE", str(tmp_path / "cache"))  # teacher logits of tiny models stay here
 
     def run(recipe_yaml: str, *extra: str) -> tuple[int, Path]:
         path = tmp_path / "recipe.yaml"

@@ -20,6 +20,7 @@ from gift_quant.layers import (
     quantized_modules,
     replace_linears,
 )
+from gift_quant.noise import draw
 from gift_quant.quantized import QuantizedWeight
 from gift_quant.quantizer import QuantSpec, find_params, rtn
 
@@ -65,11 +66,16 @@ def buffers_of(m: nn.Module) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- MixedPrecisionLinear: structure and eval
 
 
-def test_only_salient_weight_is_a_parameter() -> None:
+def trainable(m: nn.Module) -> list[str]:
+    return [n for n, p in m.named_parameters() if p.requires_grad]
+
+
+def test_only_salient_weight_trains_by_default() -> None:
     qw = hand_record(OUT, IN, K, bits=3, n_groups=4, seed=1)
     layer = MixedPrecisionLinear.from_quantized(qw, torch.randn(OUT))
-    assert [n for n, _ in layer.named_parameters()] == ["salient_weight"]
-    assert sum(p.numel() for p in layer.parameters()) == OUT * K
+    assert trainable(layer) == ["salient_weight"]
+    assert sum(p.numel() for p in layer.parameters() if p.requires_grad) == OUT * K
+    assert sorted(n for n, _ in layer.named_parameters()) == ["salient_weight", "scales", "zeros"]  # the grid: frozen
     assert all(not b.requires_grad for b in layer.buffers())
     r = repr(layer)
     for part in (f"in_features={IN}", f"out_features={OUT}", f"k={K}", "bits=3"):
@@ -102,7 +108,7 @@ def test_no_salient_columns() -> None:
     layer = MixedPrecisionLinear.from_quantized(qw).eval()
     x = torch.randn(4, IN)
     torch.testing.assert_close(layer(x).double(), x.double() @ qw.dequantize(torch.float64).T, atol=ATOL32, rtol=0)
-    assert sum(p.numel() for p in layer.parameters()) == 0
+    assert sum(p.numel() for p in layer.parameters() if p.requires_grad) == 0
 
 
 # ---------------------------------------------------------------- MixedPrecisionLinear: gradients
@@ -129,18 +135,28 @@ def test_backward_matches_dense_float64_reference() -> None:
     torch.testing.assert_close(x.grad.double(), x_grad, atol=ATOL32, rtol=0)
 
 
-def test_backward_with_noise_matches_dense_reference_on_the_noised_weight() -> None:
-    qw = hand_record(OUT, IN, K, bits=3, n_groups=1, seed=6)
+def noised_reference(qw: QuantizedWeight, sigma: torch.Tensor, seed: int, kind: str = "gaussian") -> torch.Tensor:
+    """The frozen part plus the draw of ``seed``, σ per (row, group), zero on the salient columns (float64)."""
+    eps = draw(torch.Size(qw.shape), kind, seed, torch.device("cpu"), torch.float32).double()
+    eps *= sigma.double()[:, qw.g_idx.long()]
+    eps[:, qw.salient_idx] = 0
+    return qw.quantized_part(torch.float64) + eps
+
+
+@pytest.mark.parametrize("n_groups", [1, 4])
+def test_backward_with_noise_matches_dense_reference_on_the_noised_weight(n_groups, monkeypatch) -> None:
+    """The noise is re-drawn from its seed in backward: the gradients equal those of keeping the noised weight."""
+    import gift_quant.layers as layers
+
+    qw = hand_record(OUT, IN, K, bits=3, n_groups=n_groups, seed=6)
     layer = MixedPrecisionLinear.from_quantized(qw, None, noise=NoiseSpec(scale=1.0)).train()
+    monkeypatch.setattr(layers, "fresh_seed", lambda: 123)
     x = torch.randn(9, IN, requires_grad=True)
     grad_out = torch.randn(9, OUT)
-    torch.manual_seed(123)
-    w_noisy = layer.noisy_weight()  # the same draw the forward below makes
-    torch.manual_seed(123)
     y = layer(x)
     y.backward(grad_out)
-    w_full = w_noisy.clone()
-    w_full[:, qw.salient_idx] = qw.salient_weight
+    w_full = noised_reference(qw, qw.scales, 123)
+    w_full[:, qw.salient_idx] = qw.salient_weight.double()
     y_ref, w_grad, x_grad = dense_reference(x, w_full, None, grad_out)
     torch.testing.assert_close(y.double(), y_ref, atol=ATOL32, rtol=0)
     torch.testing.assert_close(layer.salient_weight.grad.double(), w_grad[:, qw.salient_idx], atol=ATOL32, rtol=0)
@@ -165,7 +181,7 @@ class ShapeLog(TorchDispatchMode):
 
 def test_backward_never_materialises_a_full_weight_gradient() -> None:
     qw = hand_record(OUT, IN, K, bits=3, n_groups=4, seed=7)
-    layer = MixedPrecisionLinear.from_quantized(qw, torch.randn(OUT)).train()
+    layer = MixedPrecisionLinear.from_quantized(qw, torch.randn(OUT)).train()  # salient_ft: no noise
     x = torch.randn(11, IN, requires_grad=True)
     loss = layer(x).square().sum()
     with ShapeLog() as log:
@@ -176,22 +192,107 @@ def test_backward_never_materialises_a_full_weight_gradient() -> None:
     assert x.grad is not None
 
 
+def test_noised_training_saves_no_weight_sized_tensor() -> None:
+    """GIFT-SW's step keeps no noised copy of the frozen weight for backward (it is re-drawn from a seed)."""
+    qw = hand_record(OUT, IN, K, bits=3, n_groups=4, seed=7)
+    layer = MixedPrecisionLinear.from_quantized(qw, torch.randn(OUT), noise=NoiseSpec(scale=0.5)).train()
+    x = torch.randn(11, IN, requires_grad=True)
+    shapes: list[tuple[int, ...]] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = layer(x).square().sum()
+    loss.backward()
+    assert shapes and (OUT, IN) not in shapes and (IN, OUT) not in shapes
+    assert {n for n, p in layer.named_parameters() if p.grad is not None} == {"salient_weight"}
+
+
 def test_buffers_never_change_under_optimizer_steps() -> None:
     qw = hand_record(OUT, IN, K, bits=3, n_groups=4, seed=8)
     layer = MixedPrecisionLinear.from_quantized(qw, torch.randn(OUT), noise=NoiseSpec(scale=1.0)).train()
-    before = buffers_of(layer)
+    before = {**buffers_of(layer), "scales": layer.scales.detach().clone(), "zeros": layer.zeros.detach().clone()}
     start = layer.salient_weight.detach().clone()
     opt = torch.optim.AdamW(layer.parameters(), lr=1e-2, weight_decay=0.1)
     for _ in range(5):
         opt.zero_grad()
         layer(torch.randn(8, IN)).square().mean().backward()
         opt.step()
-    after = buffers_of(layer)
+    after = {**buffers_of(layer), "scales": layer.scales.detach().clone(), "zeros": layer.zeros.detach().clone()}
     assert before.keys() == after.keys()
     assert all(torch.equal(before[n], after[n]) for n in before), "a frozen buffer changed"
     assert not torch.equal(layer.salient_weight, start)
     # optimizer state exists only for the out × k salient weight
     assert [tuple(s["exp_avg"].shape) for s in opt.state.values()] == [(OUT, K)]
+
+
+# ---------------------------------------------------------------- MixedPrecisionLinear: trainable scales
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.5])
+@pytest.mark.parametrize("sym", [True, False])
+def test_scale_gradients_match_float64_autograd(noise: float, sym: bool, monkeypatch) -> None:
+    """Scales (and asymmetric zero points, rounded straight-through) train with codes fixed: the recomputing
+    backward gives autograd's gradients of y = x·(s ⊙ (c − z) + σε)ᵀ in float64."""
+    import gift_quant.layers as layers
+
+    qw = hand_record(OUT, IN, K, bits=3, n_groups=4, seed=21)
+    qw.sym = sym
+    if sym:
+        qw.zeros.fill_(4.0)
+        qw.codes[:, qw.salient_idx] = 4
+    layer = MixedPrecisionLinear.from_quantized(qw, torch.randn(OUT), noise=NoiseSpec(scale=noise)).train()
+    layer.scales.requires_grad_(True)
+    layer.zeros.requires_grad_(not sym)
+    monkeypatch.setattr(layers, "fresh_seed", lambda: 7)
+    x = torch.randn(2, 5, IN, requires_grad=True)
+    grad_out = torch.randn(2, 5, OUT)
+    layer(x).backward(grad_out)
+
+    s = qw.scales.double().requires_grad_()
+    z = qw.zeros.double().requires_grad_()
+    g = qw.g_idx.long()
+    w = s[:, g] * (qw.codes.double() - z[:, g])
+    if noise:
+        w = w + (noised_reference(qw, noise * qw.scales, 7) - qw.quantized_part(torch.float64))
+    w = w.index_put((torch.arange(OUT)[:, None], qw.salient_idx[None]), qw.salient_weight.double())
+    x64 = x.detach().double().requires_grad_()
+    y = F.linear(x64, w, layer.bias.double())
+    y.backward(grad_out.double())
+    torch.testing.assert_close(layer.scales.grad.double(), s.grad, atol=1e-4, rtol=1e-4)
+    if not sym:
+        torch.testing.assert_close(layer.zeros.grad.double(), z.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=ATOL32, rtol=0)
+
+
+def test_trained_scales_change_the_eval_weight_and_the_record() -> None:
+    qw = hand_record(OUT, IN, K, bits=3, n_groups=4, seed=22)
+    layer = MixedPrecisionLinear.from_quantized(qw, None).eval()
+    x = torch.randn(3, IN)
+    before = layer(x)
+    with torch.no_grad():
+        layer.scales.mul_(1.5)  # as an optimizer step would, in place
+    rec = layer.to_quantized_weight()
+    assert torch.equal(rec.codes, qw.codes) and torch.allclose(rec.scales, qw.scales * 1.5)
+    torch.testing.assert_close(layer(x).double(), x.double() @ rec.dequantize(torch.float64).T, atol=ATOL32, rtol=0)
+    assert not torch.allclose(layer(x), before)
+
+
+def test_noise_follows_trained_scales_and_set_noise_changes_it_in_place() -> None:
+    qw = hand_record(OUT, IN, K, bits=3, n_groups=1, seed=23)
+    layer = MixedPrecisionLinear.from_quantized(qw, None, noise=NoiseSpec(scale=0.5))
+    torch.testing.assert_close(layer.noise_std(), 0.5 * qw.scales)
+    with torch.no_grad():
+        layer.scales.mul_(2.0)
+    torch.testing.assert_close(layer.noise_std(), 0.5 * 2.0 * qw.scales)
+    ratio = layer.noise_ratio
+    layer.set_noise(NoiseSpec(scale=0.25))
+    assert layer.noise_ratio is ratio  # the same buffer, changed in place: no layer is rebuilt
+    torch.testing.assert_close(layer.noise_std(), 0.25 * 2.0 * qw.scales)
+    layer.set_noise(NoiseSpec(kind="none"))
+    assert not layer.noise.active and torch.count_nonzero(layer.noise_std()) == 0
 
 
 # ---------------------------------------------------------------- MixedPrecisionLinear: noise
@@ -338,6 +439,16 @@ def fake_quant_reference(w: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
     return out
 
 
+def clipped_mask(w: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
+    """Where the straight-through gradient passes: inside the grid's range, or on a salient column."""
+    s = qw.scales.double()[:, qw.g_idx.long()]
+    z = qw.zeros.double()[:, qw.g_idx.long()]
+    r = torch.round(w.double() / s) + z
+    inside = (r >= 0) & (r <= 2**qw.bits - 1)
+    inside[:, qw.salient_idx] = True
+    return inside
+
+
 def perturbed_ste(qw: QuantizedWeight, bias: torch.Tensor | None, seed: int) -> STELinear:
     """A STE layer whose weights moved off the grid (some beyond the clamp range), as after training."""
     ste = STELinear.from_quantized(qw, bias)
@@ -351,7 +462,7 @@ def test_ste_every_weight_trainable_with_straight_through_gradient() -> None:
     qw = hand_record(OUT, IN, K, bits=3, n_groups=4, seed=13)
     bias = torch.randn(OUT)
     ste = perturbed_ste(qw, bias, seed=14)
-    assert [n for n, _ in ste.named_parameters()] == ["weight"]
+    assert trainable(ste) == ["weight"]
     x = torch.randn(10, IN, requires_grad=True)
     grad_out = torch.randn(10, OUT)
     y = ste(x)
@@ -359,10 +470,12 @@ def test_ste_every_weight_trainable_with_straight_through_gradient() -> None:
     w_eff = fake_quant_reference(ste.weight.detach(), qw)
     y_ref, w_grad, x_grad = dense_reference(x, w_eff, bias, grad_out)
     torch.testing.assert_close(y.double(), y_ref, atol=ATOL32, rtol=0)
-    # straight-through: d loss / d weight equals d loss / d (fake-quant weight), on every column
-    torch.testing.assert_close(ste.weight.grad.double(), w_grad, atol=ATOL32, rtol=0)
+    # straight-through: d loss / d weight equals d loss / d (fake-quant weight) inside the grid's range, 0 beyond
+    inside = clipped_mask(ste.weight.detach(), qw)
+    torch.testing.assert_close(ste.weight.grad.double(), w_grad * inside, atol=ATOL32, rtol=0)
     torch.testing.assert_close(x.grad.double(), x_grad, atol=ATOL32, rtol=0)
-    assert torch.count_nonzero(ste.weight.grad) == OUT * IN  # gradient reaches all weights
+    assert 0 < (~inside).sum() < OUT * IN // 4  # the perturbation pushed some weights beyond the range
+    assert torch.count_nonzero(ste.weight.grad) == inside.sum()
 
 
 @pytest.mark.parametrize("n_groups", [1, 4])
@@ -393,6 +506,77 @@ def test_ste_to_quantized_weight_requantizes_with_the_fixed_grid() -> None:
     for name in ("scales", "zeros", "g_idx", "salient_idx"):
         assert torch.equal(getattr(rec, name), getattr(qw, name))
     torch.testing.assert_close(rec.dequantize(), ste.effective_weight().detach(), atol=1e-6, rtol=0)
+
+
+def test_ste_latent_weights_start_from_the_fp_weights_inside_the_codes_cells() -> None:
+    """Latent weights = the weights before quantization, projected into the quantized codes' cells: the first
+    forward equals the quantized model, and a weight whose own code is the record's keeps its exact fp value."""
+    g = torch.Generator().manual_seed(30)
+    fp = torch.randn(OUT, IN, generator=g)
+    qw = rtn(fp, QuantSpec(bits=3, group_size=8), salient_idx=torch.tensor([1, 9]))
+    own = qw.codes.clone()
+    qw.codes[:3, 10:20] = (qw.codes[:3, 10:20].long() + 1).clamp(max=6).to(torch.uint8)  # as GPTQ moves some codes
+    moved = qw.codes != own
+    assert moved.sum() > 10
+    ste = STELinear(qw, None, fp_weight=fp)
+    assert torch.equal(ste.to_quantized_weight().codes, qw.codes)  # nothing flipped yet
+    assert ste.flipped_codes() == 0
+    mp = MixedPrecisionLinear.from_quantized(qw, None).eval()
+    x = torch.randn(4, IN)
+    torch.testing.assert_close(ste(x), mp(x), atol=ATOL32, rtol=0)
+    same = ~moved
+    same[:, qw.salient_idx] = False
+    assert torch.equal(ste.weight.detach()[same], fp[same])  # untouched where RTN's code is the record's
+    w = ste.weight.detach()
+    s = qw.scales[:, qw.g_idx.long()]
+    centre = s * (qw.codes.float() - qw.zeros[:, qw.g_idx.long()])
+    assert ((w - centre).abs()[moved] < 0.5 * s[moved]).all()  # inside the moved codes' cells ...
+    assert ((w - fp).abs()[moved] <= 0.5 * s[moved] * 1e-2 + (fp - centre).abs()[moved] - 0.5 * s[moved]).all()
+
+
+def test_ste_flips_codes_at_a_sensible_learning_rate() -> None:
+    """QAT changes codes: a few Adam steps at lr 1e-2 · Δ-scale on a regression target move latent weights across
+    cell edges (the degenerate grid-centre start could not flip one code at lr 5e-5 in 40 steps)."""
+    torch.manual_seed(0)
+    fp = torch.randn(OUT, IN)
+    qw = rtn(fp, QuantSpec(bits=3), salient_idx=torch.tensor([2]))
+    ste = STELinear(qw, None, fp_weight=fp).train()
+    target = nn.Linear(IN, OUT, bias=False)
+    opt = torch.optim.Adam(ste.parameters(), lr=1e-2)
+    for _ in range(20):
+        x = torch.randn(32, IN)
+        loss = (ste(x) - target(x).detach()).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    flipped = ste.flipped_codes()
+    assert 0 < flipped < OUT * IN
+    assert flipped == int((ste.to_quantized_weight().codes != qw.codes).sum())
+
+
+def test_ste_lsq_trains_step_sizes_with_the_lsq_gradient() -> None:
+    qw = hand_record(OUT, IN, K, bits=3, n_groups=4, seed=31)
+    ste = STELinear(qw, None, learn_scales=True)
+    assert trainable(ste) == ["scales", "weight"]
+    with torch.no_grad():
+        ste.weight.add_(torch.randn(OUT, IN) * 0.05)
+    x = torch.randn(6, IN)
+    grad_out = torch.randn(6, OUT)
+    ste(x).backward(grad_out)
+    # float64 reference: d/ds of s·(clamp(round(w/s) + z) − z) with round's gradient passed straight through,
+    # scaled by LSQ's g = 1/√(group · maxq)
+    s = qw.scales.double().requires_grad_()
+    w = ste.weight.detach().double()
+    g = qw.g_idx.long()
+    sw, zw = s[:, g], qw.zeros.double()[:, g]
+    v = w / sw
+    q = torch.clamp(v + (v.round() - v).detach() + zw, 0, 7)
+    w_hat = torch.where(torch.isin(torch.arange(IN), qw.salient_idx), w, sw * (q - zw))
+    F.linear(x.double(), w_hat).backward(grad_out.double())
+    torch.testing.assert_close(ste.scales.grad.double(), s.grad / math.sqrt((IN // 4) * 7), atol=1e-5, rtol=1e-4)
+    opt = torch.optim.SGD([ste.scales], lr=1.0)
+    opt.step()
+    assert not torch.equal(ste.to_quantized_weight().scales, qw.scales)  # the trained steps are exported
 
 
 # ---------------------------------------------------------------- model helpers
@@ -471,7 +655,7 @@ def test_gradient_memory_mixed_precision_vs_dense() -> None:
     mp_saved = saved_bytes(lambda: mp(x))
     dense_saved = saved_bytes(lambda: dense(x))
     grad_bytes = {
-        name: sum(p.grad.numel() * p.grad.element_size() for p in m.parameters())
+        name: sum(p.grad.numel() * p.grad.element_size() for p in m.parameters() if p.grad is not None)
         for name, m in (("mixed", mp), ("dense", dense))
     }
     print(

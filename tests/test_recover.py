@@ -25,17 +25,11 @@ from gift_quant.layers import MixedPrecisionLinear, NoiseSpec, STELinear, replac
 from gift_quant.models import find_linears
 from gift_quant.state import Calibration, RunState
 from gift_quant.quantizer import QuantSpec, rtn
-from gift_quant.recover import (
-    finish,
-    gift_params,
-    lora_rank,
-    mixed_linears,
-    prepare,
-    prepare_output,
-    recover_stage,
-    train,
-    training_blocks,
-)
+from gift_quant.layers import mixed_linears
+from gift_quant.methods import METHODS, gift_params, lora_rank
+from gift_quant.recover import recover_stage, setup_of, training_blocks
+from gift_quant.training import TokenBlocks, prepare_output, write_checksums
+from gift_quant.training import train as train_blocks
 from gift_quant.saliency import quant_error
 
 TARGETS = [r"\.(q|k|v|o)_proj$", r"\.(gate|up|down)_proj$"]
@@ -88,6 +82,19 @@ def texts(tmp_path: Path) -> SimpleNamespace:
     return SimpleNamespace(train=str(tmp_path / "train.txt"), eval=str(tmp_path / "eval.txt"))
 
 
+def prepare(model: nn.Module, cfg: RecoverConfig) -> int:
+    """What the recover stage does before training (STE's latent weights start on the grid here: no teacher)."""
+    return METHODS[cfg.method].prepare(model, setup_of(cfg, CPU, torch.float32))
+
+
+def finish(model: nn.Module, method: str, dtype: torch.dtype) -> dict:
+    return METHODS[method].finish(model, dtype)
+
+
+def train(model, blocks: torch.Tensor, *args, **kwargs):
+    return train_blocks(model, TokenBlocks(blocks), *args, **kwargs)
+
+
 def run_state(tmp_path: Path, model: nn.Module, stages: list[Stage]) -> RunState:
     """A run state positioned at the recipe's recover or compare stage; a plain RTN quantize stage stands before it
     when the test's recipe has none (the quantized model is handed in)."""
@@ -122,35 +129,45 @@ def eval_windows(text: str, n: int, seq_len: int) -> torch.Tensor:
 # ---------------------------------------------------------------- what each method trains
 
 
-def expected_trainable(model: nn.Module, method: str) -> int:
+def expected_trainable(model: nn.Module, method: str, scales: bool = False) -> int:
     layers = mixed_linears(model).values()
+    steps = sum(m.scales.numel() for m in layers)  # one step size per row (per-channel RTN records)
     if method in ("gift_sw", "salient_ft"):
-        return sum(m.out_features * m.num_salient for m in layers)
-    if method == "ste":
-        return sum(m.out_features * m.in_features for m in layers)
+        return sum(m.out_features * m.num_salient for m in layers) + (steps if scales else 0)
+    if method == "scales_only":
+        return steps
+    if method in ("ste", "ste_lsq"):
+        return sum(m.out_features * m.in_features for m in layers) + (steps if method == "ste_lsq" else 0)
     return lora_rank(model) * sum(m.in_features + m.out_features for m in layers)
 
 
-@pytest.mark.parametrize("method", ["gift_sw", "salient_ft", "ste", "lora"])
-def test_method_trains_only_its_parameters(method: str, tmp_path: Path, texts) -> None:
+SUFFIXES = {"gift_sw": ("salient_weight",), "salient_ft": ("salient_weight",), "ste": ("weight",),
+            "ste_lsq": ("weight", "scales"), "scales_only": ("scales",), "lora": ("weight",)}
+
+
+@pytest.mark.parametrize("method, scales", [("gift_sw", False), ("gift_sw", True), ("salient_ft", False),
+                                            ("scales_only", False), ("ste", False), ("ste_lsq", False),
+                                            ("lora", False)])
+def test_method_trains_only_its_parameters(method: str, scales: bool, tmp_path: Path, texts) -> None:
     fp = tiny_fp()
     model = quantized(fp)
-    expected = expected_trainable(model, method)
-    cfg = recover_cfg(texts, method=method)
+    expected = expected_trainable(model, method, scales)
+    cfg = recover_cfg(texts, method=method, train_scales=scales)
     state = run_state(tmp_path, model, [Stage(name="recover", config=cfg)])
 
     n = prepare(model, cfg)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert n == expected == sum(p.numel() for p in model.parameters() if p.requires_grad)
-    suffix = {"gift_sw": "salient_weight", "salient_ft": "salient_weight", "ste": "weight", "lora": "weight"}[method]
+    suffix = SUFFIXES[method] + (("scales",) if scales else ())
     assert all(name.endswith(suffix) for name in trainable)
+    assert all(any(name.endswith(x) for name in trainable) for x in suffix)
     if method == "ste":
         assert all(isinstance(model.get_submodule(name.rsplit(".", 1)[0]), STELinear) for name in trainable)
     if method == "lora":
         assert all(".lora_A." in name or ".lora_B." in name for name in trainable)
 
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    report = train(model, training_blocks(state, cfg, 8), None, cfg, tmp_path / "ckpt", CPU, "test", n)
+    report = train(model, training_blocks(state, cfg), None, cfg, tmp_path / "ckpt", CPU, "test", n)
     after = model.state_dict()
     for key, value in before.items():
         changed = not torch.equal(value, after[key])
@@ -165,7 +182,7 @@ def test_ste_finish_requantizes_to_what_it_trained(tmp_path: Path, texts) -> Non
     cfg = recover_cfg(texts, method="ste")
     state = run_state(tmp_path, model, [Stage(name="recover", config=cfg)])
     n = prepare(model, cfg)
-    train(model, training_blocks(state, cfg, 8), None, cfg, tmp_path / "ckpt", CPU, "test", n)
+    train(model, training_blocks(state, cfg), None, cfg, tmp_path / "ckpt", CPU, "test", n)
     x = torch.randint(0, 128, (2, 16))
     with torch.no_grad():
         ste_logits = model.eval()(input_ids=x).logits
@@ -184,7 +201,7 @@ def test_noise_only_for_gift_sw(texts) -> None:
         for m in mixed_linears(model).values():
             assert m.noise.active == active
             if active:  # σ = 0.25 · Δ of the layer's own grid
-                torch.testing.assert_close(m.noise_std, 0.25 * m.scales)
+                torch.testing.assert_close(m.noise_std(), 0.25 * m.scales)
 
 
 # ---------------------------------------------------------------- training works and resumes
@@ -223,7 +240,7 @@ def test_resume_reproduces_the_uninterrupted_run(method: str, tmp_path: Path, te
     fp = tiny_fp()
     cfg = recover_cfg(texts, method=method, max_steps=4, save_steps=2, batch_size=1, gradient_accumulation_steps=1)
     state = run_state(tmp_path, quantized(fp), [Stage(name="recover", config=cfg)])
-    data = training_blocks(state, cfg, 4)
+    data = training_blocks(state, cfg)
 
     def trained(out: str, callbacks=()) -> tuple[nn.Module, object]:
         model = quantized(fp)
@@ -266,17 +283,24 @@ def test_rerun_of_a_finished_stage_reloads_its_result(tmp_path: Path, texts) -> 
 def test_stale_checkpoints_are_not_resumed(tmp_path: Path) -> None:
     out = tmp_path / "run"
     assert prepare_output(out, "a", resume=True) is None
-    ckpt = out / "checkpoint-3"
-    ckpt.mkdir()
-    (ckpt / "trainer_state.json").write_text("{}")
-    (ckpt / "trainable.safetensors").write_bytes(b"")
-    (out / "checkpoint-5").mkdir()  # incomplete: no trainer state
+
+    def checkpoint(step: int) -> Path:
+        ckpt = out / f"checkpoint-{step}"
+        ckpt.mkdir()
+        (ckpt / "trainer_state.json").write_text("{}")
+        (ckpt / "trainable.safetensors").write_bytes(b"tensors")
+        write_checksums(ckpt)
+        return ckpt
+
+    ckpt = checkpoint(3)
+    (out / "checkpoint-5").mkdir()  # incomplete: killed while saving, no checksums
     assert prepare_output(out, "a", resume=True) == ckpt
+    damaged = checkpoint(7)
+    (damaged / "trainable.safetensors").write_bytes(b"tensorz")  # corrupted after it was written
+    assert prepare_output(out, "a", resume=True) == ckpt  # the newest intact one
     assert prepare_output(out, "b", resume=True) is None  # settings changed: start over
     assert not list(out.glob("checkpoint-*"))
-    ckpt.mkdir()
-    (ckpt / "trainer_state.json").write_text("{}")
-    (ckpt / "trainable.safetensors").write_bytes(b"")
+    ckpt = checkpoint(3)
     assert prepare_output(out, "b", resume=False) is None and not ckpt.exists()
 
 
@@ -381,6 +405,7 @@ def test_compare_writes_table_json_and_plot(tmp_path: Path, texts) -> None:
     stages = [Stage(name="evaluate", config=EvaluateConfig(dataset=texts.eval, seq_len=32, max_windows=2)),
               Stage(name="quantize", config=QuantizeConfig(method="rtn", bits=3)), Stage(name="compare", config=cfg)]
     state = run_state(tmp_path, model, stages)
+    state.teacher = fp  # the model before quantization: STE's latent weights start from it
     state.results.append({"stage": "evaluate", "after": "model", "metric": "eval_ppl", "value": fp_ppl,
                           "tokens": 2 * 31, "seq_len": 32, "windows": 2})
     start_state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -490,3 +515,81 @@ def test_pre_gift_sw_columns_survive_quantization(tiny_run, tmp_path: Path) -> N
     for name, m in layers.items():
         assert torch.equal(m.salient_idx, chosen[name]) and m.num_salient == m.in_features // 8
     assert [r["metric"] for r in state.results if r["stage"] == "recover"][:2] == ["trainable_params", "train_loss"]
+
+
+# ---------------------------------------------------------------- budgets
+
+
+def test_token_budget_sets_the_steps(tmp_path: Path, texts) -> None:
+    from gift_quant.training import step_budget
+
+    cfg = recover_cfg(texts, max_steps=None, max_tokens=100)  # 2 × 2 × 16 = 64 tokens per step
+    assert step_budget(cfg) == 2 and step_budget(cfg.model_copy(update={"max_steps": 1})) == 1
+    assert step_budget(recover_cfg(texts, max_steps=None, max_minutes=1.0)) is None
+    assert RecoverConfig().max_steps == 100 and RecoverConfig(max_minutes=30).max_steps is None
+
+
+def test_time_budget_stops_training_and_drives_the_schedule(tmp_path: Path, texts, monkeypatch) -> None:
+    """A fake clock where every step takes 20 s: a 1-minute budget ends after 3 steps, evaluations happen at the
+    marks the clock passes, and the cosine schedule reaches its end with the budget, not with a step count."""
+    import gift_quant.training as training
+
+    real = training.BudgetClock
+    ticks = iter(range(0, 10**6, 10))  # start and stop each read the clock: 20 s a step
+    monkeypatch.setattr(training, "BudgetClock", lambda clock, offset: real(clock, offset, now=lambda: next(ticks)))
+    model = quantized(tiny_fp())
+    cfg = recover_cfg(texts, max_steps=None, max_minutes=1.0, eval_minutes=[0.5], warmup_ratio=0.0,
+                      batch_size=1, gradient_accumulation_steps=1)
+    state = run_state(tmp_path, model, [Stage(name="recover", config=cfg)])
+    lrs = []
+
+    class LearningRates(TrainerCallback):
+        def on_step_end(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+            lrs.append(lr_scheduler.get_last_lr()[0])
+
+    n = prepare(model, cfg)
+    report = train(model, training_blocks(state, cfg), eval_windows(EVAL_TEXT, 2, 16), cfg, tmp_path / "t", CPU,
+                   "time", n, [LearningRates()])
+    assert report.steps == 3 and report.budget_minutes == pytest.approx(1.0)
+    assert [p["minutes"] for p in report.curve] == pytest.approx([0.0, 2 / 3, 1.0], abs=1e-3)  # start, mark, end
+    # The scheduler reads the clock when it steps, 10 s into each step: at 1/6, 1/2 and 5/6 of the budget.
+    expected = [cfg.learning_rate * 0.5 * (1 + math.cos(math.pi * m)) for m in (1 / 6, 1 / 2, 5 / 6)]
+    assert lrs == pytest.approx(expected, abs=1e-9)
+
+
+# ---------------------------------------------------------------- seeds and learning-rate sweeps
+
+
+SWEEP = """
+model: {name: tiny}
+stages:
+  - evaluate: {dataset: EVAL, seq_len: 64, max_windows: 4}
+  - calibrate: {dataset: TRAIN, num_samples: 8, seq_len: 64, batch_size: 4}
+  - select: {metric: gift, fraction: 0.125}
+  - quantize: {method: gptq, bits: 3}
+  - evaluate: {dataset: EVAL, seq_len: 64, max_windows: 4}
+  - compare: {methods: [salient_ft, ste, none], dataset: TRAIN, eval_dataset: EVAL, max_steps: 4, seq_len: 32,
+              seeds: [0, 1, 2], lr_sweep: [0.0001, 0.01], sweep_fraction: 0.5, heldout_windows: 3,
+              eval_seq_len: 64, eval_windows: 2, final_seq_len: 64, final_windows: 4}
+"""
+
+
+def test_compare_over_seeds_with_a_learning_rate_sweep(tiny_run) -> None:
+    rc, out = tiny_run(SWEEP)
+    assert rc == 0
+    summary = json.loads((out / "comparison.json").read_text())
+    by = {m["method"]: m for m in summary["methods"]}
+    for name in ("salient_ft", "ste"):
+        m = by[name]
+        assert [r["seed"] for r in m["runs"]] == [0, 1, 2] and m["tokens"] == 4 * 32
+        afters = [r["ppl_after"] for r in m["runs"]]
+        assert m["ppl_after"] == pytest.approx(sum(afters) / 3)
+        assert m["ppl_after_std"] == pytest.approx(float(torch.tensor(afters, dtype=torch.float64).std()))  # n − 1
+        assert len(set(afters)) > 1  # seeds really differ (data order, noise, initialisation)
+        sweep = {t["learning_rate"]: t["heldout_ppl"] for t in m["lr_sweep"]}
+        assert set(sweep) == {1e-4, 1e-2} and m["learning_rate"] == min(sweep, key=sweep.get)
+        assert all(t["tokens"] == 2 * 32 for t in m["lr_sweep"])  # half the budget
+    assert by["ste"]["codes_flipped"] is not None and by["ste"]["codes_total"] > 0
+    assert by["none"]["ppl_after"] == by["none"]["ppl_before"] and by["none"]["ppl_after_std"] == 0
+    table = (out / "comparison.md").read_text()
+    assert "± " in table and "lr 0.0001" in table and "beyond the spread" in table

@@ -3,7 +3,8 @@
 Each method runs in its own fresh process (so one method's freed memory cannot hide another's peak) on the same
 model: by default SmolLM2-135M's architecture with random weights (no download), ``--model`` for a real checkpoint,
 ``--tiny`` for a 2-layer smoke test. The quantized methods start from 3-bit RTN layers with 1/32 salient columns and
-are set up by ``gift_quant.recover.prepare`` exactly as the recover stage does; ``full`` trains every parameter of the
+are set up by the method registry (``gift_quant.methods.METHODS``) exactly as the recover stage does (STE's latent
+weights start on the grid: there is no teacher here); ``full`` trains every parameter of the
 full-precision model. A step is forward + backward + AdamW update on random tokens; the first ``--warmup`` steps
 (which allocate the optimizer state) count for memory but not for time.
 
@@ -23,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-METHODS = ("gift_sw", "salient_ft", "ste", "lora", "full")
+METHODS = ("gift_sw", "salient_ft", "scales_only", "ste", "ste_lsq", "lora", "full")
 TARGETS = [r"\.(q|k|v|o)_proj$", r"\.(gate|up|down)_proj$"]
 
 
@@ -36,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", choices=METHODS, default=["gift_sw", "ste", "full"])
     p.add_argument("--bits", type=int, default=3)
     p.add_argument("--fraction", type=float, default=1 / 32, help="salient columns per linear, fraction of inputs")
+    p.add_argument("--noise-bits", type=int, default=4, help="gift_sw: σ = ½·Δ of a grid of this many bits")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--steps", type=int, default=3, help="timed steps")
@@ -77,7 +79,7 @@ def quantize(model, bits: int, fraction: float) -> None:
     """RTN records with the columns of largest norm salient: a stand-in for GPTQ that costs nothing to build."""
     import torch
 
-    from gift_quant.layers import MixedPrecisionLinear, NoiseSpec, replace_linears
+    from gift_quant.layers import MixedPrecisionLinear, replace_linears
     from gift_quant.models import find_linears
     from gift_quant.quantizer import QuantSpec, rtn
     from gift_quant.saliency import num_salient
@@ -87,7 +89,7 @@ def quantize(model, bits: int, fraction: float) -> None:
         k = num_salient(lin.in_features, None, fraction)
         salient = lin.weight.detach().norm(dim=0).topk(k).indices
         records[name] = rtn(lin.weight, QuantSpec(bits=bits), salient)
-    replace_linears(model, records, lambda qw, b: MixedPrecisionLinear.from_quantized(qw, b, NoiseSpec()))
+    replace_linears(model, records, MixedPrecisionLinear.from_quantized)
     torch.manual_seed(0)
 
 
@@ -95,7 +97,9 @@ def worker(args: argparse.Namespace) -> dict:
     import torch
 
     from gift_quant.config import RecoverConfig
-    from gift_quant.recover import PeakMemory, prepare
+    from gift_quant.memory import PeakMemory
+    from gift_quant.methods import METHODS as REGISTRY
+    from gift_quant.recover import setup_of
 
     device = torch.device(args.device)
     model = build_model(args)
@@ -104,7 +108,8 @@ def worker(args: argparse.Namespace) -> dict:
         trainable = sum(p.numel() for p in model.parameters())
     else:
         quantize(model, args.bits, args.fraction)
-        trainable = prepare(model, RecoverConfig(method=args.worker), master_fp32=device.type == "cuda")
+        cfg = RecoverConfig(method=args.worker, noise_bits=args.noise_bits)
+        trainable = REGISTRY[args.worker].prepare(model, setup_of(cfg, device, next(model.parameters()).dtype))
     model.to(device).train()
     if args.checkpointing:
         model.activation_checkpointing_enable()

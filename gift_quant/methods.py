@@ -1,0 +1,200 @@
+"""The recovery methods: one small object each, saying what trains, under which noise, and how it ends.
+
+Every method starts from the quantized model (``MixedPrecisionLinear`` layers, everything else frozen) and declares
+its trainable tensors by setting ``requires_grad`` explicitly; the loss (next-token, distillation or both), the data
+and the budget are the recipe's and the same for every method. ``METHODS`` is the registry the recover, compare and
+reconstruct stages and the export read; nothing else branches on a method's name.
+
+| method      | trains                                                       | noise | exports |
+|-------------|--------------------------------------------------------------|-------|---------|
+| gift_sw     | salient columns (+ scales with ``train_scales``)             | yes   | yes     |
+| salient_ft  | salient columns (+ scales with ``train_scales``)             | no    | yes     |
+| scales_only | quantization scales (+ zero points if asymmetric), codes fixed | no  | yes     |
+| ste         | latent weights through the fixed grid (straight-through)     | no    | yes     |
+| ste_lsq     | latent weights and step sizes (LSQ)                          | no    | yes     |
+| lora        | LoRA adapters beside the frozen quantized linears (peft)     | no    | no      |
+| none        | nothing: the quantized model as it is (a comparison row)     | no    | yes     |
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .config import RecoverMethod
+from .layers import MixedPrecisionLinear, STELinear, mixed_linears, swap_module
+from .noise import NO_NOISE, NoiseSpec
+
+FpWeights = Callable[[str], torch.Tensor]  # module name -> the full-precision weight it was quantized from
+
+
+@dataclass(frozen=True)
+class Training:
+    """The settings a method's ``prepare`` reads (the rest of the recipe is the trainer's business)."""
+
+    noise: NoiseSpec = NO_NOISE
+    train_scales: bool = False
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    seed: int = 0
+    master_fp32: bool = False  # trainable tensors in float32 under a half-precision model (bf16 autocast)
+
+
+class RecoveryMethod:
+    name: str = ""
+    noise: bool = False  # GIFT-SW noise on the frozen part while training
+    exportable: bool = True  # the result is a quantized model the packed format holds
+    blockwise: bool = True  # usable by block-wise reconstruction (trains only tensors inside the blocks)
+    needs_fp_weights: bool = False
+    trains_nothing: bool = False
+    trains: str = ""
+
+    def prepare(self, model: nn.Module, setup: Training, fp_weights: FpWeights | None = None) -> int:
+        """Put ``model`` (its quantized linears) in trainable form in place; returns the trainable count."""
+        layers = mixed_linears(model)
+        if not layers:
+            raise ValueError("no quantized linears to train: run the quantize stage first")
+        model.requires_grad_(False)
+        self._prepare(model, layers, setup, fp_weights)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if setup.master_fp32:
+            for p in trainable:
+                p.data = p.data.float()
+        return sum(p.numel() for p in trainable)
+
+    def _prepare(self, model: nn.Module, layers: dict[str, MixedPrecisionLinear], setup: Training,
+                 fp_weights: FpWeights | None) -> None:
+        raise NotImplementedError
+
+    def finish(self, model: nn.Module, dtype: torch.dtype) -> dict[str, int]:
+        """Back to evaluation form, in place: everything frozen, eval mode. Returns what the report adds."""
+        for m in mixed_linears(model).values():
+            m.salient_weight.data = m.salient_weight.data.to(dtype)
+            m.refresh()
+        model.requires_grad_(False)
+        model.eval()
+        return {}
+
+
+def _train_scales(layer: MixedPrecisionLinear) -> None:
+    layer.scales.requires_grad_(True)
+    layer.zeros.requires_grad_(not layer.sym)  # integer zero points train through a straight-through rounding
+
+
+class NoRecovery(RecoveryMethod):
+    name, trains, trains_nothing = "none", "nothing (the quantized model as it is)", True
+
+    def _prepare(self, model, layers, setup, fp_weights):
+        pass
+
+
+class SalientFT(RecoveryMethod):
+    name, trains = "salient_ft", "salient columns"
+
+    def _prepare(self, model, layers, setup, fp_weights):
+        for m in layers.values():
+            m.set_noise(setup.noise if self.noise else NO_NOISE)
+            m.salient_weight.requires_grad_(True)
+            if setup.train_scales:
+                _train_scales(m)
+
+
+class GiftSW(SalientFT):
+    name, noise, trains = "gift_sw", True, "salient columns, noise on the frozen part"
+
+
+class ScalesOnly(RecoveryMethod):
+    name, trains = "scales_only", "quantization scales (codes fixed)"
+
+    def _prepare(self, model, layers, setup, fp_weights):
+        for m in layers.values():
+            m.set_noise(NO_NOISE)
+            _train_scales(m)
+
+
+class STE(RecoveryMethod):
+    name, trains, needs_fp_weights, blockwise = "ste", "latent weights (straight-through)", True, False
+    learn_scales = False
+
+    def _prepare(self, model, layers, setup, fp_weights):
+        for name, m in layers.items():
+            fp = fp_weights(name) if fp_weights is not None else None
+            if fp is not None and tuple(fp.shape) != (m.out_features, m.in_features):
+                raise ValueError(f"{name}: the full-precision weight has shape {tuple(fp.shape)}, the quantized "
+                                 f"linear {(m.out_features, m.in_features)}")
+            ste = STELinear(m.to_quantized_weight(), m.bias, m.weight_q.dtype, fp_weight=fp,
+                            learn_scales=self.learn_scales)
+            swap_module(model, name, ste.to(m.weight_q.device))
+
+    def finish(self, model, dtype):
+        flipped = total = 0
+        for name, m in list(model.named_modules()):
+            if isinstance(m, STELinear):
+                flipped += m.flipped_codes()
+                total += int((~m.salient_mask).sum()) * m.out_features
+                new = MixedPrecisionLinear.from_quantized(m.to_quantized_weight(), m.bias, dtype=dtype)
+                swap_module(model, name, new.to(m.weight.device))
+        return {**super().finish(model, dtype), "codes_flipped": flipped, "codes_total": total}
+
+
+class STELSQ(STE):
+    name, trains, learn_scales = "ste_lsq", "latent weights and step sizes (LSQ)", True
+
+
+class AdaptedLinear(nn.Module):
+    """A quantized linear split for peft: its frozen part as a plain ``nn.Linear`` (``base``, which peft's public
+    ``inject_adapter_in_model`` wraps with adapters) and the salient columns beside it."""
+
+    def __init__(self, m: MixedPrecisionLinear) -> None:
+        super().__init__()
+        self.base = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight_q.device,
+                              dtype=m.weight_q.dtype)
+        self.base.weight = nn.Parameter(m.frozen_weight(), requires_grad=False)  # shares the dequantized tensor
+        if m.bias is not None:
+            self.base.bias = nn.Parameter(m.bias, requires_grad=False)
+        self.register_buffer("salient_idx", m.salient_idx)
+        self.register_buffer("salient_weight", m.salient_weight.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.salient_idx.numel():
+            y = y + nn.functional.linear(x.index_select(-1, self.salient_idx), self.salient_weight.to(x.dtype))
+        return y
+
+
+class LoRA(RecoveryMethod):
+    name, exportable, blockwise = "lora", False, False
+    trains = "LoRA adapters (rank matched to gift_sw's parameter count); unmerged, so not exportable"
+
+    def _prepare(self, model, layers, setup, fp_weights):
+        from peft import LoraConfig, inject_adapter_in_model
+        from transformers import set_seed
+
+        rank = setup.lora_rank or lora_rank(model)
+        for name, m in layers.items():
+            swap_module(model, name, AdaptedLinear(m))
+        config = LoraConfig(r=rank, lora_alpha=setup.lora_alpha or 2.0 * rank, lora_dropout=0.0,
+                            target_modules=[f"{name}.base" for name in layers])
+        set_seed(setup.seed)  # LoRA's A matrices are random
+        inject_adapter_in_model(config, model)
+
+
+def gift_params(model: nn.Module) -> int:
+    """Trainable parameters of GIFT-SW on this model: out × k summed over the quantized linears."""
+    return sum(m.salient_weight.numel() for m in mixed_linears(model).values())
+
+
+def lora_rank(model: nn.Module) -> int:
+    """The rank r whose LoRA (r·(in + out) per linear) has the parameter count closest to GIFT-SW's."""
+    per_rank = sum(m.in_features + m.out_features for m in mixed_linears(model).values())
+    return max(1, round(gift_params(model) / per_rank))
+
+
+METHODS: dict[str, RecoveryMethod] = {m.name: m for m in (GiftSW(), SalientFT(), ScalesOnly(), STE(), STELSQ(),
+                                                           LoRA(), NoRecovery())}
+# The recipe's names (config.RecoverMethod, kept torch-free for --dry-run) and this registry must agree.
+assert set(METHODS) == set(typing.get_args(RecoverMethod)), "config.RecoverMethod and METHODS differ"

@@ -1,0 +1,162 @@
+"""Stage `reconstruct`: block-wise reconstruction of the quantized model from the full-precision one.
+
+For each decoder block in order, the full-precision block (the teacher's, in the run's rotated basis if any) maps the
+full-precision stream ``X_fp`` to targets ``Y``; the quantized block's trainable tensors (the recovery method's: salient
+columns, + scales with ``train_scales``, + its norms with ``train_norms``) learn ``block_q(X_q) ≈ Y`` by MSE, under
+GIFT-SW's noise when the method has it. Then ``X_q ← block_q(X_q)`` with the trained block and ``X_fp ← Y``, so each
+block also learns to undo the error the quantized blocks before it left. One decoder block forward/backward per step
+instead of the whole model and its vocabulary-wide softmax makes many more token passes affordable.
+
+Both streams of the calibration windows are held at once (one block's activations each); only the current block sits
+on the compute device; each finished block's trained tensors are saved under ``reconstruct/`` with the run's
+fingerprint, so a rerun resumes after the last finished block.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibrate import Chunk, capture_layer0_inputs, run_layer
+from .checkpoints import ResultStore
+from .config import ReconstructConfig
+from .fingerprint import fingerprint
+from .io_utils import write_csv
+from .layers import mixed_linears
+from .methods import METHODS, Training
+from .models import decoder_layers
+from .noise import NoiseSpec
+from .teacher import teacher_model
+
+log = logging.getLogger(__name__)
+
+LOG_FIELDS = ["layer", "trainable", "mse_start", "mse_end", "steps", "seconds"]
+
+
+def _trainable(block: nn.Module, cfg: ReconstructConfig, device: torch.device) -> int:
+    """Put one block in the method's trainable form (+ its norms); returns the trainable count."""
+    setup = Training(noise=NoiseSpec(kind=cfg.noise, scale=cfg.noise_scale, bits=cfg.noise_bits),
+                     train_scales=cfg.train_scales and cfg.method != "scales_only", seed=cfg.seed,
+                     master_fp32=device.type == "cuda")
+    count = METHODS[cfg.method].prepare(block, setup)
+    if cfg.train_norms:
+        for name, p in block.named_parameters():
+            if "norm" in name.rsplit(".", 2)[0]:
+                p.requires_grad_(True)
+                count += p.numel()
+    return count
+
+
+def _optimizer(block: nn.Module, cfg: ReconstructConfig) -> torch.optim.Optimizer:
+    scales = [p for n, p in block.named_parameters() if p.requires_grad and n.endswith((".scales", ".zeros"))]
+    rest = [p for n, p in block.named_parameters() if p.requires_grad and not n.endswith((".scales", ".zeros"))]
+    groups = [{"params": rest}, {"params": scales, "lr": cfg.scales_learning_rate or cfg.learning_rate}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate, weight_decay=0.0)
+
+
+def _mse(block: nn.Module, inputs: list[Chunk], targets: list[Chunk]) -> float:
+    with torch.no_grad():
+        total = sum(F.mse_loss(out.hidden, t.hidden, reduction="sum").item()
+                    for out, t in zip(run_layer(block, inputs), targets))
+    return total / sum(t.hidden.numel() for t in targets)
+
+
+def train_block(block: nn.Module, inputs: list[Chunk], targets: list[Chunk], cfg: ReconstructConfig,
+                seconds: float | None, seed: int, progress) -> int:
+    """Train the block's trainable tensors so that block(inputs) ≈ targets (MSE); returns the steps taken."""
+    optimizer = _optimizer(block, cfg)
+    total = cfg.epochs * len(inputs)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    order = random.Random(seed)
+    torch.manual_seed(seed)  # the noise draws of this block
+    block.train()
+    start, steps = time.perf_counter(), 0
+    for _ in range(cfg.epochs):
+        for i in order.sample(range(len(inputs)), len(inputs)):
+            out = block(inputs[i].hidden, **inputs[i].kwargs)
+            loss = F.mse_loss((out[0] if isinstance(out, tuple) else out).float(), targets[i].hidden.float())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            steps += 1
+            progress.update(1)
+            if seconds is not None and time.perf_counter() - start >= seconds:
+                return steps
+    return steps
+
+
+def _load_block(store: ResultStore, index: int, block: nn.Module) -> dict | None:
+    """Copy a finished block's saved tensors into ``block``; its log row, or None to train it (again)."""
+    saved = store.load(index)
+    params = dict(block.named_parameters())
+    if saved is None or not saved[0].keys() <= params.keys():
+        return None
+    with torch.no_grad():
+        for k, v in saved[0].items():
+            params[k].copy_(v)
+    return saved[1]
+
+
+def reconstruct_stage(state, cfg: ReconstructConfig) -> None:
+    """Stage `reconstruct` (see the module docstring)."""
+    model, device = state.model, state.device
+    model.requires_grad_(False)  # only each block's declared tensors train, one block at a time
+    calib = state.calibration
+    stamp = fingerprint(state, {"base": state.quantization.fingerprint,
+                                "reconstruct": cfg.model_dump(mode="json", exclude={"resume"})}, [calib.windows])
+    saved = ResultStore(state.output_dir / "reconstruct", stamp, cfg.resume, prefix="block")
+    layers, fp_layers = decoder_layers(model), decoder_layers(teacher_model(state))
+    quant_in = capture_layer0_inputs(model, calib.windows, device, cfg.batch_size)
+    fp_in = [Chunk(c.hidden.clone(), c.kwargs) for c in quant_in]  # embeddings are not quantized: same start
+    share = None if cfg.max_minutes is None else 60 * cfg.max_minutes / len(layers)
+    rows, start = [], time.perf_counter()
+    with tqdm(total=len(layers) * cfg.epochs * len(quant_in), desc=f"reconstruct ({cfg.method})") as progress:
+        for index, (block, fp_block) in enumerate(zip(layers, fp_layers)):
+            home = next(block.parameters()).device
+            block.to(device)
+            fp_block.to(device)
+            with torch.no_grad():
+                targets = run_layer(fp_block, fp_in)
+            fp_block.to(home)
+            trainable = _trainable(block, cfg, device)
+            row = _load_block(saved, index, block)
+            if row is None:
+                t0 = time.perf_counter()
+                before = _mse(block.eval(), quant_in, targets)
+                steps = train_block(block, quant_in, targets, cfg, share, cfg.seed * 100003 + index, progress)
+                row = {"layer": index, "trainable": trainable, "mse_start": before, "steps": steps}
+                tensors = {n: p for n, p in block.named_parameters() if p.requires_grad}
+                METHODS[cfg.method].finish(block, _dtype(block))
+                row.update(mse_end=_mse(block, quant_in, targets), seconds=round(time.perf_counter() - t0, 2))
+                saved.save(index, tensors, {k: str(v) for k, v in row.items()})
+            else:
+                progress.update(cfg.epochs * len(quant_in))
+                METHODS[cfg.method].finish(block, _dtype(block))
+            rows.append(row)
+            with torch.no_grad():
+                quant_in = run_layer(block.eval(), quant_in) if index + 1 < len(layers) else []
+            fp_in = targets
+            block.to(home)
+    write_csv(state.output_dir / "reconstruct_log.csv", rows, LOG_FIELDS)
+    reduction = [float(r["mse_end"]) / max(float(r["mse_start"]), 1e-30) for r in rows]
+    state.record("reconstruct", "block_mse_ratio", round(sum(reduction) / len(reduction), 4),
+                 method=cfg.method, seconds=round(time.perf_counter() - start, 1),
+                 trainable_params=sum(int(r["trainable"]) for r in rows),
+                 note=f"reconstruct: {cfg.method}{' + scales' if cfg.train_scales else ''}"
+                      f"{' + norms' if cfg.train_norms else ''}, {cfg.epochs} epochs over "
+                      f"{calib.windows.shape[0]} calibration windows per block; block MSE after/before in "
+                      f"reconstruct_log.csv")
+
+
+def _dtype(block: nn.Module) -> torch.dtype:
+    layers = mixed_linears(block)
+    return next(iter(layers.values())).weight_q.dtype if layers else next(block.parameters()).dtype

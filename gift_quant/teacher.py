@@ -1,0 +1,99 @@
+"""The full-precision teacher: the model before quantization, and what recovery learns from it.
+
+* :func:`teacher_model` — the recipe's model loaded again (with the run's rotation, so its blocks and weights are in
+  the quantized model's basis), kept on the CPU beside the student; block-wise reconstruction and STE's latent
+  weights read it.
+* :func:`teacher_topk` — its top-k log-probabilities for the training blocks, computed once and cached on disk under
+  a fingerprint of the weights, the blocks, k and the temperature: every method, seed and rerun reuses them.
+* :func:`kd_loss` — KL(teacher ‖ student) on those k tokens plus one bucket for the rest of the vocabulary (exact KL
+  between the two distributions coarsened to k + 1 outcomes; the full KL when k is the vocabulary).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .fingerprint import tensor_bytes
+
+log = logging.getLogger(__name__)
+
+
+def teacher_model(state):
+    """The model before quantization, rotated as the run rotated it; loaded once per run, on the CPU, frozen."""
+    if state.teacher is None:
+        from .models import load_model
+        from .rotate import RotateSpec, rotate_model
+
+        log.info("loading the full-precision teacher")
+        model, _ = load_model(state.recipe.model)
+        if state.rotation is not None:
+            fields = RotateSpec.__dataclass_fields__
+            rotate_model(model, RotateSpec(**{k: v for k, v in state.rotation.items() if k in fields}))
+        state.teacher = model.requires_grad_(False).eval()
+    return state.teacher
+
+
+def fp_weights(state):
+    """module name -> the teacher's weight for it (what STE's latent weights start from)."""
+    model = teacher_model(state)
+    return lambda name: model.get_submodule(name).weight.detach()
+
+
+def _cache_path(state, blocks: torch.Tensor, k: int, temperature: float) -> Path:
+    from .models import cache_dir
+
+    h = hashlib.sha256(f"{state.weights_digest}:{state.recipe.model.dtype}:{k}:{temperature}".encode())
+    h.update(tensor_bytes(blocks))
+    return cache_dir() / "teacher" / f"top{k}-{h.hexdigest()[:24]}.safetensors"
+
+
+def teacher_topk(state, blocks: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs, token ids), each (n_blocks, seq_len, k), of the teacher at ``temperature`` on ``blocks``."""
+    path = _cache_path(state, blocks, k, temperature)
+    if path.is_file():
+        try:
+            with safe_open(path, "pt") as f:
+                return f.get_tensor("logp"), f.get_tensor("ids")
+        except (SafetensorError, OSError) as err:
+            log.warning("teacher cache %s unreadable (%s); computing it again", path, err)
+    model, device = teacher_model(state), state.device
+    home = next(model.parameters()).device
+    model.to(device)
+    logps, ids = [], []
+    with torch.no_grad():
+        for block in tqdm(blocks, desc=f"teacher top-{k} logits"):
+            logits = model(input_ids=block[None].to(device), use_cache=False).logits[0].float()
+            logp = torch.log_softmax(logits / temperature, dim=-1)
+            top = logp.topk(k, dim=-1)
+            logps.append(top.values.half().cpu())
+            ids.append(top.indices.to(torch.int32).cpu())
+    model.to(home)
+    logp, idx = torch.stack(logps), torch.stack(ids)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({"logp": logp, "ids": idx}, tmp)
+    tmp.replace(path)
+    return logp, idx
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logp: torch.Tensor, teacher_ids: torch.Tensor,
+            temperature: float = 1.0) -> torch.Tensor:
+    """Mean over tokens of KL(p_teacher ‖ q_student) on the teacher's top-k tokens plus the rest as one outcome,
+    times T² (so gradients keep their scale across temperatures, as in Hinton et al.)."""
+    logq = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    logq_top = logq.gather(-1, teacher_ids.long())
+    logp_top = teacher_logp.float()
+    p_top = logp_top.exp()
+    p_rest = (1 - p_top.sum(-1)).clamp(min=0)
+    q_rest = (1 - logq_top.exp().sum(-1)).clamp(min=1e-12)
+    kl_top = (p_top * (logp_top - logq_top)).sum(-1)
+    kl_rest = torch.where(p_rest > 0, p_rest * (p_rest.clamp(min=1e-12).log() - q_rest.log()), 0.0)
+    return (kl_top + kl_rest).mean() * temperature**2

@@ -1,0 +1,389 @@
+"""Training a prepared model with transformers' ``Trainer``: the data, the loss (next-token, distillation or both),
+budgets in steps, tokens and minutes, checkpoints that hold only the trainable tensors, and the report.
+
+A checkpoint (``<out>/checkpoint-N``) holds the trainable tensors, the optimizer, scheduler and RNG states, the time
+already spent and a checksum of every file; the frozen model is rebuilt by the stages before, so a rerun resumes
+where it stopped when the run's fingerprint still matches, and a damaged checkpoint is set aside with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from .config import RecoverConfig
+from .errors import UserError
+from .io_utils import file_sha256
+from .memory import PeakMemory
+
+log = logging.getLogger(__name__)
+
+TRAINABLE_FILE = "trainable.safetensors"
+FINGERPRINT_FILE = "fingerprint.json"
+BUDGET_FILE = "budget.json"  # training seconds spent up to the checkpoint, on the budget's clock
+CHECKSUMS_FILE = "checksums.json"
+UNBOUNDED_STEPS = 10**9  # the trainer's step limit when only a time budget ends the run
+SCALE_SUFFIXES = (".scales", ".zeros")
+
+
+class TokenBlocks(Dataset):
+    """Fixed-length token windows as causal-LM examples (labels = inputs; the model shifts them), with the teacher's
+    top-k log-probabilities for each when the loss distils."""
+
+    def __init__(self, blocks: torch.Tensor, teacher: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        self.blocks, self.teacher = blocks, teacher
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = {"input_ids": self.blocks[i], "labels": self.blocks[i]}
+        if self.teacher is not None:
+            item["teacher_logp"], item["teacher_ids"] = self.teacher[0][i], self.teacher[1][i]
+        return item
+
+
+@dataclass
+class TrainReport:
+    method: str
+    trainable_params: int
+    steps: int = 0
+    tokens: int = 0  # tokens seen, counted by the trainer (all processes, resumed part included)
+    seconds: float = 0.0  # wall time of this call's training (a resumed run counts only its own part)
+    cpu_seconds: float = 0.0  # process CPU time of this call's training
+    budget_minutes: float = 0.0  # training time on the budget's clock, resumed part included (evaluations excluded)
+    loss_first: float | None = None
+    loss_last: float | None = None
+    curve: list[dict[str, float]] = field(default_factory=list)  # {"step", "tokens", "minutes", "ppl"}
+    peak_mb: float = 0.0
+    extra_mb: float = 0.0
+    resumed_from: str | None = None
+    codes_flipped: int | None = None  # STE methods: codes that changed, of codes_total
+    codes_total: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- budgets
+
+
+def world_size() -> int:
+    """Processes training together (torchrun / accelerate set WORLD_SIZE); each sees its own batches."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def step_budget(cfg: RecoverConfig, world_size: int = 1) -> int | None:
+    """The step limit from max_steps and max_tokens (the smaller), or None when only a time budget is given."""
+    tokens_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * cfg.seq_len * world_size
+    limits = [cfg.max_steps] if cfg.max_steps else []
+    if cfg.max_tokens:
+        limits.append(max(1, math.ceil(cfg.max_tokens / tokens_per_step)))
+    return min(limits) if limits else None
+
+
+class BudgetClock:
+    """Training time on the budget's clock (wall or process CPU), counting only the training steps."""
+
+    def __init__(self, clock: str, offset: float = 0.0, now=None) -> None:
+        self._now = now or (time.perf_counter if clock == "wall" else time.process_time)
+        self.spent, self._since = offset, None
+
+    def start(self) -> None:
+        self._since = self._now()
+
+    def stop(self) -> None:
+        if self._since is not None:
+            self.spent += self._now() - self._since
+            self._since = None
+
+    @property
+    def minutes(self) -> float:
+        running = self._now() - self._since if self._since is not None else 0.0
+        return (self.spent + running) / 60
+
+
+def _budget_callback(clock: BudgetClock, cfg: RecoverConfig, evaluate: bool):
+    from transformers import TrainerCallback
+
+    marks = sorted(cfg.eval_minutes)
+
+    class Budget(TrainerCallback):
+        """Times the steps, stops at max_minutes, evaluates when the clock passes an eval_minutes mark."""
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            clock.start()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            clock.stop()
+            passed = [m for m in marks if m <= clock.minutes]
+            if evaluate and passed:
+                control.should_evaluate = True
+                del marks[: len(passed)]
+            if cfg.max_minutes is not None and clock.minutes >= cfg.max_minutes:
+                control.should_training_stop = True
+                control.should_save = True
+                control.should_evaluate = evaluate
+            return control
+
+    return Budget()
+
+
+def _cosine_by_progress(warmup: float, progress) -> Any:
+    """HF's cosine-with-warmup shape on a progress in [0, 1] instead of a step count."""
+
+    def factor(step: int) -> float:
+        p = min(1.0, progress(step))
+        if p < warmup:
+            return p / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * (p - warmup) / max(1e-12, 1.0 - warmup)))
+
+    return factor
+
+
+# ---------------------------------------------------------------- the trainer
+
+
+def _trainer_class():
+    from transformers import Trainer
+
+    from .teacher import kd_loss
+
+    class RecoveryTrainer(Trainer):
+        """Checkpoints hold the trainable tensors only (the frozen model is rebuilt by the stages before); the loss
+        may distil from cached teacher log-probabilities; scales may have their own learning rate; a time budget
+        drives the learning-rate schedule."""
+
+        loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean; the Trainer divides by GA steps
+
+        def __init__(self, *args, recover: RecoverConfig, clock: BudgetClock, steps: int | None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.recover, self.clock, self.step_limit = recover, clock, steps
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            logp, ids = inputs.pop("teacher_logp", None), inputs.pop("teacher_ids", None)
+            kind = self.recover.loss if logp is not None else "lm"  # evaluation text has no teacher: next-token
+            outputs = model(input_ids=inputs["input_ids"], labels=inputs["labels"] if "lm" in kind else None,
+                            use_cache=False)
+            loss = outputs.loss if kind == "lm" else kd_loss(outputs.logits, logp, ids, self.recover.kd_temperature)
+            if kind == "lm+kd":
+                loss = loss + outputs.loss
+            return (loss, outputs) if return_outputs else loss
+
+        def create_optimizer(self, model=None):
+            if self.optimizer is None:
+                named = [(n, p) for n, p in (model or self.model).named_parameters() if p.requires_grad]
+                decay = set(self.get_decay_parameter_names(model or self.model))
+                scales = [p for n, p in named if n.endswith(SCALE_SUFFIXES)]
+                rest = [(n, p) for n, p in named if not n.endswith(SCALE_SUFFIXES)]
+                groups = [{"params": [p for n, p in rest if n in decay], "weight_decay": self.args.weight_decay},
+                          {"params": [p for n, p in rest if n not in decay], "weight_decay": 0.0},
+                          {"params": scales, "weight_decay": 0.0,
+                           "lr": self.recover.scales_learning_rate or self.args.learning_rate}]
+                cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model or self.model)
+                self.optimizer = cls([g for g in groups if g["params"]], **kwargs)
+            return self.optimizer
+
+        def create_scheduler(self, num_training_steps: int, optimizer=None):
+            if self.lr_scheduler is None and self.recover.max_minutes is not None:
+                budget, limit = self.recover.max_minutes, self.step_limit
+
+                def progress(step: int) -> float:
+                    return max(self.clock.minutes / budget, step / limit if limit else 0.0)
+
+                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                    optimizer or self.optimizer, _cosine_by_progress(self.recover.warmup_ratio, progress))
+            return super().create_scheduler(num_training_steps, optimizer)
+
+        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+            if not self.args.should_save:
+                return
+            from safetensors.torch import save_file
+
+            out = Path(output_dir or self.args.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            tensors = {n: p.detach().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+            save_file(tensors, str(out / TRAINABLE_FILE))
+            (out / BUDGET_FILE).write_text(json.dumps({"seconds": self.clock.minutes * 60}) + "\n")
+
+        def evaluate(self, *args, **kwargs):
+            # An evaluation draws from the CPU generator (the data loader's base seed); isolating it keeps the noise
+            # and data of a run independent of how often it is evaluated.
+            with torch.random.fork_rng(devices=[]):
+                metrics = super().evaluate(*args, **kwargs)
+            if self.state.log_history and "eval_loss" in self.state.log_history[-1]:
+                self.state.log_history[-1]["minutes"] = round(self.clock.minutes, 4)
+            return metrics
+
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+            from safetensors.torch import load_file
+
+            model = model if model is not None else self.model
+            saved = load_file(str(Path(resume_from_checkpoint) / TRAINABLE_FILE))
+            params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+            if saved.keys() != params.keys():
+                raise UserError(f"checkpoint {resume_from_checkpoint} holds other trainable tensors than this "
+                                f"run; delete it or set resume: false")
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(saved[n])
+
+    return RecoveryTrainer
+
+
+def _checksum_callback():
+    from transformers import TrainerCallback
+
+    class Checksums(TrainerCallback):
+        """After a checkpoint is complete, record the sha256 of its files: a later resume can trust it."""
+
+        def on_save(self, args, state, control, **kwargs):
+            if args.should_save:
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if folder.is_dir():
+                    write_checksums(folder)
+            return control
+
+    return Checksums()
+
+
+def write_checksums(folder: Path) -> None:
+    sums = {p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != CHECKSUMS_FILE}
+    (folder / CHECKSUMS_FILE).write_text(json.dumps(sums, indent=1) + "\n")
+
+
+def intact(folder: Path) -> bool:
+    """Whether every file a checkpoint's checksums name is there with that content."""
+    try:
+        sums = json.loads((folder / CHECKSUMS_FILE).read_text())
+        return all(file_sha256(folder / name) == digest for name, digest in sums.items())
+    except (OSError, ValueError, AttributeError, TypeError):
+        return False
+
+
+# ---------------------------------------------------------------- checkpoints on disk
+
+
+def _checkpoints(out_dir: Path) -> list[Path]:
+    return sorted((p for p in out_dir.glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)),
+                  key=lambda p: int(p.name.split("-")[1]))
+
+
+def last_checkpoint(out_dir: Path) -> Path | None:
+    """Newest intact checkpoint, or None; damaged ones (a kill while saving, a corrupted file) are skipped."""
+    for ckpt in reversed(_checkpoints(out_dir)):
+        if intact(ckpt):
+            return ckpt
+        log.warning("checkpoint %s is incomplete or damaged; not resuming from it", ckpt)
+    return None
+
+
+def prepare_output(out_dir: Path, fingerprint: str, resume: bool) -> Path | None:
+    """The checkpoint to resume from; stale checkpoints (other fingerprint, or resume off) are removed."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = out_dir / FINGERPRINT_FILE
+    try:
+        old = json.loads(stamp.read_text())["fingerprint"] if stamp.is_file() else None
+    except (OSError, ValueError, KeyError, TypeError):
+        old = None
+    if not resume or old != fingerprint:
+        stale = _checkpoints(out_dir)
+        if stale:
+            why = "resume is off" if not resume else "the model, data, quantized base or training settings changed"
+            log.warning("removing %d checkpoint(s) under %s: %s", len(stale), out_dir, why)
+        for p in stale:
+            shutil.rmtree(p)
+        stamp.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
+        return None
+    return last_checkpoint(out_dir)
+
+
+# ---------------------------------------------------------------- one training run
+
+
+def training_arguments(cfg: RecoverConfig, out_dir: Path, device: torch.device, evaluate: bool, steps: int | None):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(out_dir),
+        max_steps=steps or UNBOUNDED_STEPS,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=1,  # the mean of per-window losses is then the pooled NLL (equal windows)
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        optim="adamw_torch",
+        lr_scheduler_type="cosine",
+        warmup_steps=cfg.warmup_ratio,  # a float below 1 is a ratio of max_steps
+        bf16=device.type == "cuda" and torch.cuda.is_bf16_supported(),  # autocast; the trainable tensors stay fp32
+        use_cpu=device.type == "cpu",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        activation_checkpointing=cfg.gradient_checkpointing,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=(cfg.eval_steps or UNBOUNDED_STEPS) if evaluate else None,  # also the last step; eval_minutes too
+        prediction_loss_only=True,
+        save_strategy="steps",
+        save_steps=cfg.save_steps or max(1, math.ceil((steps or 200) / 4)),
+        save_total_limit=1,
+        logging_steps=max(1, min(10, (steps or 100) // 10)),
+        include_num_input_tokens_seen="all",
+        remove_unused_columns=False,
+        ddp_broadcast_buffers=False,  # the frozen quantized weights are buffers: identical on every rank
+        report_to="none",
+        disable_tqdm=False,
+    )
+
+
+def train(model: nn.Module, data: TokenBlocks, eval_data: torch.Tensor | None, cfg: RecoverConfig, out_dir: Path,
+          device: torch.device, fingerprint: str, trainable_params: int, callbacks: Iterable[Any] = ()
+          ) -> TrainReport:
+    """Train the prepared ``model`` in place with the Trainer; resumes from ``out_dir`` when allowed."""
+    from transformers import default_data_collator
+
+    if trainable_params == 0:
+        raise UserError(f"recover ({cfg.method}) has nothing to train: the quantized linears keep no salient columns "
+                        f"(give the select stage a count or fraction)")
+    evaluate = eval_data is not None and (cfg.eval_steps is not None or bool(cfg.eval_minutes))
+    steps = step_budget(cfg, world_size())
+    args = training_arguments(cfg, out_dir, device, evaluate, steps)
+    with args.main_process_first(desc="checkpoint check"):  # rank 0 removes stale checkpoints before others look
+        checkpoint = prepare_output(out_dir, fingerprint, cfg.resume)
+    args.eval_on_start = evaluate and checkpoint is None  # a resumed run has its start in the saved log
+    spent = json.loads((checkpoint / BUDGET_FILE).read_text())["seconds"] if checkpoint else 0.0
+    clock = BudgetClock(cfg.budget_clock, spent)
+    trainer = _trainer_class()(
+        model=model, args=args, train_dataset=data, eval_dataset=TokenBlocks(eval_data) if evaluate else None,
+        data_collator=default_data_collator, callbacks=[_budget_callback(clock, cfg, evaluate), _checksum_callback(),
+                                                        *callbacks],
+        recover=cfg, clock=clock, steps=steps)
+    if checkpoint is not None:
+        log.info("resuming %s from %s", cfg.method, checkpoint)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    with PeakMemory(args.device) as mem:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    report = TrainReport(method=cfg.method, trainable_params=trainable_params, steps=trainer.state.global_step,
+                         tokens=int(trainer.state.num_input_tokens_seen), seconds=time.perf_counter() - start,
+                         cpu_seconds=time.process_time() - cpu_start, budget_minutes=clock.minutes,
+                         peak_mb=mem.peak_mb, extra_mb=mem.extra_mb,
+                         resumed_from=str(checkpoint) if checkpoint else None)
+    tokens_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * cfg.seq_len * args.world_size
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    report.loss_first, report.loss_last = (losses[0], losses[-1]) if losses else (None, None)
+    points = {e["step"]: e for e in trainer.state.log_history if "eval_loss" in e}
+    report.curve = [{"step": s, "tokens": int(e.get("num_input_tokens_seen", s * tokens_per_step)),
+                     "minutes": e.get("minutes", 0.0), "ppl": math.exp(e["eval_loss"])}
+                    for s, e in sorted(points.items())]
+    return report

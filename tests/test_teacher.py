@@ -1,0 +1,98 @@
+"""Distillation from the full-precision teacher (gift_quant/teacher.py): the loss against a float64 hand-computed KL,
+the top-k cache, and KD training through the recover stage."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gift_quant.teacher import kd_loss
+
+
+def coarse_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, k: int, t: float) -> torch.Tensor:
+    """float64 by hand: KL between the two distributions coarsened to the teacher's top k tokens + one rest bucket."""
+    p = torch.softmax(teacher_logits.double() / t, -1)
+    q = torch.softmax(student_logits.double() / t, -1)
+    total = torch.zeros((), dtype=torch.float64)
+    rows = p.reshape(-1, p.shape[-1]), q.reshape(-1, q.shape[-1])
+    for pr, qr in zip(*rows):
+        top = pr.topk(k).indices
+        kl = sum(pr[i] * (pr[i].log() - qr[i].log()) for i in top.tolist())
+        p_rest, q_rest = 1 - pr[top].sum(), 1 - qr[top].sum()
+        if p_rest > 0:
+            kl = kl + p_rest * (p_rest.log() - q_rest.log())
+        total += kl
+    return total / rows[0].shape[0] * t * t
+
+
+def topk_of(teacher_logits: torch.Tensor, k: int, t: float):
+    logp = torch.log_softmax(teacher_logits / t, -1).topk(k, -1)
+    return logp.values, logp.indices
+
+
+@pytest.mark.parametrize("t", [1.0, 2.0])
+def test_kd_loss_with_the_whole_vocabulary_is_the_kl(t: float) -> None:
+    g = torch.Generator().manual_seed(0)
+    teacher, student = torch.randn(2, 5, 11, generator=g) * 3, torch.randn(2, 5, 11, generator=g) * 3
+    logp, ids = topk_of(teacher, 11, t)
+    full = F.kl_div(torch.log_softmax(student.double() / t, -1), torch.log_softmax(teacher.double() / t, -1),
+                    log_target=True, reduction="sum") / 10 * t * t
+    torch.testing.assert_close(kd_loss(student, logp, ids, t).double(), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_kd_loss_on_top_k_equals_the_coarsened_kl(k: int) -> None:
+    g = torch.Generator().manual_seed(1)
+    teacher, student = torch.randn(3, 4, 13, generator=g) * 2, torch.randn(3, 4, 13, generator=g) * 2
+    logp, ids = topk_of(teacher, k, 1.5)
+    torch.testing.assert_close(kd_loss(student, logp, ids, 1.5).double(), coarse_kl(teacher, student, k, 1.5),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_kd_loss_is_zero_when_the_student_is_the_teacher_and_has_its_gradient() -> None:
+    g = torch.Generator().manual_seed(2)
+    teacher = torch.randn(2, 6, 9, generator=g)
+    logp, ids = topk_of(teacher, 4, 1.0)
+    assert kd_loss(teacher, logp, ids).abs() < 1e-6
+    student = torch.randn(2, 6, 9, generator=g, requires_grad=True)
+    kd_loss(student, logp, ids).backward()
+    s = student.detach().double().requires_grad_()
+    coarse_kl(teacher, s, 4, 1.0).backward()
+    torch.testing.assert_close(student.grad.double(), s.grad, atol=1e-5, rtol=1e-4)
+
+
+KD = """
+model: {name: tiny}
+stages:
+  - evaluate: {dataset: EVAL, seq_len: 64, max_windows: 4}
+  - calibrate: {dataset: TRAIN, num_samples: 8, seq_len: 64, batch_size: 4}
+  - select: {metric: gift, fraction: 0.125}
+  - quantize: {method: gptq, bits: 2}
+  - evaluate: {dataset: EVAL, seq_len: 64, max_windows: 4}
+  - recover: {method: gift_sw, loss: LOSS, dataset: TRAIN, max_steps: 6, seq_len: 32, learning_rate: 0.01,
+              train_scales: true, scales_learning_rate: 0.001, kd_top_k: 16}
+  - evaluate: {dataset: EVAL, seq_len: 64, max_windows: 4}
+  - export: {verify: float32}
+"""
+
+
+def test_kd_recovery_caches_the_teacher_and_exports_trained_scales(tiny_run, tmp_path, monkeypatch) -> None:
+    import gift_quant.teacher as teacher
+
+    calls = []
+    real = teacher.teacher_model
+    monkeypatch.setattr(teacher, "teacher_model", lambda state: calls.append(1) or real(state))
+    rc, out = tiny_run(KD.replace("LOSS", "kd"))
+    assert rc == 0 and calls  # the teacher ran once to fill the cache ...
+    rows = json.loads((out / "results.json").read_text())["results"]
+    fp, ptq, recovered = [r["value"] for r in rows if r["metric"] == "eval_ppl"]
+    (reloaded,) = [r["value"] for r in rows if r["metric"].endswith("_ppl_reloaded")]
+    assert reloaded == pytest.approx(recovered, rel=1e-3)  # trained scales (fp16 in the file) reload as trained
+    config = json.loads((out / "packed" / "config.json").read_text())["quantization_config"]
+    assert config["recover"]["loss"] == "kd" and config["recover"]["train_scales"] is True
+    calls.clear()
+    rc, out = tiny_run(KD.replace("LOSS", "lm+kd"))  # another loss, same blocks: the cached logits serve it
+    assert rc == 0 and not calls
