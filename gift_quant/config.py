@@ -65,6 +65,7 @@ class EvaluateConfig(TextSource):
     seq_len: PositiveInt = 2048
     max_windows: PositiveInt | None = None  # None = the whole text
     batch_size: PositiveInt = 1
+    bos: bool = False  # start each window with BOS (models that expect it); default: the GPTQ protocol
 
 
 class CalibrateConfig(TextSource):

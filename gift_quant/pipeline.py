@@ -65,9 +65,11 @@ def plan(recipe: Recipe, output_dir: Path) -> str:
 
 
 def preflight(state: RunState) -> None:
-    """Catch missing inputs before minutes of work: local data files and export targets first, then the model."""
+    """Catch missing inputs before minutes of work: local data files and export targets first, then the model (and
+    a BOS token where an evaluation asks for one)."""
     from .config import TextSource
     from .data import local_path
+    from .evaluate import bos_token_id
     from .export import check_export_target
 
     for stage in state.recipe.stages:
@@ -76,6 +78,9 @@ def preflight(state: RunState) -> None:
         if stage.name == "export":
             check_export_target(stage.config.path or state.output_dir / stage.config.format, state.output_dir)
     state.model  # noqa: B018 (loads it)
+    for stage in state.recipe.stages:
+        if stage.name == "evaluate" and stage.config.bos:
+            bos_token_id(state.tokenizer)
 
 
 def run(recipe: Recipe, output_dir: Path) -> RunState:

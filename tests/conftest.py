@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random Llama models (seconds on a CPU) and a tiny tokenizer-free setup."""
+"""Shared fixtures: tiny random Llama models (seconds on a CPU) and tiny tokenizers."""
 
 from __future__ import annotations
 
@@ -63,22 +63,25 @@ def offline(monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
 
 
-def char_hf_tokenizer():
-    """A real (saveable) HF fast tokenizer over printable ASCII: one token per character, ids < 102."""
+def char_hf_tokenizer(bos: bool = False):
+    """A real (saveable) HF fast tokenizer over printable ASCII: one token per character, ids < 103; with a BOS
+    token ``<s>`` (never added by itself) when ``bos``."""
     import string
 
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
     vocab = {c: i for i, c in enumerate(string.printable)}
-    vocab.update({"</s>": len(vocab), "<unk>": len(vocab) + 1})
+    vocab.update({"</s>": len(vocab), "<unk>": len(vocab) + 1, "<s>": len(vocab) + 2})
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>",
+                                   **({"bos_token": "<s>"} if bos else {}))
 
 
 @pytest.fixture
 def tiny_run(tmp_path, monkeypatch):
-    """Run a recipe (YAML text) end to end on a tiny Llama with a character tokenizer and local text files."""
+    """Run a recipe (YAML text) end to end on a tiny model (``run.build``, a tiny Llama unless set) with a character
+    tokenizer (``run.tokenizer``) and local text files; ``run.model`` is the model the last run worked on."""
     import random
 
     import gift_quant.models as models
@@ -89,7 +92,12 @@ def tiny_run(tmp_path, monkeypatch):
     text = lambda n: " ".join(rng.choice(words) for _ in range(n)) + "."  # noqa: E731
     (tmp_path / "train.jsonl").write_text("\n".join(f'{{"text": "{text(120)}"}}' for _ in range(40)))
     (tmp_path / "eval.txt").write_text(text(3000))
-    monkeypatch.setattr(models, "load_model", lambda cfg: (tiny_llama(), char_hf_tokenizer()))  # fresh each run
+
+    def load(cfg):  # a fresh model each run
+        run.model = run.build()
+        return run.model, run.tokenizer()
+
+    monkeypatch.setattr(models, "load_model", load)
 
     def run(recipe_yaml: str, *extra: str) -> tuple[int, Path]:
         path = tmp_path / "recipe.yaml"
@@ -98,4 +106,5 @@ def tiny_run(tmp_path, monkeypatch):
         out = run.last_out = tmp_path / "out"
         return main([str(path), "--output-dir", str(out), *extra]), out
 
+    run.build, run.tokenizer, run.model = tiny_llama, char_hf_tokenizer, None
     return run
