@@ -136,15 +136,6 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def decoder_layers(model) -> nn.ModuleList:
-    """The stack of decoder blocks of a Llama-family causal LM."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise UserError(f"{type(model).__name__} has no model.layers decoder stack; only Llama-family models are supported")
-    return layers
-
-
 def find_linears(module: nn.Module, patterns: list[str], prefix: str = "") -> dict[str, nn.Linear]:
     """nn.Linear submodules whose full name matches any regex in `patterns` (re.search), in module order."""
     regexes = [re.compile(p) for p in patterns]

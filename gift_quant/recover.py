@@ -39,13 +39,13 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from .architectures import target_linears
 from .config import EvaluateConfig, QuantizeConfig, RecoverConfig
 from .data import check_not_eval_text, load_documents, packed_sequences, source_label
 from .errors import UserError
 from .evaluate import eval_ids
 from .fingerprint import fingerprint
 from .layers import MixedPrecisionLinear, NoiseSpec, STELinear
-from .models import find_linears
 from .quantizer import QuantSpec, rtn
 from .saliency import ChannelNorms
 from .select import choose_salient
@@ -500,7 +500,7 @@ def pre_gift_sw(state, cfg: RecoverConfig) -> TrainReport:
     windows = state.calibration.windows
     model, device = state.model, state.device
     model.to(device)
-    linears = find_linears(model, qcfg.targets)
+    linears = target_linears(model, qcfg.targets)
     norms = input_norms(model, linears, windows, device)
     salient = {name: choose_salient(name, lin.weight, qcfg.bits, select, x_linf=norms[name].linf,
                                     x_l2=norms[name].l2) for name, lin in linears.items()}

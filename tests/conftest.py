@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random Llama models (seconds on a CPU) and tiny tokenizers."""
+"""Shared fixtures: tiny random models of every supported architecture (seconds on a CPU) and tiny tokenizers."""
 
 from __future__ import annotations
 
@@ -22,6 +22,40 @@ def tiny_llama(seed: int = 0, tie: bool = False, dtype=torch.float32, **override
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       tie_word_embeddings=tie, use_cache=False, **overrides)
     return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+# Per-architecture settings of the tiny models: sliding windows shorter than the test sequences, and Gemma's mix of
+# sliding-window and full-attention layers, so that layers really are called with different masks.
+TINY_OVERRIDES = {
+    "mistral": {"sliding_window": 16},
+    "gemma2": {"sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"]},
+    "gemma3_text": {"sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"]},
+}
+
+
+def tiny_causal_lm(model_type: str, seed: int = 0, **overrides):
+    """A tiny random causal LM of ``model_type`` from its transformers config class (offline): hidden 64, 2 layers,
+    vocab 128, lm_head tied as the family usually does, non-trivial norm scales and biases."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from gift_quant.architectures import ARCHITECTURES
+
+    arch = ARCHITECTURES.get(model_type)
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(
+        model_type, vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, tie_word_embeddings=bool(arch and arch.tied_embeddings), use_cache=False,
+        **{**TINY_OVERRIDES.get(model_type, {}), **overrides})
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    unit = 0.0 if arch is not None and arch.norm == "1+w" else 1.0  # the scale a fresh norm starts at
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(unit + torch.empty_like(p).uniform_(-0.5, 0.5))
+            elif name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model
 
 
 @pytest.fixture
