@@ -1,4 +1,4 @@
-"""gift_quant: GPTQ/RTN with fp16 salient columns and GIFT-SW noise-injection recovery for Llama-family LLMs.
+"""gift_quant: GPTQ/RTN with fp16 salient columns and GIFT-SW noise-injection recovery for decoder-only LLMs.
 
 Command line: ``python -m gift_quant.recipe RECIPE.yaml``. Python: the stage functions take the same config objects
 as the YAML (``gift_quant.config``); ``load_quantized`` reloads an exported checkpoint.

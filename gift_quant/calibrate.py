@@ -1,12 +1,14 @@
 """Sequential calibration: the model loop around the per-linear algorithms (which know no models).
 
-capture the inputs of decoder layer 0 → for each layer: move it to the compute device, collect every target linear's
-input statistics (one sub-group at a time when true-sequential: q/k/v → o → gate/up → down), let a handler quantize
-the group, then re-run the *quantized* layer to produce the next layer's inputs (GPTQ convention). Only one layer's
-activations for the calibration set are held at once, and only the current layer sits on the compute device.
+capture the inputs of decoder layer 0 (and every layer's call arguments) → for each layer: move it to the compute
+device, collect every target linear's input statistics (one sub-group at a time when true-sequential, in the order the
+architecture table gives: q/k/v → o → gate/up → down), let a handler quantize the group, then re-run the *quantized*
+layer to produce the next layer's inputs (GPTQ convention). Only one layer's activations for the calibration set are
+held at once, and only the current layer sits on the compute device.
 
 Layers are always called with `use_cache=False` and no cache object: a shared cache would grow across calls and
-corrupt every later layer's inputs.
+corrupt every later layer's inputs. Each layer gets its own call arguments: models mixing sliding-window and full
+attention (Gemma-2/3) give their layers different masks and rotary embeddings.
 """
 
 from __future__ import annotations
@@ -20,23 +22,25 @@ from torch import nn
 
 from .config import CalibrateConfig
 from .data import calibration_windows, check_not_eval_text, load_documents
-from .models import decoder_layers
+from .architectures import architecture, decoder_layers
 from .state import Calibration
 
 log = logging.getLogger(__name__)
 
-# Inside one Llama block, each group's input depends only on the groups before it.
-SEQUENTIAL_GROUPS = [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
-                     ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)]
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
 
 
 @dataclass
 class Chunk:
-    """A batch of calibration windows at the current layer's input, with the layer call's keyword arguments."""
+    """A batch of calibration windows at the input of layer ``index``, with every layer's call keyword arguments."""
 
     hidden: torch.Tensor
-    kwargs: dict
+    layer_kwargs: list[dict]
+    index: int = 0
+
+    @property
+    def kwargs(self) -> dict:
+        return self.layer_kwargs[self.index]
 
 
 class _Stop(Exception):
@@ -55,33 +59,41 @@ def calibrate_stage(state, cfg: CalibrateConfig) -> None:
 
 @torch.no_grad()
 def capture_layer0_inputs(model, windows: torch.Tensor, device: torch.device, batch_size: int) -> list[Chunk]:
-    """Run the embeddings on `device` and stop at decoder layer 0, keeping what it was called with."""
+    """Run the embeddings on `device` and record layer 0's input and what every layer is called with; stand-ins
+    replace the layers meanwhile, so no block computes anything."""
     layers = decoder_layers(model)
-    chunks: list[Chunk] = []
-    first = layers[0]
+    stack = model.get_submodule(architecture(model).layers.rpartition(".")[0])  # embeddings, rotary, norm, layers
+    originals = list(layers)
+    first: list[torch.Tensor] = []
+    calls: list[dict] = []
 
-    class Catcher(nn.Module):
+    class Recorder(nn.Module):
         def forward(self, hidden_states, *args, **kwargs):
-            for k in _CACHE_KWARGS:
-                kwargs.pop(k, None)
-            kwargs["use_cache"] = False
-            chunks.append(Chunk(hidden_states, kwargs))
-            raise _Stop
+            if not calls:
+                first.append(hidden_states)
+            calls.append({**{k: v for k, v in kwargs.items() if k not in _CACHE_KWARGS}, "use_cache": False})
+            if len(calls) == len(originals):
+                raise _Stop
+            return hidden_states
 
-    inner = model.model
-    moved = [m for m in (inner.embed_tokens, getattr(inner, "rotary_emb", None)) if m is not None]
+    moved = [m for m in stack.children() if m is not layers]
     homes = [_device_of(m) for m in moved]
     for m in moved:
         m.to(device)
-    layers[0] = Catcher()
+    for i in range(len(layers)):
+        layers[i] = Recorder()
+    chunks: list[Chunk] = []
     try:
         for batch in windows.split(batch_size):
+            calls.clear()
             try:
-                inner(input_ids=batch.to(device), use_cache=False)
+                stack(input_ids=batch.to(device), use_cache=False)
             except _Stop:
                 pass
+            chunks.append(Chunk(first[-1], list(calls)))
     finally:
-        layers[0] = first
+        for i, layer in enumerate(originals):
+            layers[i] = layer
         for m, home in zip(moved, homes):
             m.to(home)
     return chunks
@@ -92,7 +104,7 @@ def run_layer(layer: nn.Module, chunks: list[Chunk]) -> list[Chunk]:
     outs = []
     for c in chunks:
         out = layer(c.hidden, **c.kwargs)
-        outs.append(Chunk(out[0] if isinstance(out, tuple) else out, c.kwargs))
+        outs.append(Chunk(out[0] if isinstance(out, tuple) else out, c.layer_kwargs, c.index + 1))
     return outs
 
 
@@ -123,15 +135,17 @@ def observe(layer: nn.Module, chunks: list[Chunk], linears: dict[str, nn.Linear]
             h.remove()
 
 
-def linear_groups(layer: nn.Module, targets: Callable[[str], bool], true_sequential: bool) -> list[dict[str, nn.Linear]]:
-    """The target linears of one block, grouped for sequential processing (names relative to the block)."""
+def linear_groups(layer: nn.Module, targets: Callable[[str], bool],
+                  groups: tuple[tuple[str, ...], ...] | None) -> list[dict[str, nn.Linear]]:
+    """The target linears of one block (names relative to it) in the true-sequential ``groups`` of the architecture
+    table, or all in one group when ``groups`` is None."""
     all_linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear) and targets(n)}
-    if not true_sequential:
+    if groups is None:
         return [all_linears] if all_linears else []
-    groups = [{n: all_linears.pop(n) for n in names if n in all_linears} for names in SEQUENTIAL_GROUPS]
-    if all_linears:  # a block layout we don't know the order of: do the rest together, last
-        groups.append(all_linears)
-    return [g for g in groups if g]
+    ordered = [{n: all_linears.pop(n) for n in names if n in all_linears} for names in groups]
+    if all_linears:  # targets outside the table's groups: their order is unknown, so do them together, last
+        ordered.append(all_linears)
+    return [g for g in ordered if g]
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -65,6 +65,7 @@ class EvaluateConfig(TextSource):
     seq_len: PositiveInt = 2048
     max_windows: PositiveInt | None = None  # None = the whole text
     batch_size: PositiveInt = 1
+    bos: bool = False  # start each window with BOS (models that expect it); default: the GPTQ protocol
 
 
 class CalibrateConfig(TextSource):
@@ -72,7 +73,7 @@ class CalibrateConfig(TextSource):
     num_samples: PositiveInt = 128
     seq_len: PositiveInt = 2048
     seed: int = 0
-    true_sequential: bool = True  # q/k/v -> o -> gate/up -> down inside a layer
+    true_sequential: bool = True  # q/k/v -> o -> gate/up -> down inside a layer (the architecture table's groups)
     batch_size: PositiveInt = 8  # windows per forward during the layer-by-layer pass
 
 
@@ -117,7 +118,8 @@ class QuantizeConfig(Strict):
     block_size: PositiveInt = 128
     act_order: bool = False
     static_groups: bool = False
-    targets: list[Regex] = Field(default=[r"\.(q|k|v|o)_proj$", r"\.(gate|up|down)_proj$"], min_length=1)
+    # Regexes on full module names (re.search); None: every linear the architecture table lists for the blocks.
+    targets: list[Regex] | None = Field(default=None, min_length=1)
     resume: bool = True  # continue after the last finished layer when the fingerprint matches
 
     @field_validator("group_size")

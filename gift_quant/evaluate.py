@@ -1,5 +1,11 @@
 """Perplexity, GPTQ protocol: text tokenized once, non-overlapping `seq_len` windows, NLL averaged over every
-predicted token (seq_len − 1 per window)."""
+predicted token (seq_len − 1 per window).
+
+With ``bos: true`` each window is the BOS token followed by the next seq_len − 1 text tokens, all of them predicted
+(same count per window): for models trained to always see BOS first (Gemma), whose first positions are otherwise
+out of distribution. Rows name the protocol, and the BOS metric has its own name (``<dataset>_ppl_bos``), so numbers
+from the two protocols are never compared with each other.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .config import EvaluateConfig
 from .data import evaluation_ids, load_documents, source_label
+from .errors import UserError
 
 
 @dataclass
@@ -25,17 +32,30 @@ class Perplexity:
     seconds: float
 
 
-@torch.no_grad()
-def perplexity(model, input_ids: torch.Tensor, seq_len: int = 2048, max_windows: int | None = None,
-               batch_size: int = 1, device: torch.device | str | None = None, progress: bool = True) -> Perplexity:
-    start = time.perf_counter()
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    n = input_ids.numel() // seq_len
+def _windows(input_ids: torch.Tensor, seq_len: int, max_windows: int | None, bos_id: int | None) -> torch.Tensor:
+    """Non-overlapping windows of the text, each prefixed with ``bos_id`` when given (then seq_len − 1 text tokens,
+    and a BOS the tokenizer put at the start of the text is dropped so that it is not doubled)."""
+    ids = input_ids.view(-1)
+    if bos_id is not None and ids.numel() and ids[0] == bos_id:
+        ids = ids[1:]
+    width = seq_len if bos_id is None else seq_len - 1
+    n = ids.numel() // width if width else 0
     if max_windows is not None:
         n = min(n, max_windows)
     if n == 0:
-        raise ValueError(f"text has {input_ids.numel()} tokens, fewer than one window of {seq_len}")
-    windows = input_ids.view(-1)[: n * seq_len].view(n, seq_len)
+        raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    windows = ids[: n * width].view(n, width)
+    return windows if bos_id is None else torch.cat([torch.full((n, 1), bos_id, dtype=windows.dtype), windows], 1)
+
+
+@torch.no_grad()
+def perplexity(model, input_ids: torch.Tensor, seq_len: int = 2048, max_windows: int | None = None,
+               batch_size: int = 1, device: torch.device | str | None = None, progress: bool = True,
+               bos_id: int | None = None) -> Perplexity:
+    start = time.perf_counter()
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    windows = _windows(input_ids, seq_len, max_windows, bos_id)
+    n = windows.shape[0]
     was_training = model.training
     model.eval()
     nll = 0.0
@@ -48,6 +68,13 @@ def perplexity(model, input_ids: torch.Tensor, seq_len: int = 2048, max_windows:
     return Perplexity(math.exp(nll / tokens), nll, tokens, n, seq_len, time.perf_counter() - start)
 
 
+def bos_token_id(tokenizer) -> int:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        raise UserError("evaluate with bos: true needs a tokenizer with a BOS token; this one has none (drop bos)")
+    return bos
+
+
 def eval_ids(state, cfg) -> torch.Tensor:
     """Tokenized evaluation text, cached in the run state (tokenizing WikiText-2 takes seconds)."""
     key = ("eval_ids", cfg.dataset, cfg.split, cfg.text_field)
@@ -57,12 +84,24 @@ def eval_ids(state, cfg) -> torch.Tensor:
     return state.tokens[key]
 
 
+def metric_name(cfg: EvaluateConfig) -> str:
+    return f"{source_label(cfg.dataset)}_ppl" + ("_bos" if cfg.bos else "")
+
+
+def measure(state, model, cfg: EvaluateConfig) -> Perplexity:
+    """Perplexity of ``model`` on ``cfg``'s text with ``cfg``'s protocol."""
+    bos = bos_token_id(state.tokenizer) if cfg.bos else None
+    return perplexity(model, eval_ids(state, cfg), cfg.seq_len, cfg.max_windows, cfg.batch_size, state.device,
+                      bos_id=bos)
+
+
 def evaluate_stage(state, cfg: EvaluateConfig) -> Perplexity:
-    """Stage `evaluate`: perplexity of the current model; recorded as `<dataset>_ppl` after the previous stage."""
-    ids = eval_ids(state, cfg)
-    model = state.model.to(state.device)
-    result = perplexity(model, ids, cfg.seq_len, cfg.max_windows, cfg.batch_size, state.device)
-    state.record("evaluate", f"{source_label(cfg.dataset)}_ppl", result.value, label=cfg.label or state.last_stage,
+    """Stage `evaluate`: perplexity of the current model; recorded as `<dataset>_ppl` (`_ppl_bos` with BOS windows)
+    after the previous stage."""
+    result = measure(state, state.model.to(state.device), cfg)
+    protocol = "bos" if cfg.bos else "gptq"
+    state.record("evaluate", metric_name(cfg), result.value, label=cfg.label or state.last_stage, protocol=protocol,
                  tokens=result.tokens, seq_len=cfg.seq_len, windows=result.windows, seconds=round(result.seconds, 2),
-                 note=f"{cfg.dataset} perplexity over {result.windows} windows of {cfg.seq_len} tokens")
+                 note=f"{cfg.dataset} perplexity over {result.windows} windows of {cfg.seq_len} tokens"
+                      + (", each starting with BOS" if cfg.bos else " (GPTQ protocol)"))
     return result

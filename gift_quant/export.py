@@ -552,8 +552,7 @@ def _verify_reload(state, cfg, path: Path) -> None:
     """Reload from disk and evaluate like the recipe's last evaluate stage: the number a user of the file gets."""
     from transformers import AutoModelForCausalLM
 
-    from .data import source_label
-    from .evaluate import eval_ids, perplexity
+    from .evaluate import measure, metric_name
 
     dtype = getattr(torch, cfg.verify)
     if cfg.format == "packed":
@@ -561,8 +560,8 @@ def _verify_reload(state, cfg, path: Path) -> None:
     else:
         reloaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(state.device).eval()
     ev = _last_evaluate(state)
-    result = perplexity(reloaded, eval_ids(state, ev), ev.seq_len, ev.max_windows, ev.batch_size, state.device)
-    state.record("export", f"{source_label(ev.dataset)}_ppl_reloaded", result.value, tokens=result.tokens,
+    result = measure(state, reloaded, ev)
+    state.record("export", f"{metric_name(ev)}_reloaded", result.value, tokens=result.tokens,
                  seconds=round(result.seconds, 1), label=f"reloaded {cfg.format} ({cfg.verify})")
     del reloaded
 

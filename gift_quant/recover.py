@@ -15,6 +15,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from .architectures import target_linears
 from .config import EvaluateConfig, QuantizeConfig, RecoverConfig
 from .data import check_not_eval_text, load_documents, packed_sequences, source_label
 from .errors import UserError
@@ -22,7 +23,6 @@ from .evaluate import eval_ids
 from .fingerprint import fingerprint
 from .layers import MixedPrecisionLinear, mixed_linears, swap_module
 from .methods import METHODS, Training
-from .models import find_linears
 from .noise import NO_NOISE, NoiseSpec
 from .quantizer import QuantSpec, rtn
 from .saliency import ChannelNorms
@@ -180,7 +180,7 @@ def pre_gift_sw(state, cfg: RecoverConfig) -> TrainReport:
         raise UserError("recover with order: before needs calibrate and select stages before it")
     model, device = state.model, state.device
     model.to(device)
-    linears = find_linears(model, qcfg.targets)
+    linears = target_linears(model, qcfg.targets)
     norms = input_norms(model, linears, state.calibration.windows, device)
     salient = {name: choose_salient(name, lin.weight, qcfg.bits, select, x_linf=norms[name].linf,
                                     x_l2=norms[name].l2) for name, lin in linears.items()}

@@ -1,4 +1,4 @@
-"""QuaRot-style orthogonal rotations fused into a Llama-family causal LM (function-preserving).
+"""QuaRot-style orthogonal rotations fused into a decoder-only causal LM (function-preserving).
 
 The residual stream ``h`` (a row vector) becomes ``h·Q`` for an orthogonal ``Q``. Because every RMSNorm's scale is
 first folded into the linears that read it, the norms are plain ``x / rms(x)``, which commutes with ``Q``
@@ -7,15 +7,21 @@ first folded into the linears that read it, the norms are plain ``x / rms(x)``, 
 * writers of the stream (embeddings, ``o_proj``, ``down_proj``) get ``W ← Qᵀ W`` (embedding rows ``E ← E·Q``);
 * readers (``q/k/v/gate/up_proj``, ``lm_head``) get ``W ← W·Q``.
 
+Module names come from the architecture table (``gift_quant.architectures``), so fused layouts (Phi-3's
+``qkv_proj``/``gate_up_proj``) work the same way. Architectures whose norms cannot be folded (scales of ``1 + w``,
+norms on the attention/MLP outputs as in Gemma-2/3) are refused with a ``UserError``: rotating them would silently
+change the model.
+
 Options:
 
-* ``rotate_heads``: the same head_dim rotation ``R`` on every value head (``W_v ← blockdiag(Rᵀ) W_v``) and on the
-  ``o_proj`` input block of every query head (``W_o ← W_o blockdiag(R)``). Using one ``R`` for all heads keeps GQA
-  consistent: whichever kv head a query head reads, it undoes the same rotation.
+* ``rotate_heads``: the same head_dim rotation ``R`` on every value head (``W_v ← blockdiag(Rᵀ) W_v``; in a fused
+  ``qkv_proj`` only its value rows) and on the ``o_proj`` input block of every query head
+  (``W_o ← W_o blockdiag(R)``). Using one ``R`` for all heads keeps GQA consistent: whichever kv head a query head
+  reads, it undoes the same rotation.
 * ``online_down_hadamard``: ``down_proj``'s input is rotated at run time by an :class:`OnlineRotation` and its
   transpose is fused into ``down_proj.weight``. Design: the rotation lives in the MLP, not in ``down_proj``:
   ``mlp.online_rotation`` is a new child module (one instance shared by all layers) and the MLP instance's
-  ``forward`` computes ``down_proj(online_rotation(act(gate(x)) * up(x)))``. So ``model.layers.N.mlp.down_proj``
+  ``forward`` computes ``down_proj(online_rotation(act(gate) * up))``. So ``model.layers.N.mlp.down_proj``
   stays a plain ``nn.Linear`` under its usual name, hooks on it see the rotated input its rotated weight expects,
   and a quantizer may swap it for another linear without losing the rotation. The rotation matrix is a
   non-persistent buffer (the state dict keeps HF's keys), rebuilt from the seed by :func:`restore_online_modules`
@@ -35,6 +41,9 @@ from typing import Literal
 
 import torch
 from torch import nn
+
+from .architectures import Architecture, architecture, decoder_layers
+from .errors import UserError
 
 Kind = Literal["hadamard", "random"]
 _SEED_OFFSETS = {"hidden": 0, "head": 1, "down": 2}  # distinct streams so the three rotations are independent
@@ -161,16 +170,19 @@ class OnlineRotation(nn.Module):
         return f"n={self.matrix.shape[0]}, kind={self.kind}"
 
 
-def _online_rotated_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return self.down_proj(self.online_rotation(self.act_fn(self.gate_proj(x)) * self.up_proj(x)))
+def _install_online_rotation(layer: nn.Module, arch: Architecture, rotation: OnlineRotation) -> None:
+    """Give the block's gated MLP the rotation as a child and a forward that applies it to down_proj's input."""
+    mlp = layer.get_submodule(arch.mlp)
+    gate_up = [n.rpartition(".")[2] for n in arch.mlp_in]
+    act, down = arch.mlp_act.rpartition(".")[2], arch.mlp_out.rpartition(".")[2]
 
+    def forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        outs = [getattr(self, n)(x) for n in gate_up]
+        gate, up = outs if len(outs) == 2 else outs[0].chunk(2, dim=-1)  # a fused linear holds [gate; up]
+        return getattr(self, down)(self.online_rotation(getattr(self, act)(gate) * up))
 
-def _install_online_rotation(mlp: nn.Module, rotation: OnlineRotation) -> None:
-    for name in ("gate_proj", "up_proj", "down_proj", "act_fn"):
-        if not hasattr(mlp, name):
-            raise TypeError(f"{type(mlp).__name__} is not a Llama-style gated MLP (no {name})")
     mlp.online_rotation = rotation
-    mlp.forward = types.MethodType(_online_rotated_mlp_forward, mlp)
+    mlp.forward = types.MethodType(forward, mlp)
 
 
 def _down_rotation(n: int, mode: Kind, seed: int, device: torch.device) -> OnlineRotation:
@@ -222,20 +234,21 @@ def _untie_lm_head(model: nn.Module) -> bool:
     return tied
 
 
-def _rotate_layer(layer: nn.Module, q: torch.Tensor, head: torch.Tensor | None, down: torch.Tensor | None) -> None:
-    attn, mlp = layer.self_attn, layer.mlp
-    w_in, w_post = _norm_weight(layer.input_layernorm), _norm_weight(layer.post_attention_layernorm)
-    _fuse(attn.q_proj, right=q, in_scale=w_in)
-    _fuse(attn.k_proj, right=q, in_scale=w_in)
-    v_left = None if head is None else _block_diag(head.T, attn.v_proj.out_features)
-    _fuse(attn.v_proj, left=v_left, right=q, in_scale=w_in)
-    o_right = None if head is None else _block_diag(head, attn.o_proj.in_features)
-    _fuse(attn.o_proj, left=q.T, right=o_right)
-    _fuse(mlp.gate_proj, right=q, in_scale=w_post)
-    _fuse(mlp.up_proj, right=q, in_scale=w_post)
-    _fuse(mlp.down_proj, left=q.T, right=down)
-    layer.input_layernorm.weight.fill_(1.0)
-    layer.post_attention_layernorm.weight.fill_(1.0)
+def _rotate_layer(layer: nn.Module, arch: Architecture, q: torch.Tensor, head: torch.Tensor | None,
+                  down: torch.Tensor | None, value_rows: int) -> None:
+    part = layer.get_submodule
+    w_attn, w_mlp = _norm_weight(part(arch.attn_norm)), _norm_weight(part(arch.mlp_norm))
+    for name in arch.attn_in:
+        heads = head is not None and name == arch.value
+        v_left = _value_heads_rotation(head, part(name).out_features, value_rows) if heads else None
+        _fuse(part(name), left=v_left, right=q, in_scale=w_attn)
+    o_proj = part(arch.attn_out)
+    _fuse(o_proj, left=q.T, right=None if head is None else _block_diag(head, o_proj.in_features))
+    for name in arch.mlp_in:
+        _fuse(part(name), right=q, in_scale=w_mlp)
+    _fuse(part(arch.mlp_out), left=q.T, right=down)
+    part(arch.attn_norm).weight.fill_(1.0)
+    part(arch.mlp_norm).weight.fill_(1.0)
 
 
 def _block_diag(block: torch.Tensor, size: int) -> torch.Tensor:
@@ -243,13 +256,32 @@ def _block_diag(block: torch.Tensor, size: int) -> torch.Tensor:
     return torch.block_diag(*[block] * (size // block.shape[0]))
 
 
+def _value_heads_rotation(head: torch.Tensor, rows: int, value_rows: int) -> torch.Tensor:
+    """Left factor rotating the value heads, the last ``value_rows`` output rows of v_proj (all of them) or of a
+    fused qkv_proj (whose q and k rows stay as they are)."""
+    keep = torch.eye(rows - value_rows, dtype=head.dtype, device=head.device)
+    return torch.block_diag(keep, _block_diag(head.T, value_rows))
+
+
+def check_rotatable(model: nn.Module) -> Architecture:
+    """``model``'s architecture entry; a UserError (one line) when fused rotations would change its function."""
+    arch = architecture(model)
+    refusal = arch.rotation_refusal()
+    if refusal is not None:
+        raise UserError(f"rotate: {model.config.model_type} cannot be rotated without changing the model: "
+                        f"{refusal}; drop the rotate stage")
+    return arch
+
+
 @torch.no_grad()
 def rotate_model(model: nn.Module, spec: RotateSpec) -> dict:
-    """Fuse norms and rotations into a Llama-family causal LM in place; returns a JSON-able record of what was done."""
-    cfg, base = model.config, model.base_model
+    """Fuse norms and rotations into the causal LM in place; returns a JSON-able record of what was done."""
+    arch = check_rotatable(model)
+    cfg = model.config
     device = model.get_input_embeddings().weight.device
     hidden, inter = cfg.hidden_size, cfg.intermediate_size
     head_dim = getattr(cfg, "head_dim", None) or hidden // cfg.num_attention_heads
+    value_rows = (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads) * head_dim
     seeds = {role: spec.seed + off for role, off in _SEED_OFFSETS.items()}
 
     def matrix(n: int, role: str) -> torch.Tensor:
@@ -265,12 +297,13 @@ def rotate_model(model: nn.Module, spec: RotateSpec) -> dict:
     untied = _untie_lm_head(model)
     emb = model.get_input_embeddings()
     emb.weight.copy_((emb.weight.to(torch.float64) @ q).to(emb.weight.dtype))
-    for layer in base.layers:
-        _rotate_layer(layer, q, head, down_t)
+    for layer in decoder_layers(model):
+        _rotate_layer(layer, arch, q, head, down_t, value_rows)
         if down is not None:
-            _install_online_rotation(layer.mlp, down)
-    _fuse(model.get_output_embeddings(), right=q, in_scale=_norm_weight(base.norm))
-    base.norm.weight.fill_(1.0)
+            _install_online_rotation(layer, arch, down)
+    final_norm = model.get_submodule(arch.final_norm)
+    _fuse(model.get_output_embeddings(), right=q, in_scale=_norm_weight(final_norm))
+    final_norm.weight.fill_(1.0)
 
     return {
         **asdict(spec),
@@ -283,7 +316,7 @@ def rotate_model(model: nn.Module, spec: RotateSpec) -> dict:
         "intermediate_size": inter,
         "down_matrix": rotation_kind(inter, spec.mode) if spec.online_down_hadamard else None,
         "down_seed": seeds["down"],
-        "online_modules": "model.layers.*.mlp.online_rotation" if spec.online_down_hadamard else None,
+        "online_modules": f"{arch.layers}.*.{arch.mlp}.online_rotation" if spec.online_down_hadamard else None,
         "untied_embeddings": untied,
     }
 
@@ -296,8 +329,9 @@ def restore_online_modules(model: nn.Module, record: dict) -> None:
     if rotation_kind(n, mode) != record["down_matrix"]:
         raise ValueError(f"cannot rebuild the {record['down_matrix']} down rotation of size {n}")
     down = _down_rotation(n, mode, seed, model.get_input_embeddings().weight.device)
-    for layer in model.base_model.layers:
-        _install_online_rotation(layer.mlp, down)
+    arch = architecture(model)
+    for layer in decoder_layers(model):
+        _install_online_rotation(layer, arch, down)
 
 
 def rotate_stage(state, cfg) -> None:

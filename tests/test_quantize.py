@@ -1,4 +1,4 @@
-"""The layer-by-layer driver and the quantize stage on tiny random Llamas."""
+"""The layer-by-layer driver and the quantize stage on tiny random Llamas (every architecture: test_architectures)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from conftest import tiny_llama
-from gift_quant.calibrate import capture_layer0_inputs, linear_groups, run_layer
+from gift_quant.architectures import ARCHITECTURES
+from gift_quant.calibrate import capture_layer0_inputs, linear_groups
 from gift_quant.config import QuantizeConfig, SelectConfig
 from gift_quant.layers import MixedPrecisionLinear
 from gift_quant.quantize import LayerCheckpoints, Quantizer, quantize_model
@@ -32,25 +33,12 @@ def records(model):
     return {n: m.to_quantized_weight() for n, m in model.named_modules() if isinstance(m, MixedPrecisionLinear)}
 
 
-def test_layer_by_layer_pass_reproduces_the_full_forward():
-    """Chained per-layer calls (no cache object) give exactly the model's own hidden states, batch by batch."""
-    model = tiny_llama()
-    w = windows(n=5)
-    with torch.no_grad():
-        ref = model(input_ids=w, output_hidden_states=True, use_cache=False).hidden_states
-        chunks = capture_layer0_inputs(model, w, CPU, batch_size=2)
-        assert len(chunks) == 3
-        for i, layer in enumerate(model.model.layers):
-            torch.testing.assert_close(torch.cat([c.hidden for c in chunks]), ref[i], rtol=1e-5, atol=1e-5)
-            chunks = run_layer(layer, chunks)
-
-
 def test_true_sequential_groups_follow_the_block():
     layer = tiny_llama().model.layers[0]
-    groups = linear_groups(layer, lambda n: True, true_sequential=True)
+    groups = linear_groups(layer, lambda n: True, ARCHITECTURES["llama"].groups)
     assert [sorted(g) for g in groups] == [["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"],
                                            ["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
-    assert len(linear_groups(layer, lambda n: "mlp" in n, true_sequential=False)) == 1
+    assert len(linear_groups(layer, lambda n: "mlp" in n, None)) == 1
 
 
 @torch.no_grad()
