@@ -53,6 +53,10 @@ class ResultStore:
     def _path(self, index: int) -> Path:
         return self.folder / f"{self.prefix}_{index:04d}.safetensors"
 
+    def has(self, index: int) -> bool:
+        """Whether a result for ``index`` is on disk (it may still fail its checksum when loaded)."""
+        return self._path(index).is_file()
+
     def load(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
         """The saved tensors and metadata of ``index``, or None when absent or damaged (logged)."""
         path = self._path(index)

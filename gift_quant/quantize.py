@@ -148,7 +148,9 @@ def quantize_model(model, quantizer: Quantizer, windows: torch.Tensor | None, *,
     layers = decoder_layers(model)
     if windows is None:
         return _quantize_without_data(model, quantizer, targets)
-    chunks = capture_layer0_inputs(model, windows, device, batch_size)
+    # A layer's inputs are needed only to quantize it: a run that resumes every layer computes no activations.
+    pending = [i for i in range(len(layers)) if not (checkpoints and checkpoints.has(i))]
+    chunks, at = None, 0  # the calibration activations at the input of layer `at`
     rows: list[dict] = []
     for index, layer in enumerate(tqdm(layers, desc=f"quantize ({quantizer.cfg.method}, {quantizer.cfg.bits}-bit)")):
         prefix = arch.block_prefix(index)
@@ -159,6 +161,8 @@ def quantize_model(model, quantizer: Quantizer, windows: torch.Tensor | None, *,
             records, layer_rows = saved
             replace_linears(layer, {n[len(prefix):]: qw for n, qw in records.items()}, as_mixed_precision)
         else:
+            if chunks is None or at != index:
+                chunks, at = _inputs_of(model, layers, index, windows, device, batch_size), index
             groups = arch.groups if true_sequential else None
             records, layer_rows = _quantize_layer(layer, chunks, quantizer, targets, prefix, groups)
             for r in layer_rows:
@@ -166,12 +170,24 @@ def quantize_model(model, quantizer: Quantizer, windows: torch.Tensor | None, *,
             if checkpoints:
                 checkpoints.save_layer(index, records, layer_rows)
         rows += layer_rows
-        with torch.no_grad():
-            chunks = run_layer(layer, chunks) if index + 1 < len(layers) else []
+        if chunks is not None and at == index and any(i > index for i in pending):
+            with torch.no_grad():
+                chunks, at = run_layer(layer, chunks), index + 1
         layer.to(home)
         if stop_after is not None and index >= stop_after:
             break
     return rows
+
+
+@torch.no_grad()
+def _inputs_of(model, layers, index: int, windows: torch.Tensor, device: torch.device, batch_size: int):
+    """The calibration activations at the input of layer ``index``, through the (already quantized) layers before."""
+    chunks = capture_layer0_inputs(model, windows, device, batch_size)
+    for layer in layers[:index]:
+        home = next(layer.parameters()).device
+        chunks = run_layer(layer.to(device), chunks)
+        layer.to(home)
+    return chunks
 
 
 @torch.no_grad()

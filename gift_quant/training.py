@@ -133,9 +133,8 @@ def _budget_callback(clock: BudgetClock, cfg: RecoverConfig, evaluate: bool):
                 control.should_evaluate = True
                 del marks[: len(passed)]
             if cfg.max_minutes is not None and clock.minutes >= cfg.max_minutes:
-                control.should_training_stop = True
+                control.should_training_stop = True  # the stage measures the result; no evaluation forced here
                 control.should_save = True
-                control.should_evaluate = evaluate
             return control
 
     return Budget()

@@ -51,6 +51,21 @@ def test_rerun_resumes_quantization_and_a_changed_setting_starts_over(tiny_run):
     assert rc == 0 and quantize_row(out)["resumed_layers"] == 0
 
 
+def test_a_damaged_saved_layer_is_recomputed_with_a_warning(tiny_run, caplog):
+    recipe = RECIPE.replace("  - export: {verify: float32}\n", "")
+    quantize_row = lambda out: next(x for x in rows(out) if x["stage"] == "quantize")  # noqa: E731
+    assert tiny_run(recipe)[0] == 0
+    first = rows(tiny_run.last_out)
+    layer0 = tiny_run.last_out / "quantize" / "layer_0000.safetensors"
+    data = bytearray(layer0.read_bytes())
+    data[-10] ^= 0xFF  # one flipped byte in the tensor data: safetensors itself would not notice
+    layer0.write_bytes(bytes(data))
+    rc, out = tiny_run(recipe)
+    assert rc == 0 and quantize_row(out)["resumed_layers"] == 1  # layer 0 recomputed, layer 1 taken from disk
+    assert "fails its checksum" in caplog.text
+    assert [x["value"] for x in rows(out)] == [x["value"] for x in first]  # the same result
+
+
 def test_quantize_without_calibration_is_a_user_error(tiny_run, capsys):
     rc, _ = tiny_run("model: {name: tiny}\nstages:\n  - quantize: {method: gptq}\n")
     assert rc == 2
