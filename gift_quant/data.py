@@ -71,19 +71,28 @@ def local_path(source: TextSource, folder: Path | None = None) -> Path | None:
 
 
 def _read_local(path: Path, text_field: str) -> list[str]:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); convert the file to UTF-8") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
     if path.suffix == ".jsonl":
-        docs = []
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        docs.append(json.loads(line)[text_field])
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise UserError(f"{path}:{n}: not a JSON object with a '{text_field}' field")
-        return docs
+        return [_jsonl_text(line, text_field, f"{path}:{n}") for n, line in enumerate(text.split("\n"), 1)
+                if line.strip()]
     if path.suffix == ".raw":  # WikiText raw: one paragraph or heading per non-empty line
-        return [ln for ln in path.read_text(encoding="utf-8").replace("\r", "").split("\n") if ln.strip()]
-    return [path.read_text(encoding="utf-8")]
+        return [ln for ln in text.replace("\r", "").split("\n") if ln.strip()]
+    return [text]
+
+
+def _jsonl_text(line: str, text_field: str, where: str) -> str:
+    try:
+        value = json.loads(line)[text_field]
+    except (json.JSONDecodeError, KeyError, TypeError, RecursionError):
+        raise UserError(f"{where}: not a JSON object with a '{text_field}' field") from None
+    if not isinstance(value, str):
+        raise UserError(f"{where}: '{text_field}' is a {type(value).__name__}, not a string")
+    return value
 
 
 def _read_hub(name: str, source: TextSource) -> list[str]:

@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """A bad recipe, input, model or data source; the message names the problem and the fix."""
+
+
+class NonFiniteError(UserError):
+    """NaN or Inf where numbers must be finite: in the model, or produced by a stage; the message names where."""

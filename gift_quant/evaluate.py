@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .config import EvaluateConfig
 from .data import evaluation_ids, load_documents, source_label
-from .errors import UserError
+from .errors import NonFiniteError, UserError
 
 
 @dataclass
@@ -64,8 +64,32 @@ def perplexity(model, input_ids: torch.Tensor, seq_len: int = 2048, max_windows:
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
         nll += F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum").item()
     model.train(was_training)
+    if not math.isfinite(nll):
+        where = first_non_finite(model, windows[:1].to(device))
+        raise NonFiniteError(f"perplexity is not finite: {where or 'the logits'} produced NaN or Inf")
     tokens = n * (seq_len - 1)
     return Perplexity(math.exp(nll / tokens), nll, tokens, n, seq_len, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def first_non_finite(model, input_ids: torch.Tensor) -> str | None:
+    """The first module, in the order the forward runs them, whose output holds NaN or Inf on ``input_ids``."""
+    found: list[str] = []
+
+    def hook(name):
+        def fn(module, args, out):
+            t = out[0] if isinstance(out, (tuple, list)) else out
+            if not found and isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+                found.append(name)
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+    try:
+        model(input_ids=input_ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else None
 
 
 def bos_token_id(tokenizer) -> int:

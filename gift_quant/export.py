@@ -521,6 +521,8 @@ def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
 def export_stage(state, cfg) -> None:
     """Stage `export`: write the packed (or dense) checkpoint, report its real size, and optionally reload it and
     measure the perplexity the deployed model will have."""
+    from gift_quant.preflight import check_finite
+
     path = Path(cfg.path or state.output_dir / cfg.format)
     check_export_target(path, state.output_dir)
     if state.recovery is not None and not state.recovery.exportable:
@@ -528,10 +530,14 @@ def export_stage(state, cfg) -> None:
                         f"format cannot hold; export after gift_sw, salient_ft or ste, or drop the export stage")
     dtype = getattr(torch, cfg.dtype)
     model = state.model
+    check_finite(model, "before export, the model's")
     start = time.perf_counter()
     if cfg.format == "packed":
-        export_packed(model, state.tokenizer, path, quant_info=_quant_info(state), max_shard_size=cfg.max_shard_size,
-                      dtype=dtype)
+        try:
+            export_packed(model, state.tokenizer, path, quant_info=_quant_info(state),
+                          max_shard_size=cfg.max_shard_size, dtype=dtype)
+        except ValueError as e:  # a value the format's fp16 cannot hold, a malformed shard size
+            raise UserError(f"export: {e}") from e
         size = size_report(path)
         state.record("export", "bits_per_weight", round(size["bits_per_weight"], 4), path=str(path),
                      checkpoint_mb=round(size["checkpoint_bytes"] / 2**20, 2), fp16_mb=round(size["fp16_bytes"] / 2**20, 2),
@@ -539,7 +545,10 @@ def export_stage(state, cfg) -> None:
                      note=f"export: packed checkpoint in {path}, bits per weight of the quantized linears include "
                           f"scales, zeros, g_idx and the fp16 salient columns")
     else:
-        export_dense(model, state.tokenizer, path, dtype=dtype, max_shard_size=cfg.max_shard_size)
+        try:
+            export_dense(model, state.tokenizer, path, dtype=dtype, max_shard_size=cfg.max_shard_size)
+        except ValueError as e:
+            raise UserError(f"export: {e}") from e
         size = sum(p.stat().st_size for p in path.glob("model*.safetensors"))
         state.record("export", "checkpoint_mb", round(size / 2**20, 2), path=str(path),
                      seconds=round(time.perf_counter() - start, 1),

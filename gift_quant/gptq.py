@@ -111,6 +111,8 @@ class GPTQ:
         if block_size < 1:
             raise ValueError(f"block_size must be positive, got {block_size}")
         spec.n_groups(self.in_features)  # validates group_size early with a clear message
+        if not bool(torch.isfinite(self.H).all()):
+            raise ValueError("its calibration inputs hold NaN or Inf (the layers before produced them)")
         H, self.H, self._consumed = self.H, None, True  # free the Hessian as soon as we own it
         start = time.perf_counter()
         result = _gptq(weight, H, spec, salient_idx, block_size, percdamp, act_order, static_groups)

@@ -44,7 +44,7 @@ def load_model(cfg: ModelConfig):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.revision, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, revision=cfg.revision, dtype=dtype, **kwargs)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 (transformers and safetensors raise many types for a bad model folder)
         raise UserError(
             f"cannot load model '{cfg.name}': {str(e).splitlines()[0]} — give a local folder, a .gguf file, "
             f"'{DEFAULT_MODEL}', or a Hub id with network access") from e

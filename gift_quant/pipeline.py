@@ -18,8 +18,8 @@ from typing import Callable
 import yaml
 
 from .config import Recipe, Strict
-from .errors import UserError
 from .io_utils import write_text
+from .preflight import preflight
 from .state import RunState
 
 log = logging.getLogger(__name__)
@@ -65,30 +65,20 @@ def plan(recipe: Recipe, output_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def preflight(state: RunState) -> None:
-    """Catch missing inputs before minutes of work: local data files and export targets first, then the model: its
-    architecture must be in the table, the quantize targets must match linears, rotation must preserve it, and a
-    BOS evaluation needs a BOS token."""
-    from .architectures import architecture, target_linears
-    from .config import TextSource
-    from .data import local_path
-    from .evaluate import bos_token_id
-    from .export import check_export_target
-    from .rotate import check_rotatable
+def clear_stale_exports(state: RunState) -> None:
+    """Remove earlier exports inside the output folder that this run will write again: a run that fails before its
+    export must not leave an old checkpoint beside its new results."""
+    import shutil
+
+    from .export import is_export
 
     for stage in state.recipe.stages:
-        if isinstance(stage.config, TextSource):
-            local_path(stage.config, state.recipe.data.dir)
         if stage.name == "export":
-            check_export_target(stage.config.path or state.output_dir / stage.config.format, state.output_dir)
-    architecture(state.model)
-    for stage in state.recipe.stages:
-        if stage.name == "quantize":
-            target_linears(state.model, stage.config.targets)
-        elif stage.name == "rotate":
-            check_rotatable(state.model)
-        elif stage.name == "evaluate" and stage.config.bos:
-            bos_token_id(state.tokenizer)
+            path = Path(stage.config.path or state.output_dir / stage.config.format)
+            inside = path.resolve().is_relative_to(state.output_dir.resolve())
+            if inside and path.is_dir() and is_export(path):
+                log.info("removing the earlier export %s (this run writes it again)", path)
+                shutil.rmtree(path)
 
 
 def run(recipe: Recipe, output_dir: Path) -> RunState:
@@ -97,6 +87,7 @@ def run(recipe: Recipe, output_dir: Path) -> RunState:
     state = RunState(recipe=recipe, output_dir=output_dir)
     preflight(state)
     output_dir.mkdir(parents=True, exist_ok=True)
+    clear_stale_exports(state)
     write_text(output_dir / "recipe.resolved.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     state.save()
     try:

@@ -24,7 +24,7 @@ from .architectures import architecture, decoder_layers, target_linears
 from .calibrate import capture_layer0_inputs, linear_groups, observe, run_layer
 from .config import QuantizeConfig, SelectConfig
 from .fingerprint import fingerprint
-from .errors import UserError
+from .errors import NonFiniteError, UserError
 from .gptq import GPTQ
 from .io_utils import write_csv
 from .layers import MixedPrecisionLinear, NoiseSpec, replace_linears
@@ -103,8 +103,10 @@ class Quantizer:
                 row.update(gptq_loss=f"{res.loss:.6g}", damp=res.damp)
             else:
                 qw = rtn(weight, self.spec, salient.to(weight.device))
-        except ValueError as e:  # e.g. a group size that does not divide in_features
+        except (ValueError, RuntimeError) as e:  # a group size that does not fit, non-finite inputs, a broken H
             raise UserError(f"{name}: {e}") from e
+        if not (torch.isfinite(qw.scales).all() and torch.isfinite(qw.salient_weight).all()):
+            raise NonFiniteError(f"{name}: quantization produced NaN or Inf (scales or salient columns)")
         row["seconds"] = round(time.perf_counter() - start, 3)
         return _to_cpu(qw), row
 

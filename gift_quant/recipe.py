@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         recipe = load_recipe(args.recipe, args.overrides)
+        if args.output_dir is not None and str(args.output_dir).strip() in ("", "."):
+            raise UserError("--output-dir must name a folder of its own (not empty, not the working directory)")
         output_dir = args.output_dir or recipe.output_dir or Path("outputs") / args.recipe.stem
         from .pipeline import plan, run
 
@@ -152,11 +154,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"results: {output_dir / 'results.json'}")
         del state
         return 0
-    except UserError as e:
-        if args.debug:
+    except (UserError, MemoryError, OSError, RuntimeError) as e:
+        message = user_message(e)
+        if args.debug or message is None:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+def user_message(err: BaseException) -> str | None:
+    """One line for an error the user can act on, or None for a bug (whose traceback is then shown)."""
+    if isinstance(err, UserError):
+        return " ".join(str(err).split())
+    if isinstance(err, MemoryError) or "out of memory" in str(err).lower() or "allocate memory" in str(err):
+        return "out of memory: lower batch_size, num_samples, seq_len or max_windows (--debug shows where)"
+    if isinstance(err, OSError):  # a full disk, a permission, a file removed while the run used it
+        return f"{err.strerror or err}{f': {err.filename}' if err.filename else ''}"
+    return None
 
 
 if __name__ == "__main__":

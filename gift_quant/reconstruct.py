@@ -34,6 +34,7 @@ from .io_utils import write_csv
 from .layers import mixed_linears
 from .methods import METHODS, Training
 from .noise import NoiseSpec
+from .preflight import check_finite
 from .teacher import teacher_model
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,7 @@ def reconstruct_stage(state, cfg: ReconstructConfig) -> None:
                 row = {"layer": index, "trainable": trainable, "mse_start": before, "steps": steps}
                 tensors = {n: p for n, p in block.named_parameters() if p.requires_grad}
                 METHODS[cfg.method].finish(block, _dtype(block))
+                check_finite(block, f"after reconstructing block {index}, its")
                 row.update(mse_end=_mse(block, quant_in, targets), seconds=round(time.perf_counter() - t0, 2))
                 saved.save(index, tensors, {k: str(v) for k, v in row.items()})
             else:

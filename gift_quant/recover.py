@@ -24,6 +24,7 @@ from .fingerprint import fingerprint
 from .layers import MixedPrecisionLinear, mixed_linears, swap_module
 from .methods import METHODS, Training
 from .noise import NO_NOISE, NoiseSpec
+from .preflight import check_finite
 from .quantizer import QuantSpec, rtn
 from .saliency import ChannelNorms
 from .select import choose_salient
@@ -113,6 +114,7 @@ def run_method(state, model: nn.Module, cfg: RecoverConfig, out_dir: Path,
                    training_fingerprint(state, cfg, data.blocks), trainable, callbacks)
     for key, value in method.finish(model, dtype).items():
         setattr(report, key, value)
+    check_finite(model, f"after {cfg.method} training, the model's")
     return report
 
 

@@ -1,0 +1,143 @@
+"""Everything a recipe needs, checked before any stage runs, so a mistake costs seconds, not an hour of quantization.
+
+The recipe itself (stage order, values, regexes) is checked when it is parsed (``config.py``). Here, in order:
+
+1. before the model loads: the output folder can be written, local text files exist, export targets are safe;
+2. with the model: its architecture is in the table, its weights are finite, the quantize targets match linears
+   whose widths the group size divides and whose widths hold the salient columns asked for, rotation would preserve
+   it, a BOS evaluation has a BOS token;
+3. with the data: every text decodes as UTF-8 and is long enough for what each stage asks of it.
+
+Each problem is a ``UserError`` naming the stage, the setting and what to change.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import TextSource
+from .errors import UserError
+
+
+def check_output_dir(path: Path) -> None:
+    """The output folder exists as a folder or can be made, and a file can be written there."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"output folder {path} exists and is not a folder; choose another --output-dir")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"output folder {path}: {probe} is not a folder")
+    try:
+        fd, name = tempfile.mkstemp(dir=probe, prefix=".gift_quant_write_test.")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise UserError(f"cannot write the output folder {path} ({e.strerror} in {probe})") from None
+
+
+def _before_model(state) -> None:
+    from .data import local_path
+    from .export import check_export_target
+
+    check_output_dir(state.output_dir)
+    for stage in state.recipe.stages:
+        if isinstance(stage.config, TextSource):
+            local_path(stage.config, state.recipe.data.dir)
+        if stage.name == "export":
+            check_export_target(stage.config.path or state.output_dir / stage.config.format, state.output_dir)
+
+
+def check_finite(model: torch.nn.Module, what: str = "the model's") -> None:
+    """UserError naming the first tensor holding NaN or Inf."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise UserError(f"{what} {name} holds NaN or Inf values")
+
+
+def _quantize_fits(model, stages, index: int) -> None:
+    """The targets of the quantize stage at ``index`` match linears that its group size and the salient columns fit."""
+    from .architectures import target_linears
+    from .select import salient_count
+
+    cfg = stages[index].config
+    where = f"stages.{index}.quantize"
+    linears = target_linears(model, cfg.targets)
+    select = next((s.config for s in stages[:index] if s.name == "select"), None)
+    for name, lin in linears.items():
+        if cfg.group_size != -1 and lin.in_features % cfg.group_size:
+            raise UserError(f"{where}: group_size {cfg.group_size} does not divide the {lin.in_features} input "
+                            f"columns of {name}; choose a divisor of every target's width, or -1 (per channel)")
+        try:
+            salient_count(name, lin.in_features, select)
+        except ValueError as e:
+            raise UserError(f"select: {name} has {lin.in_features} input columns: {e}") from None
+
+
+def _with_model(state) -> None:
+    from .architectures import architecture
+    from .evaluate import bos_token_id
+    from .rotate import check_rotatable
+
+    architecture(state.model)
+    check_finite(state.model)
+    stages = state.recipe.stages
+    for i, stage in enumerate(stages):
+        if stage.name == "quantize":
+            _quantize_fits(state.model, stages, i)
+        elif stage.name == "rotate":
+            check_rotatable(state.model)
+        elif stage.name == "evaluate" and stage.config.bos:
+            bos_token_id(state.tokenizer)
+
+
+def _tokens(state, source: TextSource) -> int:
+    from .evaluate import eval_ids
+
+    return eval_ids(state, source).numel()
+
+
+def _enough(state, where: str, source: TextSource, needed: int, what: str) -> None:
+    have = _tokens(state, source)
+    if have < needed:
+        raise UserError(f"{where}: '{source.dataset}' has {have:,} tokens, fewer than {what} ({needed:,}); use a "
+                        f"longer text or ask for less")
+
+
+def _with_data(state) -> None:
+    from .compare import heldout_blocks
+    from .config import EvaluateConfig
+    from .data import check_not_eval_text
+
+    for i, stage in enumerate(state.recipe.stages):
+        cfg, where = stage.config, f"stages.{i}.{stage.name}"
+        if stage.name == "evaluate":
+            _enough(state, where, cfg, cfg.seq_len, f"one window of {cfg.seq_len}")
+        elif stage.name == "calibrate":
+            check_not_eval_text(cfg, "calibration")
+            _enough(state, where, cfg, cfg.num_samples * cfg.seq_len,
+                    f"num_samples × seq_len = {cfg.num_samples} × {cfg.seq_len}")
+        elif stage.name in ("recover", "compare"):
+            check_not_eval_text(cfg, "recovery training")
+            _enough(state, where, cfg, cfg.seq_len + 1, f"one training sequence of {cfg.seq_len}")
+            evaluating = cfg.eval_steps or cfg.eval_minutes or stage.name == "compare"
+            if evaluating:
+                _enough(state, where, EvaluateConfig(dataset=cfg.eval_dataset), cfg.eval_seq_len,
+                        f"one evaluation window of {cfg.eval_seq_len}")
+            if stage.name == "compare":
+                _enough(state, where, EvaluateConfig(dataset=cfg.eval_dataset), cfg.final_seq_len,
+                        f"one final window of {cfg.final_seq_len}")
+                if cfg.lr_sweep:
+                    heldout_blocks(state, cfg)
+
+
+def preflight(state) -> None:
+    """All checks above, in order; the model and the texts it loads stay in the state for the stages."""
+    _before_model(state)
+    _with_model(state)
+    _with_data(state)
