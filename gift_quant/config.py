@@ -247,6 +247,7 @@ class ReconstructConfig(NoiseSettings):
     epochs: PositiveInt = 2  # passes over the calibration windows per block
     batch_size: PositiveInt = 4  # calibration windows per step
     max_minutes: float | None = Field(default=None, gt=0)  # whole stage; split evenly over the blocks
+    budget_clock: Literal["wall", "process"] = "wall"  # process: CPU seconds of this process (all its threads)
     seed: int = 0
     resume: bool = True  # continue after the last finished block when the fingerprint matches
 

@@ -36,6 +36,7 @@ from .methods import METHODS, Training
 from .noise import NoiseSpec
 from .preflight import check_finite
 from .teacher import teacher_model
+from .training import BudgetClock
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +73,16 @@ def _mse(block: nn.Module, inputs: list[Chunk], targets: list[Chunk]) -> float:
 
 def train_block(block: nn.Module, inputs: list[Chunk], targets: list[Chunk], cfg: ReconstructConfig,
                 seconds: float | None, seed: int, progress) -> int:
-    """Train the block's trainable tensors so that block(inputs) ≈ targets (MSE); returns the steps taken."""
+    """Train the block's trainable tensors so that block(inputs) ≈ targets (MSE) for ``cfg.epochs`` or until
+    ``seconds`` pass on the budget's clock; returns the steps taken."""
     optimizer = _optimizer(block, cfg)
     total = cfg.epochs * len(inputs)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
     order = random.Random(seed)
     torch.manual_seed(seed)  # the noise draws of this block
     block.train()
-    start, steps = time.perf_counter(), 0
+    clock, steps = BudgetClock(cfg.budget_clock), 0
+    clock.start()
     for _ in range(cfg.epochs):
         for i in order.sample(range(len(inputs)), len(inputs)):
             out = block(inputs[i].hidden, **inputs[i].kwargs)
@@ -90,7 +93,7 @@ def train_block(block: nn.Module, inputs: list[Chunk], targets: list[Chunk], cfg
             schedule.step()
             steps += 1
             progress.update(1)
-            if seconds is not None and time.perf_counter() - start >= seconds:
+            if seconds is not None and clock.minutes * 60 >= seconds:
                 return steps
     return steps
 
@@ -119,7 +122,7 @@ def reconstruct_stage(state, cfg: ReconstructConfig) -> None:
     quant_in = capture_layer0_inputs(model, calib.windows, device, cfg.batch_size)
     fp_in = [Chunk(c.hidden.clone(), c.layer_kwargs, c.index) for c in quant_in]  # embeddings unquantized: same start
     share = None if cfg.max_minutes is None else 60 * cfg.max_minutes / len(layers)
-    rows, start = [], time.perf_counter()
+    rows, start, cpu_start = [], time.perf_counter(), time.process_time()
     with tqdm(total=len(layers) * cfg.epochs * len(quant_in), desc=f"reconstruct ({cfg.method})") as progress:
         for index, (block, fp_block) in enumerate(zip(layers, fp_layers)):
             home = next(block.parameters()).device
@@ -152,6 +155,7 @@ def reconstruct_stage(state, cfg: ReconstructConfig) -> None:
     reduction = [float(r["mse_end"]) / max(float(r["mse_start"]), 1e-30) for r in rows]
     state.record("reconstruct", "block_mse_ratio", round(sum(reduction) / len(reduction), 4),
                  method=cfg.method, seconds=round(time.perf_counter() - start, 1),
+                 cpu_seconds=round(time.process_time() - cpu_start, 1),
                  trainable_params=sum(int(r["trainable"]) for r in rows),
                  note=f"reconstruct: {cfg.method}{' + scales' if cfg.train_scales else ''}"
                       f"{' + norms' if cfg.train_norms else ''}, {cfg.epochs} epochs over "

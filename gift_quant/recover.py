@@ -9,6 +9,7 @@ quantization), written back into the plain linears, and handed to quantize throu
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -61,9 +62,18 @@ def training_blocks(state, cfg: RecoverConfig) -> torch.Tensor:
 
 
 def training_data(state, cfg: RecoverConfig) -> TokenBlocks:
-    """The training blocks, with the teacher's cached top-k log-probabilities when the loss distils."""
+    """The training blocks, with the teacher's cached top-k log-probabilities when the loss distils (the time it
+    takes to compute them, when they are not cached yet, is a results row of its own)."""
     blocks = training_blocks(state, cfg)
-    teacher = None if cfg.loss == "lm" else teacher_topk(state, blocks, cfg.kd_top_k, cfg.kd_temperature)
+    if cfg.loss == "lm":
+        return TokenBlocks(blocks)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    teacher, computed = teacher_topk(state, blocks, cfg.kd_top_k, cfg.kd_temperature)
+    if computed:
+        state.record(state.stage.name if state.stage else "recover", "teacher_tokens", int(blocks.numel()),
+                     tokens=int(blocks.numel()), seconds=round(time.perf_counter() - start, 1),
+                     cpu_seconds=round(time.process_time() - cpu_start, 1),
+                     note=f"teacher top-{cfg.kd_top_k} log-probabilities computed once and cached")
     return TokenBlocks(blocks, teacher)
 
 

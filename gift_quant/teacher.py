@@ -55,13 +55,15 @@ def _cache_path(state, blocks: torch.Tensor, k: int, temperature: float) -> Path
     return cache_dir() / "teacher" / f"top{k}-{h.hexdigest()[:24]}.safetensors"
 
 
-def teacher_topk(state, blocks: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probs, token ids), each (n_blocks, seq_len, k), of the teacher at ``temperature`` on ``blocks``."""
+def teacher_topk(state, blocks: torch.Tensor, k: int, temperature: float
+                 ) -> tuple[tuple[torch.Tensor, torch.Tensor], bool]:
+    """((log-probs, token ids), each (n_blocks, seq_len, k), of the teacher at ``temperature`` on ``blocks``;
+    whether they were computed now rather than read from the cache)."""
     path = _cache_path(state, blocks, k, temperature)
     if path.is_file():
         try:
             with safe_open(path, "pt") as f:
-                return f.get_tensor("logp"), f.get_tensor("ids")
+                return (f.get_tensor("logp"), f.get_tensor("ids")), False
         except (SafetensorError, OSError) as err:
             log.warning("teacher cache %s unreadable (%s); computing it again", path, err)
     model, device = teacher_model(state), state.device
@@ -81,7 +83,7 @@ def teacher_topk(state, blocks: torch.Tensor, k: int, temperature: float) -> tup
     tmp = path.with_suffix(".tmp")
     save_file({"logp": logp, "ids": idx}, tmp)
     tmp.replace(path)
-    return logp, idx
+    return (logp, idx), True
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logp: torch.Tensor, teacher_ids: torch.Tensor,

@@ -1,0 +1,226 @@
+"""Perplexity against minutes of recovery, from one quantized model, for a set of recovery variants.
+
+Every variant starts from the same post-GPTQ model: a copy of the base run's output folder (``--base``, made by the
+recipe's stages up to quantize) resumes its saved layers without computing anything. A variant is the recipe stages
+it runs after quantize (recover, reconstruct, or both), followed by the recipe's last evaluate stage (16 × 2048
+WikiText-2 windows for the main recipe). Each run is its own process with ``OMP_NUM_THREADS=--threads``, up to
+``--jobs`` at a time; budgets use the process CPU clock, so runs that share the machine still get the same work.
+
+The table gives the final perplexity, the share of the quantization gap closed, the minutes of training on the
+budget clock, and the process CPU seconds of the recovery (training plus, the first time, the teacher's logits);
+with several seeds, mean ± std. The plot is perplexity (the evaluations at ``--eval-minutes``, same windows) against
+minutes.
+
+    python tools/bench_recovery.py --recipe recipes/smollm2_3bit.yaml --base OUT/base --work OUT/runs \\
+        --variants paper kd kd_scales blockwise blockwise_kd --minutes 30 --seeds 0 --out docs/recovery_3bit
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# name -> (label, stages after quantize); {M} is the budget in minutes, {S} the seed, {E} the evaluation marks.
+E2E = ("dataset: c4, seq_len: 512, batch_size: 1, budget_clock: process, max_tokens: {T}, eval_minutes: {E}, "
+       "eval_windows: 16, eval_seq_len: 2048, seed: {S}")
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "paper": ("gift_sw (paper: lm loss, salient lr 1e-4, noise ½Δ of 4-bit)",
+              ["recover: {method: gift_sw, loss: lm, learning_rate: 1.0e-4, noise_bits: 4, max_minutes: {M}, " + E2E
+               + "}"]),
+    "kd": ("gift_sw + kd",
+           ["recover: {method: gift_sw, loss: kd, learning_rate: 1.0e-4, noise_bits: 4, max_minutes: {M}, " + E2E
+            + "}"]),
+    "kd_scales": ("gift_sw + kd + scales",
+                  ["recover: {method: gift_sw, loss: kd, learning_rate: 1.0e-4, noise_bits: 4, train_scales: true, "
+                   "scales_learning_rate: 1.0e-5, max_minutes: {M}, " + E2E + "}"]),
+    "kd_scales_nonoise": ("salient_ft + kd + scales (no noise)",
+                          ["recover: {method: salient_ft, loss: kd, learning_rate: 1.0e-4, train_scales: true, "
+                           "scales_learning_rate: 1.0e-5, max_minutes: {M}, " + E2E + "}"]),
+    "lm_nonoise": ("salient_ft (lm, no noise)",
+                   ["recover: {method: salient_ft, loss: lm, learning_rate: 1.0e-4, max_minutes: {M}, " + E2E + "}"]),
+    "blockwise": ("block-wise: gift_sw + scales",
+                  ["reconstruct: {method: gift_sw, train_scales: true, noise_bits: 4, epochs: 100, "
+                   "learning_rate: 1.0e-4, scales_learning_rate: 1.0e-5, max_minutes: {M}, budget_clock: process, "
+                   "seed: {S}}"]),
+    "blockwise_nonoise": ("block-wise: salient_ft + scales (no noise)",
+                          ["reconstruct: {method: salient_ft, train_scales: true, epochs: 100, learning_rate: 1.0e-4, "
+                           "scales_learning_rate: 1.0e-5, max_minutes: {M}, budget_clock: process, seed: {S}}"]),
+    "blockwise_kd": ("block-wise (½ budget) + end-to-end kd (½), gift_sw + scales",
+                     ["reconstruct: {method: gift_sw, train_scales: true, noise_bits: 4, epochs: 100, "
+                      "learning_rate: 1.0e-4, scales_learning_rate: 1.0e-5, max_minutes: {H}, budget_clock: process, "
+                      "seed: {S}}",
+                      "recover: {method: gift_sw, loss: kd, learning_rate: 1.0e-4, noise_bits: 4, train_scales: true, "
+                      "scales_learning_rate: 1.0e-5, max_minutes: {H}, " + E2E + "}"]),
+    "blockwise_kd_nonoise": ("block-wise (½) + end-to-end kd (½), salient_ft + scales (no noise)",
+                             ["reconstruct: {method: salient_ft, train_scales: true, epochs: 100, "
+                              "learning_rate: 1.0e-4, scales_learning_rate: 1.0e-5, max_minutes: {H}, "
+                              "budget_clock: process, seed: {S}}",
+                              "recover: {method: salient_ft, loss: kd, learning_rate: 1.0e-4, train_scales: true, "
+                              "scales_learning_rate: 1.0e-5, max_minutes: {H}, " + E2E + "}"]),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--recipe", type=Path, default=REPO / "recipes" / "smollm2_3bit.yaml")
+    p.add_argument("--base", type=Path, required=True, help="output folder of the recipe's stages up to quantize")
+    p.add_argument("--work", type=Path, required=True, help="where each variant's output folder goes")
+    p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=sorted(VARIANTS))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="passed to every run (e.g. stages.quantize.bits=2 when the base was made so)")
+    p.add_argument("--minutes", type=float, default=30.0, help="recovery budget, CPU minutes of the process")
+    p.add_argument("--max-tokens", type=int, default=102_400, help="training text cap (and the teacher's cache)")
+    p.add_argument("--eval-minutes", type=float, nargs="*", default=[5.0, 10.0, 20.0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, required=True, help="writes OUT.md, OUT.json and OUT.png")
+    p.add_argument("--collect", action="store_true", help="only read finished runs and write the outputs")
+    return p.parse_args(argv)
+
+
+def base_stages(recipe: dict) -> tuple[list, dict]:
+    """The recipe's stages up to quantize (no evaluations) and its last evaluate stage."""
+    stages, last_eval = [], None
+    for item in recipe["stages"]:
+        name = next(iter(item)) if isinstance(item, dict) else item
+        if name == "evaluate":
+            last_eval = item
+        elif not stages or next(iter(stages[-1])) != "quantize":
+            stages.append(item)
+    return stages, last_eval
+
+
+def variant_recipe(args, base: dict, name: str, seed: int) -> dict:
+    stages, last_eval = base_stages(base)
+    fill = {"{M}": f"{args.minutes:g}", "{H}": f"{args.minutes / 2:g}", "{S}": str(seed),
+            "{T}": str(args.max_tokens), "{E}": "[" + ", ".join(f"{m:g}" for m in args.eval_minutes) + "]"}
+    extra = []
+    for text in VARIANTS[name][1]:
+        for key, value in fill.items():
+            text = text.replace(key, value)
+        extra.append(yaml.safe_load(text))
+    return {**{k: v for k, v in base.items() if k not in ("stages", "output_dir")},
+            "stages": stages + extra + [last_eval]}
+
+
+def run_one(args, base: dict, name: str, seed: int) -> Path:
+    out = args.work / f"{name}-s{seed}"
+    if (out / "results.json").is_file() and json.loads((out / "results.json").read_text()).get("status") == "complete":
+        return out
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(args.base, out)
+    for stale in ("results.json", "report.md"):
+        (out / stale).unlink(missing_ok=True)
+    recipe = out.with_suffix(".yaml")
+    recipe.write_text(yaml.safe_dump(variant_recipe(args, base, name, seed), sort_keys=False))
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "gift_quant.recipe", str(recipe), "--output-dir", str(out)]
+    cmd += [x for o in args.overrides for x in ("--set", o)]
+    with open(out.with_suffix(".log"), "w") as log:
+        subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
+    return out
+
+
+def summarize(out: Path) -> dict | None:
+    """Final perplexity, curve, minutes and CPU seconds of one finished run."""
+    path = out / "results.json"
+    if not path.is_file():
+        return None
+    doc = json.loads(path.read_text())
+    if doc.get("status") != "complete":
+        return None
+    rows = doc["results"]
+    final = [r for r in rows if r["stage"] == "evaluate"][-1]["value"]
+    blockwise = [r for r in rows if r["stage"] == "reconstruct" and r["metric"] == "block_mse_ratio"]
+    trained = [r for r in rows if r["stage"] == "recover" and r["metric"] == "train_loss"]
+    teacher = [r for r in rows if r["metric"] == "teacher_tokens"]
+    offset = blockwise[0]["cpu_seconds"] / 60 if blockwise else 0.0
+    curve = [{"minutes": offset + r["minutes"], "ppl": r["value"]} for r in rows
+             if r["metric"].endswith("_ppl_training") and r.get("windows", 0) >= 16]
+    minutes = offset + (trained[0]["budget_minutes"] if trained else 0.0)
+    cpu = sum(r["cpu_seconds"] for r in blockwise + trained + teacher)
+    return {"ppl": final, "curve": curve + [{"minutes": minutes, "ppl": final}], "minutes": minutes,
+            "cpu_seconds": cpu, "teacher_cpu_seconds": sum(r["cpu_seconds"] for r in teacher)}
+
+
+def _pm(values: list[float], fmt: str = ".2f") -> str:
+    if len(values) == 1:
+        return format(values[0], fmt)
+    return f"{statistics.fmean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
+
+
+def report(args, fp: float, ptq: float, results: dict[str, list[dict]]) -> str:
+    gap = lambda p: 100 * (ptq - p) / (ptq - fp)  # noqa: E731
+    lines = [f"Perplexity: full precision {fp:.2f}, after quantization {ptq:.2f}; target of ≥ 50 % of the gap: "
+             f"≤ {ptq - 0.5 * (ptq - fp):.2f}.", "",
+             "| variant | seeds | ppl | gap closed | training minutes (CPU clock) | recovery CPU s | of which teacher |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for name, runs in results.items():
+        if not runs:
+            continue
+        lines.append(f"| {VARIANTS[name][0]} | {len(runs)} | {_pm([r['ppl'] for r in runs])} | "
+                     f"{_pm([gap(r['ppl']) for r in runs], '.1f')} % | {_pm([r['minutes'] for r in runs], '.1f')} | "
+                     f"{_pm([r['cpu_seconds'] for r in runs], '.0f')} | "
+                     f"{_pm([r['teacher_cpu_seconds'] for r in runs], '.0f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(path: Path, fp: float, ptq: float, results: dict[str, list[dict]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for (name, runs), marker in zip(results.items(), "osD^v<>ph*"):
+        if runs:
+            curve = runs[0]["curve"]
+            ax.plot([0.0] + [p["minutes"] for p in curve], [ptq] + [p["ppl"] for p in curve], marker=marker,
+                    label=VARIANTS[name][0], alpha=0.85)
+    ax.axhline(ptq - 0.5 * (ptq - fp), color="grey", linestyle=":", label="50 % of the gap")
+    ax.set_xlabel("minutes of recovery (process CPU clock, 1 thread)")
+    ax.set_ylabel("WikiText-2 perplexity (16 × 2048)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    base = yaml.safe_load(args.recipe.read_text())
+    jobs = [(name, seed) for seed in args.seeds for name in args.variants]
+    if not args.collect:
+        args.work.mkdir(parents=True, exist_ok=True)
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(lambda job: run_one(args, base, *job), jobs))
+    evaluations = [r for r in json.loads((args.base / "results.json").read_text())["results"]
+                   if r["stage"] == "evaluate"]
+    fp, ptq = evaluations[0]["value"], evaluations[-1]["value"]
+    results = {name: [s for seed in args.seeds if (s := summarize(args.work / f"{name}-s{seed}"))]
+               for name in args.variants}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({"fp": fp, "ptq": ptq, "minutes": args.minutes,
+                                                         "results": results}, indent=1) + "\n")
+    args.out.with_suffix(".md").write_text(report(args, fp, ptq, results))
+    plot(args.out.with_suffix(".png"), fp, ptq, results)
+    print(args.out.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
