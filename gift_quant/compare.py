@@ -40,9 +40,12 @@ BUDGET_FIELDS = ("max_steps", "max_tokens", "max_minutes")
 
 def method_config(cfg: CompareConfig, method: str, learning_rate: float, seed: int, fraction: float = 1.0
                   ) -> RecoverConfig:
-    """The recover settings of one run: the shared ones, this method, learning rate and seed, the budget scaled by
-    ``fraction`` (learning-rate sweeps), and evaluation at least 4 times along the way."""
+    """The recover settings of one run: the shared ones, this entry's method (and its variant's settings), learning
+    rate and seed, the budget scaled by ``fraction`` (learning-rate sweeps), and evaluation at least 4 times."""
     shared = cfg.model_dump(include=set(RecoverConfig.model_fields) - {"method", "order"})
+    variant = dict(cfg.variants.get(method, {"method": method}))
+    method = variant.pop("method")
+    shared.update(variant)
     for key in BUDGET_FIELDS:
         if shared[key] is not None and fraction < 1:
             shared[key] = max(1, round(shared[key] * fraction)) if key != "max_minutes" else shared[key] * fraction
@@ -172,29 +175,38 @@ def _mean_curve(runs: list[dict[str, Any]]) -> list[dict[str, float]]:
     return curve
 
 
+def _trains(cfg: CompareConfig, name: str) -> str:
+    """What an entry trains, in words: its method's description and its variant's own settings."""
+    variant = dict(cfg.variants.get(name, {"method": name}))
+    text = METHODS[variant.pop("method")].trains
+    return text + (f" ({', '.join(f'{k}: {v}' for k, v in variant.items())})" if variant else "")
+
+
 def run_entry(state, base, cfg: CompareConfig, method: str, ids, heldout, start: float, fp: float | None
               ) -> dict[str, Any]:
     """One method: its learning rate (given or swept), a run per seed, and the statistics over seeds."""
     sweep: list[dict] = []
-    if cfg.lr_sweep and not METHODS[method].trains_nothing:
+    registered = METHODS[cfg.variants.get(method, {}).get("method", method)]
+    if cfg.lr_sweep and not registered.trains_nothing:
         lr, sweep = pick_learning_rate(state, base, cfg, method, ids, heldout)
     else:
         lr = cfg.learning_rates.get(method, cfg.learning_rate)
     runs = []
     for seed in cfg.seeds:
-        if METHODS[method].trains_nothing:
+        if registered.trains_nothing:
             report, after = TrainReport(method=method, trainable_params=0), start
         else:
             folder = state.output_dir / "compare" / method / (f"seed{seed}" if len(cfg.seeds) > 1 else "")
             report, after = _train_copy(state, base, method_config(cfg, method, lr, seed), folder, ids, cfg)
-        runs.append({**report.to_dict(), "seed": seed, "ppl_after": after,
+        runs.append({**report.to_dict(), "method": method, "seed": seed, "ppl_after": after,
                      "gap_recovered_pct": gap_recovered(fp, start, after)})
     mean, std = _mean_std([r["ppl_after"] for r in runs])
     gaps = [r["gap_recovered_pct"] for r in runs if r["gap_recovered_pct"] is not None]
     gap_mean, gap_std = _mean_std(gaps) if gaps else (None, None)
     first = runs[0]
     return {**{k: first[k] for k in ("method", "trainable_params", "steps", "tokens", "resumed_from")},
-            "learning_rate": lr, "lr_sweep": sweep, "seeds": list(cfg.seeds), "ppl_before": start,
+            "trains": _trains(cfg, method), "learning_rate": lr, "lr_sweep": sweep, "seeds": list(cfg.seeds),
+            "ppl_before": start,
             "ppl_after": mean, "ppl_after_std": std, "gap_recovered_pct": gap_mean, "gap_recovered_std": gap_std,
             "seconds": statistics.fmean(r["seconds"] for r in runs),
             "cpu_seconds": statistics.fmean(r["cpu_seconds"] for r in runs),
@@ -328,7 +340,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
     lines += [
         "",
         "- Gap recovered = (PTQ − method) / (PTQ − fp). Embeddings, norms and lm_head stay frozen for every method.",
-        "- " + "; ".join(f"`{name}`: {METHODS[name].trains}" for name in dict.fromkeys(m["method"] for m in methods)),
+        "- " + "; ".join(f"`{m['method']}`: {m['trains']}" for m in methods),
         "- Beyond the spread: |Δ mean| > 2·√(s₁²/n₁ + s₂²/n₂) against the best method (needs ≥ 2 seeds each).",
         "- Peak memory: CUDA max allocated, or on CPU the process's peak RSS (which includes the starting model and "
         "its copy). CPU s: process CPU time of the training (all threads).",

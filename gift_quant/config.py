@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -208,11 +208,14 @@ class RecoverConfig(TextSource, NoiseSettings, BudgetSettings):
 
 
 class CompareConfig(RecoverConfig):
-    """Every method in ``methods`` from the same quantized model, with the training settings inherited above, for
-    every seed in ``seeds``; with ``lr_sweep`` each method first picks its learning rate on held-out C4."""
+    """Every entry of ``methods`` from the same quantized model, with the training settings inherited above, for
+    every seed in ``seeds``; with ``lr_sweep`` each entry first picks its learning rate on held-out training text.
+    An entry is a method's name, or a name defined in ``variants`` as a method with settings of its own (e.g.
+    ``gift_sw_scales: {method: gift_sw, train_scales: true}``); the budget, data and loss stay shared."""
 
-    methods: list[RecoverMethod] = ["gift_sw", "salient_ft", "ste", "lora"]
-    learning_rates: dict[RecoverMethod, Annotated[float, Field(gt=0)]] = {}  # per-method override of learning_rate
+    methods: list[str] = ["gift_sw", "salient_ft", "ste", "lora"]
+    variants: dict[str, dict[str, Any]] = {}
+    learning_rates: dict[str, Annotated[float, Field(gt=0)]] = {}  # per-entry override of learning_rate
     seeds: list[int] = Field(default=[0], min_length=1)
     lr_sweep: list[Annotated[float, Field(gt=0)]] = []  # candidates; each method's best on held-out text wins
     sweep_fraction: float = Field(default=0.25, gt=0, le=1)  # of the budget, for each sweep run
@@ -231,6 +234,21 @@ class CompareConfig(RecoverConfig):
             raise ValueError("seeds must not repeat")
         if self.lr_sweep and self.learning_rates:
             raise ValueError("give either lr_sweep (each method picks its own) or learning_rates, not both")
+        known = set(get_args(RecoverMethod)) | set(self.variants)
+        unknown = [m for m in [*self.methods, *self.learning_rates] if m not in known]
+        if unknown:
+            raise ValueError(f"'{unknown[0]}' is neither a recovery method ({', '.join(get_args(RecoverMethod))}) "
+                             f"nor defined in variants")
+        shared = set(BudgetSettings.model_fields) | {"dataset", "split", "text_field", "loss", "seq_len", "seed",
+                                                     "batch_size", "gradient_accumulation_steps"}
+        for name, settings in self.variants.items():
+            if "method" not in settings or set(settings) & shared:
+                raise ValueError(f"variants.{name}: needs a 'method' and may not change the shared budget, data, "
+                                 f"loss or seed ({', '.join(sorted(set(settings) & shared)) or 'method missing'})")
+            try:
+                RecoverConfig.model_validate(settings)
+            except ValidationError as err:
+                raise ValueError(describe(err, f"variants.{name}")) from None
         return self
 
 

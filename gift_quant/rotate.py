@@ -44,6 +44,7 @@ from torch import nn
 
 from .architectures import Architecture, architecture, decoder_layers
 from .errors import UserError
+from .pinning import PinnedDtype
 
 Kind = Literal["hadamard", "random"]
 _SEED_OFFSETS = {"hidden": 0, "head": 1, "down": 2}  # distinct streams so the three rotations are independent
@@ -147,20 +148,15 @@ def orthogonal_matrix(n: int, mode: Kind, seed: int, dtype: torch.dtype = torch.
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class OnlineRotation(nn.Module):
+class OnlineRotation(PinnedDtype):
     """x ↦ x·(scale·M) computed in float32, for a fixed orthogonal scale·M (row-vector convention)."""
+
+    _PINNED = ("matrix",)  # a bf16 model must not round the rotation itself
 
     def __init__(self, matrix: torch.Tensor, scale: float, kind: Kind):
         super().__init__()
         self.register_buffer("matrix", matrix.to(torch.float32), persistent=False)
         self.scale, self.kind = scale, kind
-
-    def _apply(self, fn, recurse=True):
-        # Follow device moves but never dtype casts: a bf16 model must not round the rotation itself.
-        matrix = self.matrix
-        super()._apply(fn, recurse)
-        self.matrix = matrix.to(self.matrix.device)
-        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # .to(x.device) is a no-op normally; it covers layers dispatched to other devices than the shared module.

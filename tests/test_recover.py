@@ -593,3 +593,21 @@ def test_compare_over_seeds_with_a_learning_rate_sweep(tiny_run) -> None:
     assert by["none"]["ppl_after"] == by["none"]["ppl_before"] and by["none"]["ppl_after_std"] == 0
     table = (out / "comparison.md").read_text()
     assert "± " in table and "lr 0.0001" in table and "beyond the spread" in table
+
+
+def test_compare_variants_are_methods_with_settings_of_their_own(texts) -> None:
+    cfg = CompareConfig(methods=["gift_sw", "gift_scales"], dataset=texts.train,
+                        variants={"gift_scales": {"method": "gift_sw", "train_scales": True,
+                                                  "scales_learning_rate": 1e-5}})
+    from gift_quant.compare import method_config
+
+    run = method_config(cfg, "gift_scales", 1e-3, seed=4)
+    assert (run.method, run.train_scales, run.scales_learning_rate, run.learning_rate, run.seed) == (
+        "gift_sw", True, 1e-5, 1e-3, 4)
+    assert method_config(cfg, "gift_sw", 1e-3, seed=4).train_scales is False
+    with pytest.raises(ValueError, match="neither a recovery method"):
+        CompareConfig(methods=["gift_sw", "mystery"])
+    with pytest.raises(ValueError, match="may not change the shared"):
+        CompareConfig(methods=["x"], variants={"x": {"method": "gift_sw", "max_steps": 9}})
+    with pytest.raises(ValueError, match="train_scales"):
+        CompareConfig(methods=["x"], variants={"x": {"method": "ste", "train_scales": True}})
