@@ -67,7 +67,7 @@ class LinearStats:
 
 
 @dataclass
-class Quantizer:
+class LinearQuantizer:
     """The per-linear *how*: turns one nn.Linear plus its statistics into a QuantizedWeight and a log row."""
 
     cfg: QuantizeConfig
@@ -137,7 +137,7 @@ class LayerCheckpoints(ResultStore):
         self.save(index, tensors, {"rows": json.dumps(rows)})
 
 
-def quantize_model(model, quantizer: Quantizer, windows: torch.Tensor | None, *, device: torch.device,
+def quantize_model(model, quantizer: LinearQuantizer, windows: torch.Tensor | None, *, device: torch.device,
                    true_sequential: bool = True, batch_size: int = 8, checkpoints: LayerCheckpoints | None = None,
                    stop_after: int | None = None) -> list[dict]:
     """Quantize every target linear of `model` in place; returns the per-module log rows.
@@ -193,7 +193,7 @@ def _inputs_of(model, layers, index: int, windows: torch.Tensor, device: torch.d
 
 
 @torch.no_grad()
-def _quantize_layer(layer, chunks, quantizer: Quantizer, targets: dict[str, nn.Linear], prefix: str, groups):
+def _quantize_layer(layer, chunks, quantizer: LinearQuantizer, targets: dict[str, nn.Linear], prefix: str, groups):
     records: dict[str, QuantizedWeight] = {}
     rows = []
     for group in linear_groups(layer, lambda n: prefix + n in targets, groups):
@@ -208,7 +208,7 @@ def _quantize_layer(layer, chunks, quantizer: Quantizer, targets: dict[str, nn.L
     return records, rows
 
 
-def collect_stats(layer, chunks, group: dict[str, nn.Linear], quantizer: Quantizer) -> dict[str, LinearStats]:
+def collect_stats(layer, chunks, group: dict[str, nn.Linear], quantizer: LinearQuantizer) -> dict[str, LinearStats]:
     """Input statistics of each linear in `group`. Linears fed the very same tensor (q/k/v, gate/up) share one
     accumulation, copied at the end: the Hessian is the costliest part of calibration after the forwards."""
     stats: dict[str, LinearStats] = {}
@@ -231,7 +231,7 @@ def collect_stats(layer, chunks, group: dict[str, nn.Linear], quantizer: Quantiz
     return stats
 
 
-def _quantize_without_data(model, quantizer: Quantizer, targets: dict[str, nn.Linear]) -> list[dict]:
+def _quantize_without_data(model, quantizer: LinearQuantizer, targets: dict[str, nn.Linear]) -> list[dict]:
     rows = []
     for name, linear in tqdm(targets.items(), desc=f"quantize (rtn, {quantizer.cfg.bits}-bit, no data)"):
         qw, row = quantizer(name, linear, None)
@@ -252,7 +252,7 @@ def quantize_stage(state, cfg: QuantizeConfig) -> None:
         raise UserError(f"quantize ({cfg.method}{' with salient selection' if select else ''}) needs calibration "
                         f"data: add a 'calibrate' stage before it")
     windows = calib.windows if needs_data else None
-    quantizer = Quantizer(cfg, select, fixed)
+    quantizer = LinearQuantizer(cfg, select, fixed)
     start = time.perf_counter()
     model = state.model
     stamp = fingerprint(state, cfg.model_dump(mode="json", exclude={"resume"}),

@@ -13,7 +13,7 @@ from gift_quant.architectures import ARCHITECTURES
 from gift_quant.calibrate import capture_layer0_inputs, linear_groups
 from gift_quant.config import QuantizeConfig, SelectConfig
 from gift_quant.layers import MixedPrecisionLinear
-from gift_quant.quantize import LayerCheckpoints, Quantizer, quantize_model
+from gift_quant.quantize import LayerCheckpoints, LinearQuantizer, quantize_model
 
 CPU = torch.device("cpu")
 
@@ -24,7 +24,7 @@ def windows(n=8, seq=32, seed=0):
 
 def quantized(model, method="gptq", bits=3, fraction=None, **kw):
     select = SelectConfig(fraction=fraction) if fraction else None
-    rows = quantize_model(model, Quantizer(QuantizeConfig(method=method, bits=bits), select), windows(), device=CPU,
+    rows = quantize_model(model, LinearQuantizer(QuantizeConfig(method=method, bits=bits), select), windows(), device=CPU,
                           batch_size=3, **kw)
     return model, rows
 
@@ -78,7 +78,7 @@ def test_quantized_model_is_the_fake_quant_model_and_salient_columns_get_no_code
 
 def test_rtn_without_selection_needs_no_data():
     model = tiny_llama()
-    rows = quantize_model(model, Quantizer(QuantizeConfig(method="rtn", bits=4), None), None, device=CPU)
+    rows = quantize_model(model, LinearQuantizer(QuantizeConfig(method="rtn", bits=4), None), None, device=CPU)
     assert len(rows) == 14 and all(r["salient"] == 0 for r in rows)
     assert len(records(model)) == 14
 
@@ -109,7 +109,7 @@ def test_a_changed_fingerprint_starts_over(tmp_path):
 def test_targets_select_modules_by_name():
     model = tiny_llama()
     cfg = QuantizeConfig(method="gptq", bits=4, targets=[r"mlp\.(up|down)_proj$"])
-    rows = quantize_model(model, Quantizer(cfg, None), windows(), device=CPU)
+    rows = quantize_model(model, LinearQuantizer(cfg, None), windows(), device=CPU)
     assert sorted({r["module"].split(".")[-1] for r in rows}) == ["down_proj", "up_proj"]
     assert isinstance(model.model.layers[0].self_attn.q_proj, nn.Linear)
 
@@ -118,7 +118,7 @@ def test_bad_group_size_is_a_user_error():
     from gift_quant.errors import UserError
 
     with pytest.raises(UserError, match="does not divide"):
-        quantize_model(tiny_llama(), Quantizer(QuantizeConfig(method="rtn", group_size=48), None), None, device=CPU)
+        quantize_model(tiny_llama(), LinearQuantizer(QuantizeConfig(method="rtn", group_size=48), None), None, device=CPU)
 
 
 def test_linears_reading_one_input_share_statistics_exactly():
@@ -129,7 +129,7 @@ def test_linears_reading_one_input_share_statistics_exactly():
     model = tiny_llama()
     layer = model.model.layers[0]
     chunks = capture_layer0_inputs(model, windows(), CPU, batch_size=3)
-    quantizer = Quantizer(QuantizeConfig(method="gptq"), None)
+    quantizer = LinearQuantizer(QuantizeConfig(method="gptq"), None)
     group = {n: layer.get_submodule(n) for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")}
     shared = collect_stats(layer, chunks, group, quantizer)
     for name, linear in group.items():

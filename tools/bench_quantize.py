@@ -30,7 +30,7 @@ from gift_quant.data import calibration_windows, evaluation_ids, load_documents 
 from gift_quant.evaluate import perplexity  # noqa: E402
 from gift_quant.gptq import GPTQ, GPTQResult  # noqa: E402
 from gift_quant.models import load_model  # noqa: E402
-from gift_quant.quantize import Quantizer, quantize_model  # noqa: E402
+from gift_quant.quantize import LinearQuantizer, quantize_model  # noqa: E402
 from gift_quant.quantized import QuantizedWeight  # noqa: E402
 
 
@@ -149,7 +149,7 @@ def run_one(base, calib, evaluate, method, bits, fraction, rotate, args) -> dict
     cfg = QuantizeConfig(method="rtn" if method == "rtn" else "gptq", bits=bits, mse=args.mse,
                          act_order=args.act_order)
     select = SelectConfig(metric="gift", fraction=fraction) if fraction else None
-    quantizer = Quantizer(cfg, select, solver=SOLVERS.get(method, GPTQ))
+    quantizer = LinearQuantizer(cfg, select, solver=SOLVERS.get(method, GPTQ))
     needs_data = method != "rtn" or select is not None
     quantize_model(model, quantizer, calib if needs_data else None, device=torch.device("cpu"))
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start

@@ -1,6 +1,6 @@
 """Plain reference GPTQ: Frantar et al. 2022 (Algorithm 1 without lazy batching), float64, one column at a time.
 
-Deliberately independent of ``gift_quant.gptq``: instead of the Cholesky trick it keeps the explicit inverse Hessian of
+Deliberately independent of ``gift_quant`` (it imports nothing from it, its uniform quantizer included): instead of the Cholesky trick it keeps the explicit inverse Hessian of
 the not-yet-quantized columns and removes each quantized column with the OBS downdate (paper, eq. 3)
 
     H_F^-1  <-  H_F^-1 - H_F^-1[:, q] H_F^-1[q, :] / H_F^-1[q, q]
@@ -18,7 +18,52 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gift_quant.quantizer import QuantSpec, dequantize, find_params, quantize
+
+
+# ---------------------------------------------------------------- the uniform quantizer, transcribed on its own
+# (GPTQ's min-max quantizer with the clip search of its `mse` option, in float64; `spec` is any object with bits,
+# group_size, sym, mse, grid, max_shrink, norm, so this file imports nothing from the package it checks)
+
+
+def _range_params(xmin: Tensor, xmax: Tensor, spec) -> tuple[Tensor, Tensor]:
+    maxq = 2**spec.bits - 1
+    scale = (xmax - xmin) / maxq
+    zero = torch.full_like(scale, (maxq + 1) / 2) if spec.sym else torch.round(-xmin / scale)
+    return scale, zero
+
+
+def quantize(w: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+def dequantize(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+    return scale * (codes - zero)
+
+
+def find_params(w: Tensor, spec) -> tuple[Tensor, Tensor]:
+    """(scale, zero), each (rows, 1): the range [min(w, 0), max(w, 0)] (symmetric: ±max|w|; an all-zero row: ±1),
+    then, with `mse`, the first shrink factor p = 1 - i/grid (i < max_shrink·grid) minimising Σ|q(w) - w|^norm."""
+    w = w.double()
+    if w.shape[1] == 0:
+        w = torch.zeros(w.shape[0], 1, dtype=torch.float64)
+    xmin, xmax = w.min(1).values.clamp(max=0), w.max(1).values.clamp(min=0)
+    if spec.sym:
+        xmax = torch.maximum(-xmin, xmax)
+        xmin = -xmax
+    flat = (xmin == 0) & (xmax == 0)
+    xmin, xmax = torch.where(flat, -1.0, xmin), torch.where(flat, 1.0, xmax)
+    scale, zero = _range_params(xmin, xmax, spec)
+    if spec.mse:
+        best = torch.full_like(scale, float("inf"))
+        for i in range(int(spec.max_shrink * spec.grid)):
+            p = 1 - i / spec.grid
+            s1, z1 = _range_params(p * xmin, p * xmax, spec)
+            q = dequantize(quantize(w, s1[:, None], z1[:, None], 2**spec.bits - 1), s1[:, None], z1[:, None])
+            err = (q - w).abs().pow(spec.norm).sum(1)
+            better = err < best
+            best, scale, zero = torch.where(better, err, best), torch.where(better, s1, scale), torch.where(better, z1,
+                                                                                                           zero)
+    return scale[:, None], zero[:, None]
 
 
 @dataclass
@@ -42,7 +87,7 @@ def hessian(x: Tensor) -> Tensor:
 def reference_gptq(
     weight: Tensor,
     H: Tensor,
-    spec: QuantSpec,
+    spec,
     salient_idx: Tensor | None = None,
     *,
     percdamp: float = 0.01,
@@ -94,7 +139,7 @@ def reference_gptq(
         if group[j] not in params:  # dynamic group reached for the first time: use the current (updated) weights
             params[group[j]] = params_of(group[j])
         scale, zero = params[group[j]]
-        c = quantize(Wp[:, i : i + 1], scale, zero, spec.maxq)
+        c = quantize(Wp[:, i : i + 1], scale, zero, 2**spec.bits - 1)
         q = dequantize(c, scale, zero)[:, 0]
         codes[:, j] = c[:, 0].long()
         d = Hinv[i, i].item()
