@@ -29,7 +29,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gift_quant.export import export_dense, export_packed, load_quantized, size_report  # noqa: E402
+from gift_quant.checkpoint import load_quantized  # noqa: E402
+from gift_quant.export import export_dense, export_packed, size_report  # noqa: E402
 from gift_quant.packing import PackedLinear  # noqa: E402
 
 MB = 2**20

@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gift_quant.export import INDEX, load_quantized  # noqa: E402
+from gift_quant.checkpoint import INDEX, load_quantized  # noqa: E402
 from gift_quant.packing import unpack_zeros  # noqa: E402
 
 GIFT_ONLY = (".salient_idx", ".salient_weight")
