@@ -25,6 +25,8 @@ def __getattr__(name: str):
 
 
 def _register() -> None:
+    if "gift_quant.hf_quantizer" in sys.modules:
+        return  # importing it is what imported transformers' registry; it registers itself when it finishes
     from .hf_quantizer import register
 
     register()

@@ -30,8 +30,9 @@ _BLOCK_N = 64  # the kernel's layout: [N / 64][K][32] bytes, row i of a block in
 class Int4Weight:
     packed: torch.Tensor  # uint8 (N, K/2), the kernel's layout
     scale_offset: torch.Tensor  # bf16 (K/G, N, 2), the kernel's scales and offsets
-    scale: torch.Tensor  # float32 (N, K/G), for the dense path
-    offset: torch.Tensor | None  # float32 (N, K/G), None when the codes are shifted (offset 0)
+    scale: torch.Tensor  # float32 (N, n_groups), per quantization group, for the dense path
+    offset: torch.Tensor | None  # float32 (N, n_groups), None when the codes are shifted (offset 0)
+    groups: torch.Tensor  # (K/G,) quantization group of each kernel group
     group: int  # kernel group width G
     perm: torch.Tensor | None  # input-column order making groups contiguous; None when already in order
     dense_ok: bool  # the packed layout was verified against the codes, so the dense path can unpack it
@@ -84,35 +85,39 @@ def build(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx:
     c = (codes if perm is None else codes[:, perm]).to(torch.int32)
     width = kernel_group(g)
     first = g.view(-1, width)[:, 0]  # quantization group of each kernel group
-    s, z = scales[:, first].float(), zeros[:, first].float()  # (N, K/G)
-    z_cols = z.repeat_interleave(width, dim=1).to(torch.int32)
-    shifted = c - z_cols + 8
+    scales, zeros = scales.float(), zeros.float()
+    shifted = c - zeros.to(torch.int32)[:, g] + 8
     if bool(((shifted >= 0) & (shifted <= 15)).all()):
         q, offset = shifted, None
     else:
-        q, offset = c, s * (8 - z)
+        q, offset = c, scales * (8 - zeros)
+    del shifted
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 2)
-    kernel_offset = torch.zeros_like(s) if offset is None else offset
-    scale_offset = torch.stack([s.t(), kernel_offset.t()], dim=-1).to(torch.bfloat16).contiguous()
-    dense_ok = q.shape[0] % _BLOCK_N == 0 and torch.equal(_unpack(packed, q.shape[1]).to(torch.int32), q)
-    return Int4Weight(packed, scale_offset, s.contiguous(), offset, width, perm, dense_ok)
+    kernel_offset = torch.zeros_like(scales) if offset is None else offset
+    scale_offset = torch.stack([scales[:, first].t(), kernel_offset[:, first].t()], dim=-1).to(torch.bfloat16)
+    dense_ok = q.shape[0] % _BLOCK_N == 0 and torch.equal(_unpack(packed, q.shape[1]), q)
+    return Int4Weight(packed, scale_offset.contiguous(), scales, offset, first, width, perm, dense_ok)
 
 
-def _unpack(packed: torch.Tensor, in_features: int) -> torch.Tensor:
-    """uint8 codes (N, K) from the kernel layout (N a multiple of 64)."""
+def _unpack(packed: torch.Tensor, in_features: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """Codes (N, K) in ``dtype`` from the kernel layout (N a multiple of 64), with one temporary per nibble."""
     n = packed.shape[0]
     v = packed.view(n // _BLOCK_N, in_features, _BLOCK_N // 2)
-    return torch.cat([v & 15, v >> 4], dim=2).transpose(1, 2).reshape(n, in_features)
+    out = torch.empty(n // _BLOCK_N, _BLOCK_N, in_features, dtype=dtype, device=packed.device)
+    out[:, : _BLOCK_N // 2] = (v & 15).transpose(1, 2)
+    out[:, _BLOCK_N // 2:] = (v >> 4).transpose(1, 2)
+    return out.view(n, in_features)
 
 
 def dequantize(w: Int4Weight, in_features: int) -> torch.Tensor:
-    """float32 (N, K) weight in the permuted column order; with shifted codes exactly s·(c − z)."""
+    """float32 (N, K) weight in the permuted column order, built in place (prefill runs this for every linear);
+    with shifted codes exactly s·(c − z), the reference's arithmetic."""
     n = w.packed.shape[0]
-    q = _unpack(w.packed, in_features).view(n, -1, w.group).to(torch.float32) - 8
-    deq = q * w.scale.unsqueeze(2)
+    deq = _unpack(w.packed, in_features, torch.float32).view(n, -1, w.group)
+    deq.sub_(8).mul_(w.scale[:, w.groups].unsqueeze(2))
     if w.offset is not None:
-        deq = deq + w.offset.unsqueeze(2)
-    return deq.reshape(n, in_features)
+        deq.add_(w.offset[:, w.groups].unsqueeze(2))
+    return deq.view(n, in_features)
 
 
 def matmul(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:

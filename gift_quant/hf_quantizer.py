@@ -26,6 +26,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from gift_quant import checkpoint as ckpt
+from gift_quant.kernels import limit_heap_growth
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,8 @@ class GiftSWHfQuantizer(HfQuantizer):
             raise ckpt.CheckpointError("gift_sw checkpoints load from a folder of safetensors files")
         folder = Path(checkpoint_files[0]).parent
         qc = self.quantization_config.to_dict()
+        if not torch.cuda.is_available():
+            limit_heap_growth()  # before the loading's own temporaries (see there)
         ckpt.verify_manifest(folder, ckpt.VERIFY_CHECKSUMS.get())
         ckpt.check_quantization_config(qc, folder)
         headers = ckpt.tensor_headers(folder)
@@ -74,6 +77,7 @@ class GiftSWHfQuantizer(HfQuantizer):
 
             restore_online_modules(model, qc["rotation"])  # non-persistent buffers: built on the loaded device
         model.gift_quant_config = qc
+        _own_storage(model)
         used = set_kernel(model)
         log.info("gift_sw: packed linears per kernel: %s", dict(used))
         return model
@@ -94,9 +98,25 @@ class GiftSWHfQuantizer(HfQuantizer):
         return True
 
 
+def _own_storage(model: Any) -> None:
+    """Copy tensors that alias the safetensors memory map (those loaded without a dtype change) into memory of
+    their own, one at a time, so the map is released: while mapped, every page of the file that loading touched
+    (the fp16 source of a float32 embedding included) stays resident in the process."""
+    for p in model.parameters():  # tied parameters once
+        if p.device.type == "cpu":
+            p.data = p.data.clone()
+    for module in model.modules():
+        for name, t in module._buffers.items():
+            if t is not None and t.device.type == "cpu":
+                module._buffers[name] = t.clone()
+
+
 def register() -> None:
     """Make transformers know ``quant_method: gift_sw`` (idempotent)."""
     if ckpt.QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
         register_quantization_config(ckpt.QUANT_METHOD)(GiftSWConfig)
     if ckpt.QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(ckpt.QUANT_METHOD)(GiftSWHfQuantizer)
+
+
+register()

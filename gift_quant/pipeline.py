@@ -33,6 +33,7 @@ STAGE_FUNCTIONS: dict[str, str] = {
     "recover": "gift_quant.recover:recover_stage",
     "compare": "gift_quant.compare:compare_stage",
     "export": "gift_quant.export:export_stage",
+    "zero_shot": "gift_quant.zero_shot:zero_shot_stage",
 }
 
 

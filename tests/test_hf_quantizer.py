@@ -86,14 +86,16 @@ def test_checkpoint_checks_apply_on_from_pretrained(export, tmp_path):
         AutoModelForCausalLM.from_pretrained(bad)
 
 
-def test_importing_gift_quant_registers_without_importing_torch(export):
-    code = ("import sys, gift_quant; assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
+@pytest.mark.parametrize("first,torch_imported", [("import gift_quant", "False"),  # stays light (--dry-run)
+                                                   ("import gift_quant.hf_quantizer", "True")])
+def test_importing_gift_quant_registers_gift_sw(export, first, torch_imported):
+    code = (f"import sys; {first}; print('torch' in sys.modules)\n"
             "from transformers import AutoModelForCausalLM\n"
             f"m = AutoModelForCausalLM.from_pretrained({str(export)!r})\n"
             "print(type(m.model.layers[1].mlp.up_proj).__name__, m.dtype)")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.split() == ["PackedLinear", "torch.float16"]  # dtype "auto": the export's
+    assert run.stdout.split() == [torch_imported, "PackedLinear", "torch.float16"]  # dtype "auto": the export's
 
 
 def test_trainer_evaluates_the_export(export, tmp_path):
