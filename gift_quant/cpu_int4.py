@@ -16,6 +16,7 @@ bf16 (activations, scales and output rounded to 8 significant bits).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -95,29 +96,45 @@ def build(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx:
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 2)
     kernel_offset = torch.zeros_like(scales) if offset is None else offset
     scale_offset = torch.stack([scales[:, first].t(), kernel_offset[:, first].t()], dim=-1).to(torch.bfloat16)
-    dense_ok = q.shape[0] % _BLOCK_N == 0 and torch.equal(_unpack(packed, q.shape[1]), q)
+    dense_ok = q.shape[0] % _BLOCK_N == 0 and torch.equal(_unpack(packed, q.shape[1]), q)  # the layout we read
     return Int4Weight(packed, scale_offset.contiguous(), scales, offset, first, width, perm, dense_ok)
 
 
-def _unpack(packed: torch.Tensor, in_features: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
-    """Codes (N, K) in ``dtype`` from the kernel layout (N a multiple of 64), with one temporary per nibble."""
+def _unpack(packed: torch.Tensor, in_features: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Codes (N, K) from the kernel layout (N a multiple of 64), into ``out`` (default: a new int32 tensor)."""
     n = packed.shape[0]
     v = packed.view(n // _BLOCK_N, in_features, _BLOCK_N // 2)
-    out = torch.empty(n // _BLOCK_N, _BLOCK_N, in_features, dtype=dtype, device=packed.device)
-    out[:, : _BLOCK_N // 2] = (v & 15).transpose(1, 2)
-    out[:, _BLOCK_N // 2:] = (v >> 4).transpose(1, 2)
+    if out is None:
+        out = torch.empty(n * in_features, dtype=torch.int32, device=packed.device)
+    blocks = out.view(n // _BLOCK_N, _BLOCK_N, in_features)
+    blocks[:, : _BLOCK_N // 2] = (v & 15).transpose(1, 2)
+    blocks[:, _BLOCK_N // 2:] = (v >> 4).transpose(1, 2)
     return out.view(n, in_features)
 
 
-def dequantize(w: Int4Weight, in_features: int) -> torch.Tensor:
-    """float32 (N, K) weight in the permuted column order, built in place (prefill runs this for every linear);
+def dequantize(w: Int4Weight, in_features: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 (N, K) weight in the permuted column order, built in place in ``out`` (default: a new tensor);
     with shifted codes exactly s·(c − z), the reference's arithmetic."""
     n = w.packed.shape[0]
-    deq = _unpack(w.packed, in_features, torch.float32).view(n, -1, w.group)
+    if out is None:
+        out = torch.empty(n * in_features, dtype=torch.float32, device=w.packed.device)
+    deq = _unpack(w.packed, in_features, out).view(n, -1, w.group)
     deq.sub_(8).mul_(w.scale[:, w.groups].unsqueeze(2))
     if w.offset is not None:
         deq.add_(w.offset[:, w.groups].unsqueeze(2))
     return deq.view(n, in_features)
+
+
+_scratch = threading.local()
+
+
+def _scratch_buffer(numel: int, device: torch.device) -> torch.Tensor:
+    """One float32 buffer per thread that every linear's prefill dequantizes into: a fresh MB-sized weight per
+    linear per forward would churn the allocator (glibc keeps such freed blocks: ~50 MB of RSS on SmolLM2)."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < numel or buf.device != device:
+        buf = _scratch.buf = torch.empty(numel, dtype=torch.float32, device=device)
+    return buf[:numel]
 
 
 def matmul(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -126,7 +143,8 @@ def matmul(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None) -> 
         x = x.index_select(-1, w.perm)
     k = x.shape[-1]
     if x.numel() > DENSE_ROWS * k and w.dense_ok:
-        return F.linear(x, dequantize(w, k).to(x.dtype), bias)  # bias inside, as the reference path adds it
+        weight = dequantize(w, k, _scratch_buffer(w.packed.shape[0] * k, x.device))
+        return F.linear(x, weight.to(x.dtype), bias)  # bias inside, as the reference path adds it
     flat = x.reshape(-1, k).to(torch.bfloat16)
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, w.packed, w.group, w.scale_offset)
     y = y.to(x.dtype).reshape(*x.shape[:-1], -1)

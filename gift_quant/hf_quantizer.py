@@ -26,7 +26,6 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from gift_quant import checkpoint as ckpt
-from gift_quant.kernels import limit_heap_growth
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +58,6 @@ class GiftSWHfQuantizer(HfQuantizer):
             raise ckpt.CheckpointError("gift_sw checkpoints load from a folder of safetensors files")
         folder = Path(checkpoint_files[0]).parent
         qc = self.quantization_config.to_dict()
-        if not torch.cuda.is_available():
-            limit_heap_growth()  # before the loading's own temporaries (see there)
         ckpt.verify_manifest(folder, ckpt.VERIFY_CHECKSUMS.get())
         ckpt.check_quantization_config(qc, folder)
         headers = ckpt.tensor_headers(folder)

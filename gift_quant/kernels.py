@@ -53,8 +53,6 @@ def set_kernel(model: nn.Module, kernel: str = "auto") -> Counter:
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     modules = packed_linears(model).values()
-    if kernel == "auto" and any(m.qweight.device.type == "cpu" for m in modules):
-        limit_heap_growth()
     used = Counter()
     for m in modules:
         m.kernel = kernel
@@ -63,31 +61,15 @@ def set_kernel(model: nn.Module, kernel: str = "auto") -> Counter:
     return used
 
 
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-MMAP_THRESHOLD = 256 * 1024
-
-
 def _libc() -> Any:
     name = ctypes.util.find_library("c")
     libc = ctypes.CDLL(name) if name else None
-    return libc if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-
-
-def limit_heap_growth() -> None:
-    """Keep the CPU path's large temporaries out of the resident set (glibc only; elsewhere a no-op).
-
-    Building the kernel forms, and every prefill (which dequantizes one weight per linear), allocate and free
-    blocks of MBs. glibc serves such blocks with mmap until the first is freed, then raises its mmap threshold to
-    that size and serves them from the heap, whose freed memory is reused and stays resident: ~50 MB of RSS on
-    SmolLM2 after a 512-token prefill. Fixing the threshold at 256 KiB before loading (process-wide, as
-    ``MALLOC_MMAP_THRESHOLD_=262144`` would) returns such blocks to the OS when they are freed."""
-    libc = _libc()
-    if libc is not None:
-        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
 
 
 def trim_heap() -> None:
-    """Hand freed heap memory back to the OS (glibc's malloc_trim; elsewhere a no-op)."""
+    """Hand the heap memory freed by the builds' temporaries back to the OS (glibc keeps it otherwise, and it would
+    count as the model's resident memory); glibc's malloc_trim, elsewhere a no-op."""
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)

@@ -263,9 +263,15 @@ class PackedLinear(nn.Module):
         if x.dtype in FAST_DTYPES and not (x.requires_grad and torch.is_grad_enabled()):
             self.prepare()
             fast = self._fast[1]
-        y = fast(x, bias) if fast is not None else F.linear(x, self._dense_weight(x.dtype), bias)
-        if self.salient_idx.numel():  # a small dense (out × k) matmul on every path
-            y = y + F.linear(x.index_select(-1, self.salient_idx), self.salient_weight.to(x.dtype))
+        if fast is None:
+            y = F.linear(x, self._dense_weight(x.dtype), bias)
+            if self.salient_idx.numel():  # a small dense (out × k) matmul on every path
+                y = y + F.linear(x.index_select(-1, self.salient_idx), self.salient_weight.to(x.dtype))
+            return y
+        y = fast(x, bias)
+        if self.salient_idx.numel():  # accumulated in place: no second (rows × out) temporary per linear
+            x_s = x.index_select(-1, self.salient_idx).reshape(-1, self.salient_idx.numel())
+            y.view(-1, self.out_features).addmm_(x_s, self.salient_weight.to(x.dtype).t())
         return y
 
     def to_quantized_weight(self) -> QuantizedWeight:
