@@ -74,7 +74,7 @@ class GiftSWHfQuantizer(HfQuantizer):
 
             restore_online_modules(model, qc["rotation"])  # non-persistent buffers: built on the loaded device
         model.gift_quant_config = qc
-        _own_storage(model)
+        _own_storage(model, ckpt.DTYPES[qc["dtype"]])
         used = set_kernel(model)
         log.info("gift_sw: packed linears per kernel: %s", dict(used))
         return model
@@ -95,16 +95,20 @@ class GiftSWHfQuantizer(HfQuantizer):
         return True
 
 
-def _own_storage(model: Any) -> None:
-    """Copy tensors that alias the safetensors memory map (those loaded without a dtype change) into memory of
-    their own, one at a time, so the map is released: while mapped, every page of the file that loading touched
-    (the fp16 source of a float32 embedding included) stays resident in the process."""
+def _own_storage(model: Any, stored: torch.dtype) -> None:
+    """Copy tensors that alias the safetensors memory map (those loaded without a dtype change: integers, fp16
+    packed scales and salient weights, and floats in the export's ``stored`` dtype) into memory of their own, one
+    at a time, so the map is released: while mapped, every page of the file that loading touched (the fp16 source
+    of a float32 embedding included) stays resident in the process."""
+    def aliased(t: torch.Tensor) -> bool:
+        return t.device.type == "cpu" and (not t.is_floating_point() or t.dtype in (stored, torch.float16))
+
     for p in model.parameters():  # tied parameters once
-        if p.device.type == "cpu":
+        if aliased(p):
             p.data = p.data.clone()
     for module in model.modules():
         for name, t in module._buffers.items():
-            if t is not None and t.device.type == "cpu":
+            if t is not None and aliased(t):
                 module._buffers[name] = t.clone()
 
 

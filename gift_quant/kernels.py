@@ -61,15 +61,13 @@ def set_kernel(model: nn.Module, kernel: str = "auto") -> Counter:
     return used
 
 
-def _libc() -> Any:
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
-
-
 def trim_heap() -> None:
     """Hand the heap memory freed by the builds' temporaries back to the OS (glibc keeps it otherwise, and it would
     count as the model's resident memory); glibc's malloc_trim, elsewhere a no-op."""
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        trim = None
+    if trim is not None:
+        trim(0)
