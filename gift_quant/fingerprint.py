@@ -11,7 +11,7 @@ from typing import Any, Iterable
 import torch
 
 # Stages that leave the model as they found it: adding or changing one never invalidates later results.
-NO_EFFECT = {"evaluate", "compare", "export"}
+NO_EFFECT = {"evaluate", "compare", "export", "zero_shot"}
 # Settings that change what is logged or whether to resume, not what is computed.
 NOT_RESULT = {"resume"}
 

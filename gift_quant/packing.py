@@ -22,14 +22,16 @@ pack are therefore laid out exactly as GPTQ lays them out.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gift_quant.pinning import PinnedDtype
 from gift_quant.quantized import QuantizedWeight
+from gift_quant.quantizer import SUPPORTED_BITS
 
-SUPPORTED_BITS = (2, 3, 4, 8)
 _WORD = 32
 _MASK32 = 0xFFFFFFFF
 
@@ -115,14 +117,18 @@ def unpack_zeros(qzeros: torch.Tensor, bits: int, out_features: int) -> torch.Te
     return ((stored + 1) & (2**bits - 1)).to(torch.float32)
 
 
-class PackedLinear(nn.Module):
-    """y = x W_qᵀ + x[..., S] W_Sᵀ + b, with W_q dequantized from the packed codes at every forward.
+class PackedLinear(PinnedDtype):
+    """y = x W_qᵀ + x[..., S] W_Sᵀ + b, the quantized part W_q computed from the packed codes.
 
     The buffers are exactly the checkpoint's tensors (``state_dict()`` is what export writes). ``scales`` and
     ``salient_weight`` stay fp16 under ``model.to(dtype)`` (only device moves apply): they are the stored values,
-    and a cast to bf16 would round them. ``cache_dense=True`` keeps the dequantized weight between forwards (speed
-    for memory); by default it is rebuilt each time so resident memory stays that of the packed tensors.
-    ``dtype`` is the bias's (the model's compute dtype); the forward computes in the input's dtype.
+    and a cast to bf16 would round them. ``dtype`` is the bias's (the model's compute dtype); the forward computes
+    in the input's dtype.
+
+    W_q x runs on a fast kernel for the device when one fits (``kernel="auto"``, see :mod:`gift_quant.kernels`;
+    ``kernel_used`` names it, or says why not) and otherwise on the reference path: W_q dequantized from the codes
+    at every forward. ``cache_dense=True`` keeps the reference path's dequantized weight between forwards (speed for
+    memory).
     """
 
     _PINNED = ("scales", "salient_weight")
@@ -141,12 +147,16 @@ class PackedLinear(nn.Module):
         dtype: torch.dtype = torch.float16,
         device: torch.device | str | None = None,
         cache_dense: bool = False,
+        kernel: str = "auto",
     ) -> None:
         super().__init__()
         _block(bits)  # validates bits
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.sym = bits, group_size, sym
         self.cache_dense = cache_dense
+        self.kernel = kernel
+        self.kernel_used = "not built yet"
+        self._fast: tuple[tuple, Any] = ((), None)  # (buffer key, fast matmul or None)
         self._dense: torch.Tensor | None = None
         self._order_key: tuple | None = None
         self._order_ok = False
@@ -231,13 +241,38 @@ class PackedLinear(nn.Module):
     def clear_cache(self) -> None:
         self._dense = None
 
+    def _buffers_key(self) -> tuple:
+        tensors = (self.qweight, self.qzeros, self.scales, self.g_idx)
+        return (self.kernel, self.qweight.device, *((t.data_ptr(), t._version) for t in tensors))
+
+    def prepare(self) -> str:
+        """Build the fast form for the current buffers and device if they changed; returns ``kernel_used``."""
+        from gift_quant.kernels import build_fast
+
+        key = self._buffers_key()
+        if self._fast[0] != key:
+            self._fast = (key, None)  # drop the old form before building the new one (peak memory)
+            fast, self.kernel_used = build_fast(self)
+            self._fast = (key, fast)
+        return self.kernel_used
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # A fused GPU kernel (GPTQ/Marlin/ExLlama-style dequant-matmul on qweight/qzeros/scales/g_idx) would replace
-        # these two lines on CUDA; the salient term is a small dense (out × k) matmul either way.
-        w = self._dense_weight(x.dtype)
-        y = F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
-        if self.salient_idx.numel():
-            y = y + F.linear(x.index_select(-1, self.salient_idx), self.salient_weight.to(x.dtype))
+        from gift_quant.kernels import FAST_DTYPES
+
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        fast = None
+        if x.dtype in FAST_DTYPES and not (x.requires_grad and torch.is_grad_enabled()):
+            self.prepare()
+            fast = self._fast[1]
+        if fast is None:
+            y = F.linear(x, self._dense_weight(x.dtype), bias)
+            if self.salient_idx.numel():  # a small dense (out × k) matmul on every path
+                y = y + F.linear(x.index_select(-1, self.salient_idx), self.salient_weight.to(x.dtype))
+            return y
+        y = fast(x, bias)
+        if self.salient_idx.numel():  # accumulated in place: no second (rows × out) temporary per linear
+            x_s = x.index_select(-1, self.salient_idx).reshape(-1, self.salient_idx.numel())
+            y.view(-1, self.out_features).addmm_(x_s, self.salient_weight.to(x.dtype).t())
         return y
 
     def to_quantized_weight(self) -> QuantizedWeight:
@@ -273,12 +308,9 @@ class PackedLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         self.clear_cache()
-        pinned = {n: self._buffers.pop(n) for n in self._PINNED if n in self._buffers}
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            for n, t in pinned.items():
-                self._buffers[n] = t.to(self.qweight.device)
+        super()._apply(fn, recurse)  # PinnedDtype: scales and salient weights keep their stored fp16
+        if self._fast[0] != self._buffers_key():  # moved: the old device's fast form is stale
+            self._fast = ((), None)
         return self
 
     def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[override]

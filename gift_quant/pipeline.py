@@ -34,6 +34,7 @@ STAGE_FUNCTIONS: dict[str, str] = {
     "compare": "gift_quant.compare:compare_stage",
     "reconstruct": "gift_quant.reconstruct:reconstruct_stage",
     "export": "gift_quant.export:export_stage",
+    "zero_shot": "gift_quant.zero_shot:zero_shot_stage",
 }
 
 

@@ -19,7 +19,8 @@ from safetensors import safe_open
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from gift_quant.export import CheckpointError, export_dense, export_packed, load_quantized, size_report
+from gift_quant.checkpoint import CheckpointError, load_quantized
+from gift_quant.export import export_dense, export_packed, size_report
 from gift_quant.layers import MixedPrecisionLinear, quantized_modules, replace_linears
 from gift_quant.packing import PackedLinear
 from gift_quant.quantizer import QuantSpec, rtn
@@ -138,7 +139,7 @@ def test_folder_layout_and_config(exported, quantized):
 
 
 def test_float32_reload_is_bit_exact(exported, quantized):
-    model = load_quantized(exported[0], dtype=torch.float32)
+    model = load_quantized(exported[0], dtype=torch.float32, kernel="reference")
     assert all(isinstance(model.get_submodule(n), PackedLinear) for n in quantized_modules(quantized))
     assert model.lm_head.weight is model.model.embed_tokens.weight
     x = ids()
@@ -153,14 +154,14 @@ def test_float16_reload_within_tolerance(exported, quantized):
 
 
 def test_greedy_generation_identical(exported, quantized):
-    model = load_quantized(exported[0], dtype=torch.float32)
+    model = load_quantized(exported[0], dtype=torch.float32, kernel="reference")
     prompt = ids(1, 4)
     kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=2)
     assert torch.equal(model.generate(prompt, **kwargs), quantized.generate(prompt, **kwargs))
 
 
 def test_reloaded_model_exports_identical_tensors(exported, tmp_path):
-    model = load_quantized(exported[0], dtype=torch.float32)
+    model = load_quantized(exported[0], dtype=torch.float32, kernel="reference")
     info = export_packed(model, None, tmp_path / "again", quant_info=model.gift_quant_config)
     first, second = read_tensors(exported[0]), read_tensors(tmp_path / "again")
     assert first.keys() == second.keys()
@@ -179,7 +180,7 @@ def test_sharded_export_loads_identically(quantized, tmp_path):
     assert set(index["weight_map"].values()) == set(shards)
     assert all(p.stat().st_size <= 20_000 + 8192 for p in out.glob("model-*.safetensors"))  # + header
     x = ids()
-    assert torch.equal(logits(load_quantized(out, dtype=torch.float32), x), logits(quantized, x))
+    assert torch.equal(logits(load_quantized(out, dtype=torch.float32, kernel="reference"), x), logits(quantized, x))
 
 
 def test_untied_model_with_biases_and_bfloat16(tmp_path):
@@ -190,7 +191,7 @@ def test_untied_model_with_biases_and_bfloat16(tmp_path):
     assert "lm_head.weight" in tensors and tensors["lm_head.weight"].dtype == torch.bfloat16
     assert tensors["model.layers.0.self_attn.q_proj.bias"].dtype == torch.bfloat16
     assert tensors["model.layers.0.self_attn.q_proj.scales"].dtype == torch.float16  # format: always fp16
-    loaded = load_quantized(out, dtype=torch.float32)
+    loaded = load_quantized(out, dtype=torch.float32, kernel="reference")
     assert loaded.lm_head.weight is not loaded.model.embed_tokens.weight
     x = ids()
     # bf16 rounds the unquantized parameters and biases (salient weights stay fp16): round the reference alike.
@@ -213,7 +214,7 @@ def test_mixed_bits_are_recorded_per_module(tmp_path):
     assert qc["module_overrides"]["model.layers.0.mlp.up_proj"] == {"bits": 2, "group_size": -1, "sym": False}
     assert qc["module_overrides"]["model.layers.0.self_attn.k_proj"] == {"bits": 4, "group_size": -1, "sym": True}
     x = ids()
-    assert torch.equal(logits(load_quantized(out, dtype=torch.float32), x), logits(model, x))
+    assert torch.equal(logits(load_quantized(out, dtype=torch.float32, kernel="reference"), x), logits(model, x))
 
 
 def test_quant_info_must_agree_with_the_tensors(quantized, tmp_path):
@@ -236,7 +237,7 @@ def test_rotation_record_restores_online_modules(tmp_path):
     quantize(model)
     out = tmp_path / "rotated"
     export_packed(model, None, out, quant_info={"rotation": record})
-    loaded = load_quantized(out, dtype=torch.float32)
+    loaded = load_quantized(out, dtype=torch.float32, kernel="reference")
     assert hasattr(loaded.model.layers[0].mlp, "online_rotation")
     x = ids()
     assert torch.equal(logits(loaded, x), logits(model, x))
@@ -245,7 +246,7 @@ def test_rotation_record_restores_online_modules(tmp_path):
 
 
 def test_dense_export_matches_packed_model(exported, tmp_path):
-    packed = load_quantized(exported[0], dtype=torch.float32)
+    packed = load_quantized(exported[0], dtype=torch.float32, kernel="reference")
     out = tmp_path / "dense"
     export_dense(packed, tiny_tokenizer(), out, dtype=torch.float32)
     config = json.loads((out / "config.json").read_text())
@@ -307,7 +308,7 @@ def copy_of(exported, tmp_path):
 
 def assert_rejected(folder: Path, match: str) -> None:
     with pytest.raises(CheckpointError, match=match) as err:
-        load_quantized(folder, dtype=torch.float32)
+        load_quantized(folder, dtype=torch.float32, kernel="reference")
     assert "\n" not in str(err.value) and isinstance(err.value, ValueError)
 
 
@@ -372,7 +373,7 @@ def test_failed_export_leaves_previous_folder_intact(exported, quantized, tmp_pa
     with pytest.raises(RuntimeError, match="disk full"):
         export_packed(quantized, BrokenTokenizer(), out, quant_info={})
     assert [p.name for p in tmp_path.iterdir()] == ["target"]  # temporary sibling removed
-    load_quantized(out, dtype=torch.float32)  # the previous export is untouched and still valid
+    load_quantized(out, dtype=torch.float32, kernel="reference")  # the previous export is untouched and still valid
     with pytest.raises(RuntimeError):
         export_packed(quantized, BrokenTokenizer(), tmp_path / "fresh", quant_info={})
     assert not (tmp_path / "fresh").exists()

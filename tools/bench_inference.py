@@ -1,14 +1,16 @@
-"""Packed vs dense inference on CPU: checkpoint size, resident memory after load, decode tokens/s.
+"""Packed vs dense inference on CPU: checkpoint size, resident memory after load, prefill and decode tokens/s.
 
     python tools/bench_inference.py --model-dir outputs/run/packed [--new-tokens 32] [--threads 2]
     python tools/bench_inference.py --tiny            # builds a tiny random quantized export first (smoke test)
 
-The packed model is ``load_quantized`` (PackedLinear: codes dequantized at every forward, compute in --dtype);
-the dense model is the same weights merged into plain fp32 ``nn.Linear`` (``export_dense`` to a temporary folder,
-loaded with ``AutoModelForCausalLM``). Each model is measured in its own child process so that one model's freed
-memory cannot hide the other's RSS growth (``--in-process`` measures both here, sequentially: faster, RSS less
-trustworthy). Decode speed is (N-1) / (t(N new tokens) - t(1 new token)), greedy, median over --repeats, so the
-prompt's prefill is excluded.
+The packed model is loaded the Hugging Face way (``AutoModelForCausalLM.from_pretrained`` once gift_quant is
+imported) and runs its fast kernels (``--kernel auto``: torch's int4 kernel on the CPU, see gift_quant.cpu_int4) or
+the reference path (``--kernel reference``: codes dequantized at every forward; ``--cache-dense`` keeps them); it
+computes in --dtype. The dense model is the same weights merged into plain fp32 ``nn.Linear`` (``export_dense`` to a
+temporary folder, loaded with ``AutoModelForCausalLM``). Each model is measured in its own child process so that
+one model's freed memory cannot hide the other's RSS growth (``--in-process`` measures both here, sequentially:
+faster, RSS less trustworthy), alternating --rounds times (ratios: median over rounds). Decode speed is (N-1) / (t(N new tokens) - t(1 new token)), greedy, median over
+--repeats, so the prompt's prefill is excluded; prefill speed is --prefill-tokens / t(one forward over them).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import gc
 import json
 import statistics
 import subprocess
+from collections import Counter
 import sys
 import tempfile
 import time
@@ -29,7 +32,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gift_quant.export import export_dense, export_packed, load_quantized, size_report  # noqa: E402
+from gift_quant.checkpoint import load_quantized  # noqa: E402
+from gift_quant.export import export_dense, export_packed, size_report  # noqa: E402
+from gift_quant.kernels import set_kernel  # noqa: E402
 from gift_quant.packing import PackedLinear  # noqa: E402
 
 MB = 2**20
@@ -71,16 +76,30 @@ def warm_imports(dense_dir: Path) -> None:
     MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(dense_dir))]
 
 
-def load(kind: str, model_dir: Path, dense_dir: Path, dtype: torch.dtype, cache_dense: bool):
+def load(kind: str, model_dir: Path, dense_dir: Path, dtype: torch.dtype, cache_dense: bool, kernel: str):
+    from transformers import AutoModelForCausalLM
+
     if kind == "packed":
-        model = load_quantized(model_dir, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
         for m in model.modules():
             if isinstance(m, PackedLinear):
                 m.cache_dense = cache_dense
+        set_kernel(model, kernel)
         return model
-    from transformers import AutoModelForCausalLM
-
     return AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def prefill_speed(model, tokens: int, repeats: int) -> float:
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(1))
+
+    def run() -> float:
+        t0 = time.perf_counter()
+        model(ids, use_cache=False, logits_to_keep=1)
+        return time.perf_counter() - t0
+
+    run()  # warm-up
+    return tokens / max(statistics.median(run() for _ in range(repeats)), 1e-9)
 
 
 @torch.no_grad()
@@ -101,23 +120,50 @@ def decode_speed(model, prompt_tokens: int, new_tokens: int, repeats: int) -> fl
 def measure(kind: str, args: argparse.Namespace) -> dict:
     warm_imports(Path(args.dense_dir))
     before = rss()
-    model = load(kind, Path(args.model_dir), Path(args.dense_dir), getattr(torch, args.dtype), args.cache_dense)
+    model = load(kind, Path(args.model_dir), Path(args.dense_dir), getattr(torch, args.dtype), args.cache_dense,
+                 args.kernel)
     after = rss()
     tps = decode_speed(model, args.prompt_tokens, args.new_tokens, args.repeats)
     # With --cache-dense the dequantized weights appear during the first forward: report that footprint too.
-    return {"rss_delta_bytes": after - before, "rss_delta_after_decode_bytes": rss() - before, "tokens_per_s": tps}
+    after_decode = rss()
+    prefill = prefill_speed(model, args.prefill_tokens, args.repeats)
+    kernels = dict(Counter(m.kernel_used for m in model.modules() if isinstance(m, PackedLinear)))
+    return {"rss_delta_bytes": after - before, "rss_delta_after_decode_bytes": after_decode - before,
+            "rss_delta_after_prefill_bytes": rss() - before, "tokens_per_s": tps, "prefill_tokens_per_s": prefill,
+            "kernels": kernels, "threads": torch.get_num_threads()}
 
 
 def measure_in_child(kind: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--model-dir", str(args.model_dir), "--dense-dir",
            str(args.dense_dir), "--dtype", args.dtype, "--prompt-tokens", str(args.prompt_tokens),
-           "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
+           "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--kernel", args.kernel,
+           "--prefill-tokens", str(args.prefill_tokens)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if args.cache_dense:
         cmd += ["--cache-dense"]
     run = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def kernel_perplexity(model_dir: str, windows: int, seq_len: int) -> dict[str, float]:
+    """WikiText-2 perplexity of the packed model on its fast kernels and on the reference path, in float32:
+    windows of up to 64 tokens run the bf16 int4 kernel, longer ones its float32 dense path."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gift_quant.config import TextSource
+    from gift_quant.data import evaluation_ids, load_documents
+    from gift_quant.evaluate import perplexity
+
+    ids = evaluation_ids(AutoTokenizer.from_pretrained(model_dir), load_documents(TextSource(dataset="wikitext2")))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = {}
+    for kernel in ("auto", "reference"):
+        set_kernel(model, kernel)
+        out[kernel] = perplexity(model, ids, seq_len, windows, progress=False).value
+    print(f"WikiText-2 perplexity, {windows} windows of {seq_len}: fast kernels {out['auto']:.4f}, "
+          f"reference {out['reference']:.4f}")
+    return out
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -129,11 +175,19 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="compute dtype of the packed model (the dense reference is always float32)")
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--prefill-tokens", type=int, default=512)
+    p.add_argument("--kernel", default="auto", choices=["auto", "reference"],
+                   help="packed model: fast kernels, or the reference dequantize path")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1, help="alternate packed and dense runs this many times (0: none, with --ppl-windows)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--cache-dense", action="store_true",
                    help="packed model keeps its dequantized weights between forwards (speed for memory)")
     p.add_argument("--in-process", action="store_true", help="measure both models in this process")
+    p.add_argument("--json", type=Path, help="also write the result here")
+    p.add_argument("--ppl-windows", type=int, default=0,
+                   help="also compare WikiText-2 perplexity (fast kernels vs reference) over this many windows")
+    p.add_argument("--ppl-seq-len", type=int, default=64)
     p.add_argument("--dense-dir", help=argparse.SUPPRESS)
     p.add_argument("--child", choices=["packed", "dense"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -150,6 +204,8 @@ def main(argv: list[str] | None = None) -> dict:
         result = measure(args.child, args)
         print(json.dumps(result))
         return result
+    if args.rounds == 0:  # --rounds 0 --ppl-windows N: only the perplexity comparison
+        return {"perplexity": kernel_perplexity(args.model_dir, args.ppl_windows, args.ppl_seq_len)}
     with tempfile.TemporaryDirectory() as tmp:
         if args.tiny:
             args.model_dir = str(build_tiny(Path(tmp)))
@@ -157,8 +213,19 @@ def main(argv: list[str] | None = None) -> dict:
         export_dense(load_quantized(args.model_dir, dtype=torch.float32), None, args.dense_dir, dtype=torch.float32)
         gc.collect()
         run = measure if args.in_process else measure_in_child
-        packed, dense = run("packed", args), run("dense", args)
+        # Alternate the two models: on a shared machine the load changes between runs; the ratios of each round
+        # are taken from neighbouring runs and their median is reported.
+        rounds = [(run("packed", args), run("dense", args)) for _ in range(args.rounds)]
         sizes = size_report(args.model_dir)
+    ratios = {
+        # After decoding: a dense model loaded from an fp32 file maps it and pages weights in on first use.
+        "memory_ratio": [p["rss_delta_after_decode_bytes"] / d["rss_delta_after_decode_bytes"] for p, d in rounds],
+        "prefill_memory_ratio": [p["rss_delta_after_prefill_bytes"] / d["rss_delta_after_prefill_bytes"]
+                                 for p, d in rounds],
+        "speed_ratio": [p["tokens_per_s"] / d["tokens_per_s"] for p, d in rounds],
+        "prefill_ratio": [p["prefill_tokens_per_s"] / d["prefill_tokens_per_s"] for p, d in rounds],
+    }
+    packed, dense = rounds[len(rounds) // 2]
     result = {
         "model_dir": args.model_dir,
         "checkpoint_bytes": sizes["checkpoint_bytes"],
@@ -166,17 +233,29 @@ def main(argv: list[str] | None = None) -> dict:
         "bits_per_weight": sizes["bits_per_weight"],
         "packed": packed,
         "dense": dense,
-        "memory_ratio": packed["rss_delta_bytes"] / dense["rss_delta_bytes"] if dense["rss_delta_bytes"] > 0 else None,
-        "speed_ratio": packed["tokens_per_s"] / dense["tokens_per_s"],
+        "rounds": rounds,
+        **{k: statistics.median(v) for k, v in ratios.items()},
+        "ratios_per_round": ratios,
     }
     print(f"checkpoint: {sizes['checkpoint_bytes'] / MB:.2f} MB ({sizes['bits_per_weight']:.3f} bits/weight in "
           f"quantized linears; fp16 model {sizes['fp16_bytes'] / MB:.2f} MB, ratio {sizes['ratio']:.3f})")
     for name, r in (("packed (" + args.dtype + ")", packed), ("dense fp32", dense)):
-        print(f"{name:>16}: RSS after load +{r['rss_delta_bytes'] / MB:.1f} MB "
-              f"(+{r['rss_delta_after_decode_bytes'] / MB:.1f} MB after decoding), "
-              f"decode {r['tokens_per_s']:.1f} tokens/s")
-    mem = "n/a" if result["memory_ratio"] is None else f"{result['memory_ratio']:.3f}"
-    print(f"packed/dense ratio: memory {mem}, speed {result['speed_ratio']:.3f}")
+        print(f"{name:>16}: RSS after load +{r['rss_delta_bytes'] / MB:.1f} MB, "
+              f"+{r['rss_delta_after_decode_bytes'] / MB:.1f} MB after decoding, "
+              f"+{r['rss_delta_after_prefill_bytes'] / MB:.1f} MB after a {args.prefill_tokens}-token prefill; "
+              f"decode {r['tokens_per_s']:.1f} tokens/s, prefill {r['prefill_tokens_per_s']:.0f} tokens/s, "
+              f"{r['threads']} threads")
+    print(f"packed linears per kernel: {packed['kernels']}")
+    if args.rounds > 1:
+        print("per round (packed/dense): " + "; ".join(
+            f"memory {m:.3f}/{mp:.3f} decode {d:.3f} prefill {p:.3f}" for m, mp, d, p in zip(*ratios.values())))
+    print(f"packed/dense ratio{' (median of rounds)' if args.rounds > 1 else ''}: memory after decoding "
+          f"{result['memory_ratio']:.3f} (after the prefill {result['prefill_memory_ratio']:.3f}), decode speed "
+          f"{result['speed_ratio']:.3f}, prefill speed {result['prefill_ratio']:.3f}")
+    if args.ppl_windows:
+        result["perplexity"] = kernel_perplexity(args.model_dir, args.ppl_windows, args.ppl_seq_len)
+    if args.json:
+        args.json.write_text(json.dumps({**result, "argv": argv if argv is not None else sys.argv[1:]}, indent=2))
     return result
 
 

@@ -11,6 +11,10 @@
    ``gift_quant.export.load_quantized``'s. Different kernels sum in different orders in fp16, hence a relative
    tolerance on max |Δlogit| / max |logit|.
 
+3. Perplexity (``--ppl-windows N``, needs the same backend): WikiText-2 (``$GIFT_QUANT_DATA``) over N windows of
+   2048 tokens, GPTQ protocol, for the GPTQ-loaded model and for ours (``from_pretrained`` through gift_sw), both in
+   ``--dtype`` (gptqmodel's kernels take fp16/bf16).
+
 Exit codes: 0 compatible and logits agree, 1 incompatible or logits differ, 2 structure fine but no GPTQ backend
 installed (nothing to compare against).
 """
@@ -32,7 +36,7 @@ from safetensors.torch import save_file
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gift_quant.export import INDEX, load_quantized  # noqa: E402
+from gift_quant.checkpoint import INDEX, load_quantized  # noqa: E402
 from gift_quant.packing import unpack_zeros  # noqa: E402
 
 GIFT_ONLY = (".salient_idx", ".salient_weight")
@@ -104,12 +108,34 @@ def compare(folder: Path, view: Path, device: str, seq: int) -> float:
     return err
 
 
+@torch.no_grad()
+def perplexities(folder: Path, view: Path, device: str, dtype: torch.dtype, windows: int) -> dict[str, float]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gift_quant.config import TextSource
+    from gift_quant.data import evaluation_ids, load_documents
+    from gift_quant.evaluate import perplexity
+
+    ids = evaluation_ids(AutoTokenizer.from_pretrained(folder), load_documents(TextSource(dataset="wikitext2")))
+    models = {"gift_quant (gift_sw)": lambda: load_quantized(folder, device=device, dtype=dtype),
+              "gptqmodel (gptq)": lambda: AutoModelForCausalLM.from_pretrained(view, device_map=device, dtype=dtype)}
+    out = {}
+    for name, load in models.items():
+        result = perplexity(load().eval(), ids, 2048, windows, device=device, progress=False)
+        out[name] = result.value
+        print(f"{name}: WikiText-2 perplexity {result.value:.4f} ({result.windows} x 2048, {dtype}, "
+              f"{result.seconds:.0f} s)")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("path", type=Path)
     p.add_argument("--device", default="cpu")
     p.add_argument("--rtol", type=float, default=1e-2)
     p.add_argument("--seq", type=int, default=32)
+    p.add_argument("--ppl-windows", type=int, default=0, help="also compare WikiText-2 perplexity over N windows")
+    p.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16"], help="for the perplexity")
     args = p.parse_args(argv)
 
     qc, problems = structure_problems(args.path)
@@ -124,7 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped the logits comparison: {', '.join(missing)} not installed")
         return 2
     with tempfile.TemporaryDirectory() as tmp:
-        err = compare(args.path, gptq_view(args.path, qc, Path(tmp)), args.device, args.seq)
+        view = gptq_view(args.path, qc, Path(tmp))
+        err = compare(args.path, view, args.device, args.seq)
+        if args.ppl_windows:
+            perplexities(args.path, view, args.device, getattr(torch, args.dtype), args.ppl_windows)
     ok = err <= args.rtol
     print("logits agree" if ok else f"logits differ by more than rtol={args.rtol}")
     return 0 if ok else 1

@@ -1,0 +1,73 @@
+"""Which matmul computes a PackedLinear's quantized part.
+
+* CPU: torch's int4 kernel (:mod:`gift_quant.cpu_int4`) for 2/3/4-bit codes.
+* CUDA: a GPTQ kernel from gptqmodel (:mod:`gift_quant.gptq_cuda`, the optional ``gpu`` extra).
+* Otherwise, under autograd, for float64 inputs, or with ``kernel="reference"``: the reference path of
+  :class:`gift_quant.packing.PackedLinear` (dequantize the codes, dense matmul), which is also the tests' oracle.
+
+A fast form is derived from the module's buffers (the checkpoint tensors) and rebuilt when they change, so loading,
+``load_state_dict`` and device moves need no special care.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+from collections import Counter
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+KERNELS = ("auto", "reference")
+FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+FastMatmul = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def build_fast(module: Any) -> tuple[FastMatmul | None, str]:
+    """The fast matmul for ``module`` on its current device, or None and why the reference path runs."""
+    if module.kernel == "reference":
+        return None, "reference (requested)"
+    device = module.qweight.device.type
+    if device == "cpu":
+        from gift_quant import cpu_int4
+
+        return cpu_int4.prepare(module)
+    if device == "cuda":
+        from gift_quant import gptq_cuda
+
+        return gptq_cuda.prepare(module)
+    return None, f"no fast kernel on {device}"
+
+
+def packed_linears(model: nn.Module) -> dict[str, nn.Module]:
+    from gift_quant.packing import PackedLinear
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
+
+
+def set_kernel(model: nn.Module, kernel: str = "auto") -> Counter:
+    """Choose the kernel of every PackedLinear of ``model`` and build the fast forms now (so they are part of the
+    memory after loading, not of the first forward). Returns how many linears run on each path."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    modules = packed_linears(model).values()
+    used = Counter()
+    for m in modules:
+        m.kernel = kernel
+        used[m.prepare()] += 1
+    trim_heap()
+    return used
+
+
+def trim_heap() -> None:
+    """Hand the heap memory freed by the builds' temporaries back to the OS (glibc keeps it otherwise, and it would
+    count as the model's resident memory); glibc's malloc_trim, elsewhere a no-op."""
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        trim = None
+    if trim is not None:
+        trim(0)

@@ -1,0 +1,183 @@
+"""The fast paths of PackedLinear against the reference dequantize path and float64.
+
+Weights are built directly as QuantizedWeight records (random codes, scales, zero points, act-order g_idx, salient
+columns), independent of the quantizer. The CPU int4 kernel computes in bf16, so its oracle is float64 on the same
+bf16-rounded activations and scales, within the bf16 output rounding; its dense path (many rows) must be the
+reference bit for bit.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gift_quant import cpu_int4, gptq_cuda
+from gift_quant.kernels import set_kernel
+from gift_quant.packing import PackedLinear
+from gift_quant.quantized import QuantizedWeight
+
+BF16_REL = 2.0**-7  # bf16 output rounding (2^-9) plus fp32 accumulation order, relative to max |y|
+
+
+def record(out_f=128, in_f=256, bits=3, group_size=64, sym=False, act_order=False, k=5, seed=0) -> QuantizedWeight:
+    g = torch.Generator().manual_seed(seed)
+    width = in_f if group_size == -1 else group_size
+    n_groups = -(-in_f // width)
+    g_idx = torch.arange(in_f) // width
+    if act_order:
+        g_idx = g_idx[torch.randperm(in_f, generator=g)]
+    codes = torch.randint(0, 2**bits, (out_f, in_f), generator=g, dtype=torch.uint8)
+    if sym:
+        zeros = torch.full((out_f, n_groups), float(2 ** (bits - 1)))
+    else:
+        zeros = torch.randint(0, 2**bits, (out_f, n_groups), generator=g).float()
+    scales = (torch.rand(out_f, n_groups, generator=g) * 0.1 + 0.01).half().float()
+    salient = torch.randperm(in_f, generator=g)[:k].sort().values
+    codes[:, salient] = zeros[:, g_idx[salient]].to(torch.uint8)
+    salient_weight = torch.randn(out_f, k, generator=g).half().float()
+    return QuantizedWeight(codes, scales, zeros, g_idx.to(torch.int32), salient, salient_weight, bits, group_size, sym)
+
+
+def reference(m: PackedLinear, x: torch.Tensor) -> torch.Tensor:
+    m.kernel = "reference"
+    try:
+        return m(x)
+    finally:
+        m.kernel = "auto"
+
+
+def float64_bf16(qw: QuantizedWeight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """What the kernel computes, in float64: bf16 activations and scales, exact codes, fp32 salient term."""
+    g = qw.g_idx.long()
+    scales = qw.scales.bfloat16().double()
+    w = scales[:, g] * (qw.codes.double() - qw.zeros.double()[:, g])
+    y = x.bfloat16().double() @ w.t()
+    y = y + x.double()[..., qw.salient_idx] @ qw.salient_weight.double().t()
+    return y if bias is None else y + bias.double()
+
+
+CASES = {
+    "3bit_per_channel_sym": dict(bits=3, group_size=-1, sym=True),
+    "3bit_g64_asym": dict(bits=3, group_size=64, sym=False),
+    "4bit_g128_asym": dict(bits=4, group_size=128, sym=False),  # zero points far from 8: offset form
+    "4bit_g32_sym": dict(bits=4, group_size=32, sym=True),
+    "2bit_g64_act_order": dict(bits=2, group_size=64, sym=False, act_order=True),
+    "4bit_g128_act_order": dict(bits=4, group_size=128, sym=True, act_order=True),
+    "3bit_g512_shared": dict(in_f=1024, bits=3, group_size=512, sym=False),  # kernel groups of 256 share a scale
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("rows", [1, 7])
+def test_int4_kernel_matches_float64(case, rows):
+    qw = record(**CASES[case])
+    bias = torch.randn(qw.shape[0]) * 0.1
+    m = PackedLinear.from_quantized(qw, bias, dtype=torch.float32)
+    assert m.prepare() == "int4_cpu"
+    x = torch.randn(2, rows, qw.shape[1])
+    y = m(x)
+    want = float64_bf16(qw, x, bias)
+    assert y.dtype == torch.float32 and y.shape == want.shape
+    assert (y.double() - want).abs().max() <= BF16_REL * want.abs().max()
+    # And against the reference path in float32 (which also rounds nothing to bf16): same bound.
+    ref = reference(m, x)
+    assert (y - ref).abs().max() <= BF16_REL * ref.abs().max()
+
+
+def test_offset_form_is_used_only_when_shifted_codes_do_not_fit():
+    shifted = cpu_int4.build(*(lambda r: (r.codes, r.scales, r.zeros, r.g_idx))(record(bits=3, group_size=64)))
+    offset = cpu_int4.build(*(lambda r: (r.codes, r.scales, r.zeros, r.g_idx))(record(bits=4, group_size=128)))
+    assert shifted.offset is None and offset.offset is not None
+    # Salient columns (code == zero point) dequantize to exactly 0 with shifted codes.
+    qw = record(bits=3, group_size=64)
+    w = cpu_int4.dequantize(cpu_int4.build(qw.codes, qw.scales, qw.zeros, qw.g_idx), qw.shape[1])
+    assert torch.all(w[:, qw.salient_idx] == 0)
+
+
+@pytest.mark.parametrize("case", ["3bit_per_channel_sym", "3bit_g64_asym", "4bit_g32_sym"])
+def test_many_rows_take_the_dense_path_bit_for_bit(case):
+    qw = record(**CASES[case])
+    m = PackedLinear.from_quantized(qw, torch.randn(qw.shape[0]), dtype=torch.float32)
+    m.prepare()
+    x = torch.randn(1, cpu_int4.DENSE_ROWS + 1, qw.shape[1])
+    assert torch.equal(m(x), reference(m, x))
+
+
+def test_act_order_dense_path_is_the_reference_up_to_summation_order():
+    qw = record(**CASES["2bit_g64_act_order"])
+    m = PackedLinear.from_quantized(qw, dtype=torch.float32)
+    x = torch.randn(3, cpu_int4.DENSE_ROWS, qw.shape[1])
+    torch.testing.assert_close(m(x), reference(m, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("settings,reason", [
+    (dict(bits=3, group_size=16), "kernel groups"),
+    (dict(bits=8, group_size=-1), "8-bit"),
+    (dict(out_f=40, bits=4, group_size=-1), "multiple of 16"),
+])
+def test_unsupported_linears_run_the_reference_and_say_why(settings, reason):
+    qw = record(**settings)
+    m = PackedLinear.from_quantized(qw, dtype=torch.float32)
+    assert reason in m.prepare()
+    x = torch.randn(2, qw.shape[1])
+    want = F.linear(x, qw.quantized_part()) + F.linear(x[:, qw.salient_idx], qw.salient_weight)
+    torch.testing.assert_close(m(x), want, rtol=0, atol=1e-5)
+
+
+def test_autograd_and_float64_take_the_reference_path():
+    qw = record()
+    m = PackedLinear.from_quantized(qw, dtype=torch.float32)
+    x = torch.randn(2, qw.shape[1], requires_grad=True)
+    y = m(x)
+    assert torch.equal(y, reference(m, x.detach()))
+    y.sum().backward()
+    w = qw.dequantize()
+    torch.testing.assert_close(x.grad, w.sum(0).expand_as(x), rtol=1e-5, atol=1e-5)
+    x64 = torch.randn(2, qw.shape[1], dtype=torch.float64)
+    assert m(x64).dtype == torch.float64
+
+
+def test_fast_form_follows_the_buffers():
+    a, b = record(seed=0), record(seed=1)
+    m = PackedLinear.from_quantized(a, dtype=torch.float32)
+    x = torch.randn(1, a.shape[1])
+    first = m(x)
+    m.load_state_dict(PackedLinear.from_quantized(b, dtype=torch.float32).state_dict())
+    second = m(x)
+    assert not torch.allclose(first, second)
+    want = float64_bf16(b, x, None)
+    assert (second.double() - want).abs().max() <= BF16_REL * want.abs().max()
+
+
+def test_set_kernel_counts_paths_and_rejects_unknown_names():
+    model = torch.nn.Sequential(PackedLinear.from_quantized(record(), dtype=torch.float32),
+                                PackedLinear.from_quantized(record(group_size=16), dtype=torch.float32))
+    assert set_kernel(model) == {"int4_cpu": 1, "groups of 256 columns cannot be cut into kernel groups of "
+                                                f"{cpu_int4.KERNEL_GROUPS}": 1}
+    assert set_kernel(model, "reference") == {"reference (requested)": 2}
+    with pytest.raises(ValueError, match="kernel"):
+        set_kernel(model, "marlin")
+
+
+def test_gptq_zero_points_v2_hold_the_zero_points():
+    from gift_quant.packing import pack_zeros, unpack_zeros
+
+    qw = record(bits=4, group_size=64)
+    v1 = pack_zeros(qw.zeros, 4)
+    v2 = gptq_cuda.pack_zeros_v2(qw.zeros, 4)
+    assert torch.equal(unpack_zeros(v1, 4, qw.shape[0]), qw.zeros)
+    nibbles = (v2.unsqueeze(2) >> torch.arange(0, 32, 4, dtype=torch.int32)) & 15  # GPTQ v2: the zeros themselves
+    assert torch.equal(nibbles.reshape(v2.shape[0], -1).t().float(), qw.zeros)
+
+
+def test_cuda_gptq_kernel_matches_reference():
+    reason = gptq_cuda.unavailable("cuda")
+    if reason is not None:
+        pytest.skip(f"GPU path: {reason}")
+    qw = record(bits=4, group_size=128, sym=True)
+    m = PackedLinear.from_quantized(qw, dtype=torch.float16).to("cuda")
+    assert m.prepare() == "gptq_cuda"
+    x = torch.randn(4, qw.shape[1], device="cuda", dtype=torch.float16)
+    ref = reference(m, x).float()
+    assert (m(x).float() - ref).abs().max() <= 2.0**-6 * ref.abs().max()
