@@ -47,43 +47,47 @@ def fp_weights(state):
     return lambda name: model.get_submodule(name).weight.detach()
 
 
-def _cache_path(state, blocks: torch.Tensor, k: int, temperature: float) -> Path:
+def _cache_folder(state, k: int, temperature: float) -> Path:
+    """One folder per teacher (its weights and dtype) and distillation setting; one file per training block in it."""
     from .models import cache_dir
 
-    h = hashlib.sha256(f"{state.weights_digest}:{state.recipe.model.dtype}:{k}:{temperature}".encode())
-    h.update(tensor_bytes(blocks))
-    return cache_dir() / "teacher" / f"top{k}-{h.hexdigest()[:24]}.safetensors"
+    key = hashlib.sha256(f"{state.weights_digest}:{state.recipe.model.dtype}".encode()).hexdigest()[:24]
+    return cache_dir() / "teacher" / f"{key}-top{k}-t{temperature:g}"
+
+
+def _read(path: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
+    try:
+        with safe_open(path, "pt") as f:
+            return f.get_tensor("logp"), f.get_tensor("ids")
+    except (SafetensorError, OSError) as err:
+        log.warning("teacher cache %s unreadable (%s); computing it again", path, err)
+        return None
 
 
 def teacher_topk(state, blocks: torch.Tensor, k: int, temperature: float
                  ) -> tuple[tuple[torch.Tensor, torch.Tensor], bool]:
     """((log-probs, token ids), each (n_blocks, seq_len, k), of the teacher at ``temperature`` on ``blocks``;
-    whether they were computed now rather than read from the cache)."""
-    path = _cache_path(state, blocks, k, temperature)
-    if path.is_file():
-        try:
-            with safe_open(path, "pt") as f:
-                return (f.get_tensor("logp"), f.get_tensor("ids")), False
-        except (SafetensorError, OSError) as err:
-            log.warning("teacher cache %s unreadable (%s); computing it again", path, err)
-    model, device = teacher_model(state), state.device
-    home = next(model.parameters()).device
-    model.to(device)
-    logps, ids = [], []
-    with torch.no_grad():
-        for block in tqdm(blocks, desc=f"teacher top-{k} logits"):
-            logits = model(input_ids=block[None].to(device), use_cache=False).logits[0].float()
-            logp = torch.log_softmax(logits / temperature, dim=-1)
-            top = logp.topk(k, dim=-1)
-            logps.append(top.values.half().cpu())
-            ids.append(top.indices.to(torch.int32).cpu())
-    model.to(home)
-    logp, idx = torch.stack(logps), torch.stack(ids)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({"logp": logp, "ids": idx}, tmp)
-    tmp.replace(path)
-    return (logp, idx), True
+    whether any block had to be computed now). Blocks are cached one by one under a hash of their tokens, so a
+    longer or reordered training text reuses every block it shares with an earlier one."""
+    folder = _cache_folder(state, k, temperature)
+    paths = [folder / f"{hashlib.sha256(tensor_bytes(b)).hexdigest()[:24]}.safetensors" for b in blocks]
+    found = [_read(p) if p.is_file() else None for p in paths]
+    missing = [i for i, f in enumerate(found) if f is None]
+    if missing:
+        model, device = teacher_model(state), state.device
+        home = next(model.parameters()).device
+        model.to(device)
+        folder.mkdir(parents=True, exist_ok=True)
+        with torch.no_grad():
+            for i in tqdm(missing, desc=f"teacher top-{k} logits"):
+                logits = model(input_ids=blocks[i][None].to(device), use_cache=False).logits[0].float()
+                top = torch.log_softmax(logits / temperature, dim=-1).topk(k, dim=-1)
+                found[i] = top.values.half().cpu(), top.indices.to(torch.int32).cpu()
+                tmp = paths[i].with_suffix(".tmp")
+                save_file({"logp": found[i][0], "ids": found[i][1]}, tmp)
+                tmp.replace(paths[i])
+        model.to(home)
+    return (torch.stack([f[0] for f in found]), torch.stack([f[1] for f in found])), bool(missing)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logp: torch.Tensor, teacher_ids: torch.Tensor,

@@ -96,3 +96,29 @@ def test_kd_recovery_caches_the_teacher_and_exports_trained_scales(tiny_run, tmp
     calls.clear()
     rc, out = tiny_run(KD.replace("LOSS", "lm+kd"))  # another loss, same blocks: the cached logits serve it
     assert rc == 0 and not calls
+
+
+def test_teacher_cache_is_per_block_and_reused_by_a_longer_text(tmp_path, monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from conftest import tiny_llama
+    from gift_quant.teacher import teacher_topk
+
+    monkeypatch.setenv("GIFT_QUANT_CACHE", str(tmp_path))
+    teacher = tiny_llama()
+    calls = []
+    teacher.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
+    state = SimpleNamespace(weights_digest="w", recipe=SimpleNamespace(model=SimpleNamespace(dtype="float32")),
+                            teacher=teacher, device=torch.device("cpu"), rotation=None)
+    blocks = torch.randint(0, 128, (5, 12), generator=torch.Generator().manual_seed(3))
+    (logp3, ids3), computed = teacher_topk(state, blocks[:3], 4, 1.0)
+    assert computed and len(calls) == 3
+    (logp5, ids5), computed = teacher_topk(state, blocks, 4, 1.0)
+    assert computed and len(calls) == 5  # only the two new blocks ran through the teacher
+    assert torch.equal(logp5[:3], logp3) and torch.equal(ids5[:3], ids3)
+    with torch.no_grad():
+        ref = torch.log_softmax(teacher(input_ids=blocks).logits.float(), -1).topk(4, -1)
+    torch.testing.assert_close(logp5.float(), ref.values, atol=2e-3, rtol=0)  # stored in fp16
+    assert torch.equal(ids5.long(), ref.indices)
+    _, computed = teacher_topk(state, blocks.flip(0), 4, 1.0)  # reordered: all cached
+    assert not computed and len(calls) == 6  # (the one more is the reference forward above)
