@@ -124,6 +124,17 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return model.get_submodule(architecture(model).layers)
 
 
+def block_norm_weights(model: nn.Module, block: nn.Module | None = None) -> dict[str, nn.Parameter]:
+    """The weights of the norms the table lists, in ``block`` (names relative to it) or in every block and the final
+    norm of ``model`` (full names): the few fp tensors recovery may train beside the quantized linears."""
+    arch = architecture(model)
+    if block is not None:
+        return {f"{n}.weight": block.get_submodule(n).weight for n in arch.norms}
+    found = {f"{arch.block_prefix(i)}{n}.weight": b.get_submodule(n).weight
+             for i, b in enumerate(decoder_layers(model)) for n in arch.norms}
+    return {**found, f"{arch.final_norm}.weight": model.get_submodule(arch.final_norm).weight}
+
+
 def target_linears(model: nn.Module, patterns: list[str] | None) -> dict[str, nn.Linear]:
     """The decoder blocks' linears to quantize, by full name: every linear the table lists (``patterns`` None), or
     those whose full name matches any regex of ``patterns`` (re.search). A UserError when there are none."""

@@ -176,6 +176,7 @@ class RecoverConfig(TextSource, NoiseSettings, BudgetSettings):
     kd_temperature: float = Field(default=1.0, gt=0)
     kd_top_k: PositiveInt = 64  # teacher logits kept per token (cached once per model and training text)
     train_scales: bool = False  # gift_sw / salient_ft: the quantization scales train too (codes fixed)
+    train_norms: bool = False  # the decoder's RMSNorm weights train too (ordinary fp tensors in the export)
     learning_rate: float = Field(default=1e-4, gt=0)
     scales_learning_rate: float | None = Field(default=None, gt=0)  # None: learning_rate
     weight_decay: float = Field(default=0.0, ge=0)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .architectures import decoder_layers
+from .architectures import block_norm_weights, decoder_layers
 from .calibrate import Chunk, capture_layer0_inputs, run_layer
 from .checkpoints import ResultStore
 from .config import ReconstructConfig
@@ -43,17 +43,16 @@ log = logging.getLogger(__name__)
 LOG_FIELDS = ["layer", "trainable", "mse_start", "mse_end", "steps", "seconds"]
 
 
-def _trainable(block: nn.Module, cfg: ReconstructConfig, device: torch.device) -> int:
+def _trainable(model: nn.Module, block: nn.Module, cfg: ReconstructConfig, device: torch.device) -> int:
     """Put one block in the method's trainable form (+ its norms); returns the trainable count."""
     setup = Training(noise=NoiseSpec(kind=cfg.noise, scale=cfg.noise_scale, bits=cfg.noise_bits),
                      train_scales=cfg.train_scales and cfg.method != "scales_only", seed=cfg.seed,
                      master_fp32=device.type == "cuda")
     count = METHODS[cfg.method].prepare(block, setup)
     if cfg.train_norms:
-        for name, p in block.named_parameters():
-            if "norm" in name.rsplit(".", 2)[0]:
-                p.requires_grad_(True)
-                count += p.numel()
+        for weight in block_norm_weights(model, block).values():
+            weight.requires_grad_(True)
+            count += weight.numel()
     return count
 
 
@@ -131,7 +130,7 @@ def reconstruct_stage(state, cfg: ReconstructConfig) -> None:
             with torch.no_grad():
                 targets = run_layer(fp_block, fp_in)
             fp_block.to(home)
-            trainable = _trainable(block, cfg, device)
+            trainable = _trainable(model, block, cfg, device)
             row = _load_block(saved, index, block)
             if row is None:
                 t0 = time.perf_counter()

@@ -16,7 +16,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from .architectures import target_linears
+from .architectures import block_norm_weights, target_linears
 from .config import EvaluateConfig, QuantizeConfig, RecoverConfig
 from .data import check_not_eval_text, load_documents, packed_sequences, source_label
 from .errors import UserError
@@ -118,6 +118,12 @@ def run_method(state, model: nn.Module, cfg: RecoverConfig, out_dir: Path,
     device = state.device
     trainable = method.prepare(model, setup_of(cfg, device, dtype),
                                fp_weights(state) if method.needs_fp_weights else None)
+    if cfg.train_norms:
+        setup = setup_of(cfg, device, dtype)
+        for weight in block_norm_weights(model).values():
+            weight.requires_grad_(True)
+            weight.data = weight.data.float() if setup.master_fp32 else weight.data
+            trainable += weight.numel()
     data = training_data(state, cfg)
     evaluating = cfg.eval_steps is not None or bool(cfg.eval_minutes)
     report = train(model, data, eval_blocks(state, cfg) if evaluating else None, cfg, out_dir, device,
@@ -216,9 +222,9 @@ def pre_gift_sw(state, cfg: RecoverConfig) -> TrainReport:
 # ---------------------------------------------------------------- stage
 
 
-SUMMARY_KEYS = {"method", "order", "loss", "kd_temperature", "kd_top_k", "train_scales", "dataset", "learning_rate",
-                "scales_learning_rate", "max_steps", "max_tokens", "max_minutes", "seq_len", "noise", "noise_scale",
-                "noise_bits", "seed"}
+SUMMARY_KEYS = {"method", "order", "loss", "kd_temperature", "kd_top_k", "train_scales", "train_norms", "dataset",
+                "learning_rate", "scales_learning_rate", "max_steps", "max_tokens", "max_minutes", "seq_len", "noise",
+                "noise_scale", "noise_bits", "seed"}
 
 
 def recover_stage(state, cfg: RecoverConfig) -> None:

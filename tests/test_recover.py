@@ -611,3 +611,18 @@ def test_compare_variants_are_methods_with_settings_of_their_own(texts) -> None:
         CompareConfig(methods=["x"], variants={"x": {"method": "gift_sw", "max_steps": 9}})
     with pytest.raises(ValueError, match="train_scales"):
         CompareConfig(methods=["x"], variants={"x": {"method": "ste", "train_scales": True}})
+
+
+def test_train_norms_adds_the_norm_weights(tmp_path: Path, texts) -> None:
+    model = quantized(tiny_fp())
+    cfg = recover_cfg(texts, method="salient_ft", train_norms=True)
+    state = run_state(tmp_path, model, [Stage(name="recover", config=cfg)])
+    state.teacher = None
+    from gift_quant.recover import run_method
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = run_method(state, model, cfg, tmp_path / "norms")
+    norms = [k for k in before if k.endswith("layernorm.weight") or k == "model.norm.weight"]
+    assert len(norms) == 2 * 2 + 1 and report.trainable_params == expected_trainable(model, "salient_ft") + 5 * 64
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert set(norms) <= changed and all(k.endswith(("salient_weight", "norm.weight")) for k in changed)
