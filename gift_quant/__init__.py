@@ -12,7 +12,7 @@ import sys
 __version__ = "0.1.0"
 
 _EXPORTS = {"export_dense": "export", "export_packed": "export", "size_report": "export",
-            "CheckpointError": "checkpoint", "load_quantized": "checkpoint"}
+            "CheckpointError": "checkpoint", "load_quantized": "hf_quantizer"}
 __all__ = sorted(_EXPORTS) + ["__version__"]
 _REGISTRY = "transformers.quantizers.auto"
 

@@ -4,7 +4,7 @@ A packed checkpoint is a Hugging Face–style folder:
 
 * ``config.json`` — the model config plus ``quantization_config`` (``quant_method: "gift_sw"``). Once ``gift_quant``
   is imported, ``AutoModelForCausalLM.from_pretrained(folder)`` loads it through :mod:`gift_quant.hf_quantizer`;
-  :func:`load_quantized` is a thin wrapper around that call.
+  ``gift_quant.load_quantized`` (in :mod:`gift_quant.hf_quantizer`) wraps that call.
 * ``model.safetensors`` (or ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``): per quantized
   linear ``<name>.qweight/.qzeros/.scales/.g_idx/.salient_idx/.salient_weight`` (+ ``.bias``) in the GPTQ v1 layout
   of :mod:`gift_quant.packing`, every other tensor in the export dtype (fp16 or bf16), tied weights saved once.
@@ -203,41 +203,3 @@ def check_packed_values(model: nn.Module, qc: dict) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def load_quantized(
-    path: str | Path,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float16,
-    *,
-    verify_checksums: bool = True,
-    kernel: str = "auto",
-) -> nn.Module:
-    """``AutoModelForCausalLM.from_pretrained(path, dtype=dtype)`` on a packed checkpoint, moved to ``device``:
-    quantized linears are :class:`PackedLinear`, everything else is in ``dtype``. Every file is checked against the
-    manifest (size, and sha256 unless ``verify_checksums=False``), every tensor against the config; any problem
-    raises :class:`CheckpointError`. ``kernel``: ``auto`` (fastest available) or ``reference`` (see
-    :func:`gift_quant.kernels.set_kernel`)."""
-    from transformers import AutoModelForCausalLM
-
-    from gift_quant.hf_quantizer import register
-    from gift_quant.kernels import set_kernel
-
-    register()
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a checkpoint folder")
-    if not (path / MANIFEST).is_file():
-        raise CheckpointError(f"{path / MANIFEST}: missing (not a gift_quant export)")
-    token = VERIFY_CHECKSUMS.set(verify_checksums)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except CheckpointError:
-        raise
-    except (ValueError, TypeError, KeyError, AttributeError, OSError, RuntimeError, SafetensorError) as err:
-        raise CheckpointError(f"{path}: {type(err).__name__}: {one_line(err)}") from err
-    finally:
-        VERIFY_CHECKSUMS.reset(token)
-    model = model.to(device).eval()
-    set_kernel(model, kernel)
-    return model

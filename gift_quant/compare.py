@@ -28,7 +28,7 @@ from .evaluate import eval_ids, perplexity
 from .io_utils import write_json, write_text
 from .layers import mixed_linears
 from .methods import METHODS
-from .recover import run_method, training_blocks
+from .recover import heldout_blocks, run_method
 from .training import TrainReport
 
 log = logging.getLogger(__name__)
@@ -105,26 +105,6 @@ def gap_recovered(fp: float | None, start: float, after: float) -> float | None:
     if fp is None or not start > fp:
         return None
     return 100.0 * (start - after) / (start - fp)
-
-
-def heldout_blocks(state, cfg: CompareConfig) -> torch.Tensor:
-    """``heldout_windows`` windows of ``seq_len`` from the last documents of the training text, refused when they
-    would overlap the documents training reads (the learning-rate sweep must not score on training data)."""
-    docs = load_documents(cfg, state.recipe.data.dir)
-    needed = cfg.heldout_windows * cfg.seq_len
-    start, have = len(docs), 0
-    while start > 0 and have <= needed:
-        start -= 1
-        have += len(state.tokenizer(docs[start]).input_ids) + 1
-    used = training_blocks(state, method_config(cfg, "gift_sw", cfg.learning_rate, cfg.seeds[0])).numel()
-    consumed, read = 0, 0
-    while read < used and consumed < len(docs):
-        read += len(state.tokenizer(docs[consumed]).input_ids) + 1
-        consumed += 1
-    if have <= needed or consumed > start:
-        raise UserError(f"the training text cannot hold out {cfg.heldout_windows} windows of {cfg.seq_len} tokens "
-                        f"beside the {used} tokens training reads; lower heldout_windows or the budget")
-    return packed_sequences(state.tokenizer, docs[start:], cfg.seq_len, max_sequences=cfg.heldout_windows)
 
 
 def _train_copy(state, base, mcfg: RecoverConfig, out_dir: Path, ids: torch.Tensor, cfg: CompareConfig,

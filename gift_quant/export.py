@@ -25,7 +25,6 @@ from gift_quant.checkpoint import (
     PACKED_DTYPES,
     PACKED_SUFFIXES,
     QUANT_METHOD,
-    load_quantized,
     tensor_headers,
     write_manifest,
 )
@@ -308,7 +307,7 @@ def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
 def export_stage(state, cfg) -> None:
     """Stage `export`: write the packed (or dense) checkpoint, report its real size, and optionally reload it and
     measure the perplexity the deployed model will have."""
-    from gift_quant.preflight import check_finite
+    from gift_quant.models import check_finite
 
     path = Path(cfg.path or state.output_dir / cfg.format)
     check_export_target(path, state.output_dir)
@@ -352,6 +351,8 @@ def _verify_reload(state, cfg, path: Path) -> None:
 
     dtype = getattr(torch, cfg.verify)
     if cfg.format == "packed":
+        from gift_quant.hf_quantizer import load_quantized
+
         reloaded = load_quantized(path, device=state.device, dtype=dtype)
     else:
         reloaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(state.device).eval()

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from torch import nn
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
     AUTO_QUANTIZER_MAPPING,
@@ -121,3 +123,40 @@ def register() -> None:
 
 
 register()
+
+
+def load_quantized(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float16,
+    *,
+    verify_checksums: bool = True,
+    kernel: str = "auto",
+) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained(path, dtype=dtype)`` on a packed checkpoint, moved to ``device``:
+    quantized linears are :class:`PackedLinear`, everything else is in ``dtype``. Every file is checked against the
+    manifest (size, and sha256 unless ``verify_checksums=False``), every tensor against the config; any problem
+    raises :class:`~gift_quant.checkpoint.CheckpointError`. ``kernel``: ``auto`` (fastest available) or ``reference`` (see
+    :func:`gift_quant.kernels.set_kernel`)."""
+    from transformers import AutoModelForCausalLM
+
+    from gift_quant.kernels import set_kernel
+
+    register()
+    path = Path(path)
+    if not path.is_dir():
+        raise ckpt.CheckpointError(f"{path}: not a checkpoint folder")
+    if not (path / ckpt.MANIFEST).is_file():
+        raise ckpt.CheckpointError(f"{path / ckpt.MANIFEST}: missing (not a gift_quant export)")
+    token = ckpt.VERIFY_CHECKSUMS.set(verify_checksums)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except ckpt.CheckpointError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, OSError, RuntimeError, SafetensorError) as err:
+        raise ckpt.CheckpointError(f"{path}: {type(err).__name__}: {ckpt.one_line(err)}") from err
+    finally:
+        ckpt.VERIFY_CHECKSUMS.reset(token)
+    model = model.to(device).eval()
+    set_kernel(model, kernel)
+    return model

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .errors import UserError
+from .errors import NonFiniteError, UserError
 from .io_utils import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -145,3 +145,10 @@ def find_linears(module: nn.Module, patterns: list[str], prefix: str = "") -> di
         if isinstance(child, nn.Linear) and any(r.search(full) for r in regexes):
             found[full] = child
     return found
+
+
+def check_finite(model: torch.nn.Module, what: str = "the model's") -> None:
+    """NonFiniteError (a UserError) naming the first tensor holding NaN or Inf."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise NonFiniteError(f"{what} {name} holds NaN or Inf values")

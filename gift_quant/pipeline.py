@@ -43,18 +43,6 @@ def stage_function(name: str) -> Callable[[RunState, Strict], None]:
     return getattr(importlib.import_module(module), func)
 
 
-def render_report(state: RunState, status: str = "running", error: str | None = None) -> str:
-    lines = [f"# gift_quant run: {state.recipe.model.name}", "", f"Status: **{status}**" +
-             (f" — {error}" if error else ""), "", "| stage | after | metric | value | tokens | seconds |",
-             "|---|---|---|---|---|---|"]
-    for r in state.results:
-        value = f"{r['value']:.4f}" if isinstance(r["value"], float) else r["value"]
-        lines.append(f"| {r['stage']} | {r['after']} | {r['metric']} | {value} | {r.get('tokens', '')} | "
-                     f"{r.get('seconds', 0):.1f} |")
-    notes = [r["note"] for r in state.results if r.get("note")]
-    return "\n".join(lines + [""] + [f"- {n}" for n in dict.fromkeys(notes)]) + "\n"
-
-
 def plan(recipe: Recipe, output_dir: Path) -> str:
     """Human-readable resolved plan (what --dry-run prints)."""
     lines = [f"model:      {recipe.model.name} (dtype {recipe.model.dtype}, device {recipe.model.device})",

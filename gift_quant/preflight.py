@@ -53,13 +53,6 @@ def _before_model(state) -> None:
             check_export_target(stage.config.path or state.output_dir / stage.config.format, state.output_dir)
 
 
-def check_finite(model: torch.nn.Module, what: str = "the model's") -> None:
-    """UserError naming the first tensor holding NaN or Inf."""
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise UserError(f"{what} {name} holds NaN or Inf values")
-
-
 def _quantize_fits(model, stages, index: int) -> None:
     """The targets of the quantize stage at ``index`` match linears that its group size and the salient columns fit."""
     from .architectures import target_linears
@@ -82,6 +75,7 @@ def _quantize_fits(model, stages, index: int) -> None:
 def _with_model(state) -> None:
     from .architectures import architecture
     from .evaluate import bos_token_id
+    from .models import check_finite
     from .rotate import check_rotatable
 
     architecture(state.model)
@@ -110,9 +104,9 @@ def _enough(state, where: str, source: TextSource, needed: int, what: str) -> No
 
 
 def _with_data(state) -> None:
-    from .compare import heldout_blocks
     from .config import EvaluateConfig
     from .data import check_not_eval_text
+    from .recover import heldout_blocks
 
     for i, stage in enumerate(state.recipe.stages):
         cfg, where = stage.config, f"stages.{i}.{stage.name}"

@@ -33,8 +33,8 @@ from .fingerprint import fingerprint
 from .io_utils import write_csv
 from .layers import mixed_linears
 from .methods import METHODS, Training
+from .models import check_finite
 from .noise import NoiseSpec
-from .preflight import check_finite
 from .teacher import teacher_model
 from .training import BudgetClock
 

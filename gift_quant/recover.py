@@ -24,8 +24,8 @@ from .evaluate import eval_ids
 from .fingerprint import fingerprint
 from .layers import MixedPrecisionLinear, mixed_linears, swap_module
 from .methods import METHODS, Training
+from .models import check_finite
 from .noise import NO_NOISE, NoiseSpec
-from .preflight import check_finite
 from .quantizer import QuantSpec, rtn
 from .saliency import ChannelNorms
 from .select import choose_salient
@@ -75,6 +75,26 @@ def training_data(state, cfg: RecoverConfig) -> TokenBlocks:
                      cpu_seconds=round(time.process_time() - cpu_start, 1),
                      note=f"teacher top-{cfg.kd_top_k} log-probabilities computed once and cached")
     return TokenBlocks(blocks, teacher)
+
+
+def heldout_blocks(state, cfg: CompareConfig) -> torch.Tensor:
+    """``heldout_windows`` windows of ``seq_len`` from the last documents of the training text, refused when they
+    would overlap the documents training reads (the learning-rate sweep must not score on training data)."""
+    docs = load_documents(cfg, state.recipe.data.dir)
+    needed = cfg.heldout_windows * cfg.seq_len
+    start, have = len(docs), 0
+    while start > 0 and have <= needed:
+        start -= 1
+        have += len(state.tokenizer(docs[start]).input_ids) + 1
+    used = training_blocks(state, cfg).numel()  # every entry of a comparison reads the same text
+    consumed, read = 0, 0
+    while read < used and consumed < len(docs):
+        read += len(state.tokenizer(docs[consumed]).input_ids) + 1
+        consumed += 1
+    if have <= needed or consumed > start:
+        raise UserError(f"the training text cannot hold out {cfg.heldout_windows} windows of {cfg.seq_len} tokens "
+                        f"beside the {used} tokens training reads; lower heldout_windows or the budget")
+    return packed_sequences(state.tokenizer, docs[start:], cfg.seq_len, max_sequences=cfg.heldout_windows)
 
 
 def eval_blocks(state, cfg: RecoverConfig) -> torch.Tensor:

@@ -139,9 +139,20 @@ class RunState:
         if os.environ.get("RANK", "0") != "0":  # under torchrun every rank runs the pipeline; one writes
             return
         from .io_utils import write_json, write_text
-        from .pipeline import render_report
 
         doc = {"status": status, **({"error": error} if error else {}), "recipe": self.recipe.to_dict(),
                "results": self.results}
         write_json(self.output_dir / "results.json", doc)
         write_text(self.output_dir / "report.md", render_report(self, status, error))
+
+
+def render_report(state: RunState, status: str = "running", error: str | None = None) -> str:
+    lines = [f"# gift_quant run: {state.recipe.model.name}", "", f"Status: **{status}**" +
+             (f" — {error}" if error else ""), "", "| stage | after | metric | value | tokens | seconds |",
+             "|---|---|---|---|---|---|"]
+    for r in state.results:
+        value = f"{r['value']:.4f}" if isinstance(r["value"], float) else r["value"]
+        lines.append(f"| {r['stage']} | {r['after']} | {r['metric']} | {value} | {r.get('tokens', '')} | "
+                     f"{r.get('seconds', 0):.1f} |")
+    notes = [r["note"] for r in state.results if r.get("note")]
+    return "\n".join(lines + [""] + [f"- {n}" for n in dict.fromkeys(notes)]) + "\n"

@@ -72,7 +72,7 @@ def _reload_export(state) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .checkpoint import load_quantized
+    from .hf_quantizer import load_quantized
 
     cfg = [s.config for s in state.stages_before if s.name == "export"][-1]
     path = Path(cfg.path or state.output_dir / cfg.format)

@@ -19,7 +19,7 @@ from conftest import tiny_causal_lm
 from gift_quant.architectures import ARCHITECTURES, architecture, decoder_layers, target_linears
 from gift_quant.calibrate import capture_layer0_inputs, run_layer
 from gift_quant.errors import UserError
-from gift_quant.export import load_quantized
+from gift_quant.hf_quantizer import load_quantized
 from gift_quant.layers import MixedPrecisionLinear
 from gift_quant.quantize import as_mixed_precision
 from gift_quant.rotate import RotateSpec, rotate_model

@@ -19,7 +19,8 @@ from safetensors import safe_open
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from gift_quant.checkpoint import CheckpointError, load_quantized
+from gift_quant.checkpoint import CheckpointError
+from gift_quant.hf_quantizer import load_quantized
 from gift_quant.export import export_dense, export_packed, size_report
 from gift_quant.layers import MixedPrecisionLinear, quantized_modules, replace_linears
 from gift_quant.packing import PackedLinear

@@ -71,7 +71,7 @@ def test_stage_records_the_accuracies_of_the_in_memory_model(tiny_run, tmp_path)
 
 
 def test_stage_evaluates_the_export_reloaded_from_disk(tiny_run, tmp_path):
-    from gift_quant.checkpoint import load_quantized
+    from gift_quant.hf_quantizer import load_quantized
 
     docs = write_task(tmp_path / "tasks")
     rc, out = tiny_run("stages:\n  - quantize: {method: rtn, bits: 4, group_size: -1}\n  - export: {}\n"

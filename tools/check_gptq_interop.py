@@ -36,7 +36,8 @@ from safetensors.torch import save_file
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gift_quant.checkpoint import INDEX, load_quantized  # noqa: E402
+from gift_quant.checkpoint import INDEX  # noqa: E402
+from gift_quant.hf_quantizer import load_quantized  # noqa: E402
 from gift_quant.packing import unpack_zeros  # noqa: E402
 
 GIFT_ONLY = (".salient_idx", ".salient_weight")
