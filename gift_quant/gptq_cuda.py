@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from gift_quant.packing import _pack_dim0
+from gift_quant.bitpack import pack_dim0
 
 
 def unavailable(device_type: str = "cuda") -> str | None:
@@ -29,7 +29,7 @@ def unavailable(device_type: str = "cuda") -> str | None:
 
 def pack_zeros_v2(zeros: torch.Tensor, bits: int) -> torch.Tensor:
     """zeros (out, n_groups) -> qzeros int32 (n_groups, packed out) holding the zero points themselves (GPTQ v2)."""
-    return _pack_dim0(zeros.round().to(torch.int64), bits).t().contiguous()
+    return pack_dim0(zeros.round().to(torch.int64), bits).t().contiguous()
 
 
 def build(module: Any, device_type: str = "cuda", backend: str = "auto") -> torch.nn.Module:

@@ -67,7 +67,7 @@ class GiftSWHfQuantizer(HfQuantizer):
         ckpt.check_tensors(model, headers, qc)
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
-        from gift_quant.kernels import set_kernel
+        from gift_quant.packing import set_kernel
 
         qc = self.quantization_config.to_dict()
         ckpt.check_packed_values(model, qc)
@@ -137,10 +137,10 @@ def load_quantized(
     quantized linears are :class:`PackedLinear`, everything else is in ``dtype``. Every file is checked against the
     manifest (size, and sha256 unless ``verify_checksums=False``), every tensor against the config; any problem
     raises :class:`~gift_quant.checkpoint.CheckpointError`. ``kernel``: ``auto`` (fastest available) or ``reference`` (see
-    :func:`gift_quant.kernels.set_kernel`)."""
+    :func:`gift_quant.packing.set_kernel`)."""
     from transformers import AutoModelForCausalLM
 
-    from gift_quant.kernels import set_kernel
+    from gift_quant.packing import set_kernel
 
     register()
     path = Path(path)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-from collections import Counter
 from typing import Any, Callable
 
 import torch
@@ -39,26 +38,6 @@ def build_fast(module: Any) -> tuple[FastMatmul | None, str]:
 
         return gptq_cuda.prepare(module)
     return None, f"no fast kernel on {device}"
-
-
-def packed_linears(model: nn.Module) -> dict[str, nn.Module]:
-    from gift_quant.packing import PackedLinear
-
-    return {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
-
-
-def set_kernel(model: nn.Module, kernel: str = "auto") -> Counter:
-    """Choose the kernel of every PackedLinear of ``model`` and build the fast forms now (so they are part of the
-    memory after loading, not of the first forward). Returns how many linears run on each path."""
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    modules = packed_linears(model).values()
-    used = Counter()
-    for m in modules:
-        m.kernel = kernel
-        used[m.prepare()] += 1
-    trim_heap()
-    return used
 
 
 def trim_heap() -> None:

@@ -15,8 +15,7 @@ from transformers import AutoModelForCausalLM
 import gift_quant  # noqa: F401 (registers gift_sw)
 from gift_quant.checkpoint import CheckpointError
 from gift_quant.export import export_packed
-from gift_quant.kernels import packed_linears, set_kernel
-from gift_quant.packing import PackedLinear
+from gift_quant.packing import PackedLinear, packed_linears, set_kernel
 from gift_quant.quantizer import QuantSpec
 
 BF16_REL = 2.0**-5  # two layers of bf16 activations, relative to max |logit|

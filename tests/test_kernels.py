@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from gift_quant import cpu_int4, gptq_cuda
-from gift_quant.kernels import set_kernel
-from gift_quant.packing import PackedLinear
+from gift_quant.packing import PackedLinear, set_kernel
 from gift_quant.quantized import QuantizedWeight
 
 BF16_REL = 2.0**-7  # bf16 output rounding (2^-9) plus fp32 accumulation order, relative to max |y|
@@ -161,7 +160,7 @@ def test_set_kernel_counts_paths_and_rejects_unknown_names():
 
 
 def test_gptq_zero_points_v2_hold_the_zero_points():
-    from gift_quant.packing import pack_zeros, unpack_zeros
+    from gift_quant.bitpack import pack_zeros, unpack_zeros
 
     qw = record(bits=4, group_size=64)
     v1 = pack_zeros(qw.zeros, 4)

@@ -1,4 +1,4 @@
-"""Tests for gift_quant/packing.py: GPTQ v1 bit layout, round trips, and the packed linear.
+"""Tests for gift_quant/bitpack.py and packing.py: GPTQ v1 bit layout, round trips, and the packed linear.
 
 References are independent of the code under test: int32 words written out by hand, Python-integer bit streams,
 a transcription of GPTQ's row-stepping pack loop, and float64 dense matmuls.
@@ -10,14 +10,8 @@ import pytest
 import torch
 
 from gift_quant.layers import MixedPrecisionLinear
-from gift_quant.packing import (
-    PackedLinear,
-    pack_codes,
-    pack_zeros,
-    packed_rows,
-    unpack_codes,
-    unpack_zeros,
-)
+from gift_quant.bitpack import pack_codes, pack_zeros, packed_rows, unpack_codes, unpack_zeros
+from gift_quant.packing import PackedLinear
 from gift_quant.quantized import QuantizedWeight
 
 

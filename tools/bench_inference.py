@@ -34,8 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from gift_quant.hf_quantizer import load_quantized  # noqa: E402
 from gift_quant.export import export_dense, export_packed, size_report  # noqa: E402
-from gift_quant.kernels import set_kernel  # noqa: E402
-from gift_quant.packing import PackedLinear  # noqa: E402
+from gift_quant.packing import PackedLinear, set_kernel  # noqa: E402
 
 MB = 2**20
 

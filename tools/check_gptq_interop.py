@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from gift_quant.checkpoint import INDEX  # noqa: E402
 from gift_quant.hf_quantizer import load_quantized  # noqa: E402
-from gift_quant.packing import unpack_zeros  # noqa: E402
+from gift_quant.bitpack import unpack_zeros  # noqa: E402
 
 GIFT_ONLY = (".salient_idx", ".salient_weight")
 
