@@ -71,7 +71,7 @@ def _mse(block: nn.Module, inputs: list[Chunk], targets: list[Chunk]) -> float:
 
 
 def train_block(block: nn.Module, inputs: list[Chunk], targets: list[Chunk], cfg: ReconstructConfig,
-                seconds: float | None, seed: int, progress) -> int:
+                seconds: float | None, seed: int, progress: tqdm) -> int:
     """Train the block's trainable tensors so that block(inputs) ≈ targets (MSE) for ``cfg.epochs`` or until
     ``seconds`` pass on the budget's clock; returns the steps taken."""
     optimizer = _optimizer(block, cfg)
@@ -91,7 +91,7 @@ def train_block(block: nn.Module, inputs: list[Chunk], targets: list[Chunk], cfg
             optimizer.step()
             schedule.step()
             steps += 1
-            progress.update(1)
+            progress.set_postfix(block_step=steps, mse=f"{loss.item():.3g}", refresh=False)
             if seconds is not None and clock.minutes * 60 >= seconds:
                 return steps
     return steps
@@ -122,7 +122,8 @@ def reconstruct_stage(state, cfg: ReconstructConfig) -> None:
     fp_in = [Chunk(c.hidden.clone(), c.layer_kwargs, c.index) for c in quant_in]  # embeddings unquantized: same start
     share = None if cfg.max_minutes is None else 60 * cfg.max_minutes / len(layers)
     rows, start, cpu_start = [], time.perf_counter(), time.process_time()
-    with tqdm(total=len(layers) * cfg.epochs * len(quant_in), desc=f"reconstruct ({cfg.method})") as progress:
+    # One tick per block: with a time budget every block gets the same share, so the ETA holds either way.
+    with tqdm(total=len(layers), desc=f"reconstruct ({cfg.method})", unit="block") as progress:
         for index, (block, fp_block) in enumerate(zip(layers, fp_layers)):
             home = next(block.parameters()).device
             block.to(device)
@@ -143,9 +144,9 @@ def reconstruct_stage(state, cfg: ReconstructConfig) -> None:
                 row.update(mse_end=_mse(block, quant_in, targets), seconds=round(time.perf_counter() - t0, 2))
                 saved.save(index, tensors, {k: str(v) for k, v in row.items()})
             else:
-                progress.update(cfg.epochs * len(quant_in))
                 METHODS[cfg.method].finish(block, _dtype(block))
             rows.append(row)
+            progress.update(1)
             with torch.no_grad():
                 quant_in = run_layer(block.eval(), quant_in) if index + 1 < len(layers) else []
             fp_in = targets
