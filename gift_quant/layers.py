@@ -162,8 +162,9 @@ class MixedPrecisionLinear(QuantizedLinearBase):
             if seed is None:
                 return w
             std = self.per_weight(self.noise_ratio * scales.detach().clamp(min=MIN_SCALE)).to(w.dtype)
-            eps = draw(w.shape, self.noise.kind, seed, w.device, w.dtype).mul_(std)
-            return eps.index_fill_(1, self.salient_idx, 0.0).add_(w)
+            eps = draw(w.shape, self.noise.kind, seed, w.device, w.dtype, self.noise.source)
+            # One pass (w + ε·σ), then the few salient columns back to 0: their values live in salient_weight.
+            return torch.addcmul(w, eps, std).index_fill_(1, self.salient_idx, 0.0)
 
         return build
 

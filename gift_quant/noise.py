@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Literal
@@ -22,6 +23,8 @@ import torch.nn.functional as F
 from gift_quant.quantizer import SUPPORTED_BITS, QuantSpec, group_params
 
 NoiseKind = Literal["gaussian", "uniform", "none"]
+NoiseSource = Literal["fresh", "pool"]
+POOL_SIZE = 1 << 24  # i.i.d. draws per (kind, device, dtype): 64 MB in float32
 _UNIFORM_HALF_WIDTH = math.sqrt(3.0)  # uniform on [-√3, √3] has unit variance: σ means the same for both kinds
 
 
@@ -32,6 +35,7 @@ class NoiseSpec:
     kind: NoiseKind = "gaussian"
     scale: float = 0.5
     bits: int | None = None  # None: the layer's own grid; else a `bits`-bit grid from noise_step
+    source: NoiseSource = "fresh"  # fresh draws, or random windows of a fixed pool of i.i.d. draws (see draw)
 
     def __post_init__(self) -> None:
         if self.kind not in ("gaussian", "uniform", "none"):
@@ -40,6 +44,8 @@ class NoiseSpec:
             raise ValueError(f"noise scale must be >= 0, got {self.scale}")
         if self.bits is not None and self.bits not in SUPPORTED_BITS:
             raise ValueError(f"noise bits must be None or one of {SUPPORTED_BITS}, got {self.bits}")
+        if self.source not in ("fresh", "pool"):
+            raise ValueError(f"noise source must be fresh or pool, got {self.source!r}")
 
     @property
     def active(self) -> bool:
@@ -56,13 +62,30 @@ def noise_step(weight: torch.Tensor, salient_idx: torch.Tensor, bits: int, group
     return scales.float()
 
 
-def draw(shape: torch.Size, kind: NoiseKind, seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Unit-variance noise of ``kind`` from a generator seeded with ``seed``: the same seed gives the same tensor."""
+def draw(shape: torch.Size, kind: NoiseKind, seed: int, device: torch.device, dtype: torch.dtype,
+         source: NoiseSource = "fresh") -> torch.Tensor:
+    """Unit-variance noise of ``kind`` determined by ``seed``: the same seed gives the same tensor.
+
+    ``fresh`` draws every value from a generator seeded with ``seed`` (drawing is most of GIFT-SW's extra step cost
+    on a CPU). ``pool`` returns a read-only view: the window at a seed-chosen offset of a fixed pool of
+    ``POOL_SIZE`` i.i.d. draws, so the values within one draw are i.i.d. and successive draws start at independent
+    random offsets; a weight's noise over steps is then a sample with replacement from 2^24 values — for training
+    purposes fresh, at no drawing cost."""
+    numel = math.prod(shape)
+    if source == "pool" and numel <= POOL_SIZE:
+        pool = _pool(kind, torch.device(device), dtype)
+        offset = seed % (POOL_SIZE - numel + 1)
+        return pool[offset: offset + numel].view(shape)
     gen = torch.Generator(device=device).manual_seed(seed)
     if kind == "gaussian":
         return torch.randn(shape, generator=gen, device=device, dtype=dtype)
     return torch.empty(shape, device=device, dtype=dtype).uniform_(-_UNIFORM_HALF_WIDTH, _UNIFORM_HALF_WIDTH,
                                                                    generator=gen)
+
+
+@functools.lru_cache(maxsize=None)
+def _pool(kind: NoiseKind, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return draw(torch.Size([POOL_SIZE]), kind, 0x9E3779B9, device, dtype, "fresh")
 
 
 def fresh_seed() -> int:

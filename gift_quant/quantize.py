@@ -45,7 +45,7 @@ def quant_spec(cfg: QuantizeConfig) -> QuantSpec:
 
 
 def as_mixed_precision(qw: QuantizedWeight, bias: torch.Tensor | None) -> MixedPrecisionLinear:
-    return MixedPrecisionLinear.from_quantized(qw, bias, noise=NoiseSpec(kind="none"))
+    return MixedPrecisionLinear.from_quantized(qw, bias)  # no noise: training stages set their own
 
 
 @dataclass

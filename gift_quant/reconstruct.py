@@ -45,7 +45,8 @@ LOG_FIELDS = ["layer", "trainable", "mse_start", "mse_end", "steps", "seconds"]
 
 def _trainable(model: nn.Module, block: nn.Module, cfg: ReconstructConfig, device: torch.device) -> int:
     """Put one block in the method's trainable form (+ its norms); returns the trainable count."""
-    setup = Training(noise=NoiseSpec(kind=cfg.noise, scale=cfg.noise_scale, bits=cfg.noise_bits),
+    setup = Training(noise=NoiseSpec(kind=cfg.noise, scale=cfg.noise_scale, bits=cfg.noise_bits,
+                                     source=cfg.noise_source),
                      train_scales=cfg.train_scales and cfg.method != "scales_only", seed=cfg.seed,
                      master_fp32=device.type == "cuda")
     count = METHODS[cfg.method].prepare(block, setup)

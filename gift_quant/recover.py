@@ -118,7 +118,7 @@ def training_fingerprint(state, cfg: RecoverConfig, train_data: torch.Tensor) ->
 
 
 def noise_of(cfg: RecoverConfig, bits: int | None = None) -> NoiseSpec:
-    return NoiseSpec(kind=cfg.noise, scale=cfg.noise_scale, bits=cfg.noise_bits or bits)
+    return NoiseSpec(kind=cfg.noise, scale=cfg.noise_scale, bits=cfg.noise_bits or bits, source=cfg.noise_source)
 
 
 def setup_of(cfg: RecoverConfig, device: torch.device, dtype: torch.dtype, noise_bits: int | None = None) -> Training:

@@ -320,12 +320,13 @@ def check_moments(noise: torch.Tensor, sigma: float, kind: str) -> None:
     assert abs(noise.std().item() / sigma - 1) <= 5 * math.sqrt((kappa - 1) / (4 * n))
 
 
+@pytest.mark.parametrize("source", ["fresh", "pool"])
 @pytest.mark.parametrize("kind", ["gaussian", "uniform"])
 @pytest.mark.parametrize("n_groups", [1, 4])
-def test_noise_statistics_per_row_and_group(kind: str, n_groups: int) -> None:
+def test_noise_statistics_per_row_and_group(kind: str, n_groups: int, source: str) -> None:
     torch.manual_seed(0)
     qw = hand_record(OUT, IN, K, bits=3, n_groups=n_groups, seed=9)
-    noise = NoiseSpec(kind=kind, scale=0.5)
+    noise = NoiseSpec(kind=kind, scale=0.5, source=source)
     layer = MixedPrecisionLinear.from_quantized(qw, torch.randn(OUT), noise=noise)
     draws = sample_noise(layer, N_DRAWS)
     salient = torch.zeros(IN, dtype=torch.bool)
@@ -664,3 +665,20 @@ def test_gradient_memory_mixed_precision_vs_dense() -> None:
     )
     assert grad_bytes["mixed"] == out * k * 4
     assert grad_bytes["dense"] == out * inn * 4
+
+
+def test_pool_noise_is_a_random_window_of_fixed_draws_and_stays_untouched() -> None:
+    from gift_quant.noise import POOL_SIZE, _pool
+
+    pool = _pool("gaussian", torch.device("cpu"), torch.float32)
+    before = pool.clone()
+    a = draw(torch.Size((OUT, IN)), "gaussian", 12345, torch.device("cpu"), torch.float32, "pool")
+    offset = 12345 % (POOL_SIZE - OUT * IN + 1)
+    assert torch.equal(a.flatten(), pool[offset: offset + OUT * IN])
+    assert not torch.equal(a, draw(torch.Size((OUT, IN)), "gaussian", 999, torch.device("cpu"), torch.float32, "pool"))
+    qw = hand_record(OUT, IN, K, bits=3, n_groups=1, seed=40)
+    layer = MixedPrecisionLinear.from_quantized(qw, None, noise=NoiseSpec(scale=1.0, source="pool")).train()
+    x = torch.randn(4, IN, requires_grad=True)
+    layer(x).sum().backward()
+    assert torch.equal(pool, before)  # the forward and backward never wrote into the pool
+    assert abs(pool.mean().item()) < 5 / math.sqrt(POOL_SIZE) and abs(pool.std().item() - 1) < 1e-3

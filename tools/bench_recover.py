@@ -38,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bits", type=int, default=3)
     p.add_argument("--fraction", type=float, default=1 / 32, help="salient columns per linear, fraction of inputs")
     p.add_argument("--noise-bits", type=int, default=4, help="gift_sw: σ = ½·Δ of a grid of this many bits")
+    p.add_argument("--noise-source", choices=("fresh", "pool"), default="fresh", help="gift_sw: how noise is drawn")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--steps", type=int, default=3, help="timed steps")
@@ -108,7 +109,7 @@ def worker(args: argparse.Namespace) -> dict:
         trainable = sum(p.numel() for p in model.parameters())
     else:
         quantize(model, args.bits, args.fraction)
-        cfg = RecoverConfig(method=args.worker, noise_bits=args.noise_bits)
+        cfg = RecoverConfig(method=args.worker, noise_bits=args.noise_bits, noise_source=args.noise_source)
         trainable = REGISTRY[args.worker].prepare(model, setup_of(cfg, device, next(model.parameters()).dtype))
     model.to(device).train()
     if args.checkpointing:
