@@ -16,12 +16,12 @@ import torch
 from torch import nn
 
 from .architectures import target_linears
-from .config import EvaluateConfig, QuantizeConfig, RecoverConfig
+from .config import KEEPS_FROZEN_PART, EvaluateConfig, QuantizeConfig, RecoverConfig
 from .data import check_not_eval_text, load_documents, packed_sequences, source_label
 from .errors import UserError
 from .evaluate import eval_ids
 from .fingerprint import fingerprint
-from .layers import MixedPrecisionLinear, mixed_linears, swap_module
+from .layers import MixedPrecisionLinear, mixed_linears, pack_frozen, swap_module
 from .methods import METHODS, Training
 from .noise import NO_NOISE, NoiseSpec
 from .preflight import check_finite
@@ -34,9 +34,10 @@ from .training import TokenBlocks, TrainReport, step_budget, train, world_size
 
 log = logging.getLogger(__name__)
 
-# Settings that change what is logged or evaluated, not what is trained: a checkpoint stays valid when they change.
-NOT_TRAINING = {"eval_dataset", "eval_steps", "eval_minutes", "eval_windows", "eval_seq_len", "save_steps", "resume",
-                "methods", "learning_rates", "seeds", "lr_sweep", "sweep_fraction", "heldout_windows",
+# Settings that change what is logged or evaluated, or where the frozen part lives, not what is trained: a checkpoint
+# stays valid when they change.
+NOT_TRAINING = {"frozen", "eval_dataset", "eval_steps", "eval_minutes", "eval_windows", "eval_seq_len", "save_steps",
+                "resume", "methods", "learning_rates", "seeds", "lr_sweep", "sweep_fraction", "heldout_windows",
                 "final_seq_len", "final_windows"}
 
 
@@ -104,8 +105,10 @@ def run_method(state, model: nn.Module, cfg: RecoverConfig, out_dir: Path,
     if method.trains_nothing:
         return TrainReport(method=cfg.method, trainable_params=0)
     layers = mixed_linears(model)
-    dtype = next(iter(layers.values())).weight_q.dtype if layers else torch.float32
+    dtype = next(iter(layers.values())).dtype if layers else torch.float32
     device = state.device
+    if cfg.frozen == "packed" and cfg.method in KEEPS_FROZEN_PART:
+        pack_frozen(model)  # before prepare: the optimizer must see the packed layers' parameters
     trainable = method.prepare(model, setup_of(cfg, device, dtype),
                                fp_weights(state) if method.needs_fp_weights else None)
     data = training_data(state, cfg)

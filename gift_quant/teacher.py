@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .distributed import rank0_first
 from .fingerprint import tensor_bytes
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,13 @@ def _cache_path(state, blocks: torch.Tensor, k: int, temperature: float) -> Path
 
 
 def teacher_topk(state, blocks: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probs, token ids), each (n_blocks, seq_len, k), of the teacher at ``temperature`` on ``blocks``."""
+    """(log-probs, token ids), each (n_blocks, seq_len, k), of the teacher at ``temperature`` on ``blocks``; with
+    several processes rank 0 computes and caches them, the others read its cache."""
+    with rank0_first():
+        return _teacher_topk(state, blocks, k, temperature)
+
+
+def _teacher_topk(state, blocks: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     path = _cache_path(state, blocks, k, temperature)
     if path.is_file():
         try:
