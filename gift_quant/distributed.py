@@ -29,7 +29,7 @@ _state: dict[str, Any] = {"group": None, "owned": False, "alone": False}
 
 
 def world_size() -> int:
-    """Processes in the run (WORLD_SIZE, set by torchrun and accelerate launch; 1 otherwise)."""
+    """Processes in the run (WORLD_SIZE, set by torchrun and by accelerate launch on GPUs; 1 otherwise)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
