@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .distributed import is_main, rank
 from .fingerprint import tensor_bytes
 from .io_utils import write_text
 
@@ -40,6 +41,11 @@ class ResultStore:
             same = stamp.is_file() and stamp.read_text() == fingerprint
         except (OSError, UnicodeDecodeError):
             same = False
+        if not is_main():  # several processes: rank 0 saved the results, this rank only reads them
+            if not same:
+                raise RuntimeError(f"rank {rank()}: the {prefix} results rank 0 saved in {self.folder} were made "
+                                   f"from other inputs than this rank's (its model, data or settings differ)")
+            return
         if self.folder.exists() and (not resume or not same):
             saved = list(self.folder.glob(f"{prefix}_*.safetensors"))
             if saved:
@@ -76,6 +82,8 @@ class ResultStore:
         return tensors, metadata
 
     def save(self, index: int, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+        if not is_main():
+            return
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         tmp = self._path(index).with_suffix(".tmp")
         save_file(tensors, tmp, metadata={**metadata, DIGEST_KEY: _digest(tensors)})

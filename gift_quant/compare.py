@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 
-from .config import CompareConfig, EvaluateConfig, RecoverConfig
+from .config import KEEPS_FROZEN_PART, CompareConfig, EvaluateConfig, RecoverConfig
 from .data import load_documents, packed_sequences, source_label
+from .distributed import is_main
 from .errors import UserError
 from .evaluate import eval_ids, perplexity
 from .io_utils import write_json, write_text
@@ -51,6 +52,7 @@ def method_config(cfg: CompareConfig, method: str, learning_rate: float, seed: i
             shared[key] = max(1, round(shared[key] * fraction)) if key != "max_minutes" else shared[key] * fraction
     steps = shared["max_steps"]
     shared.update(method=method, learning_rate=learning_rate, seed=seed,
+                  frozen=cfg.frozen if method in KEEPS_FROZEN_PART else "dense",
                   eval_steps=cfg.eval_steps or (max(1, steps // 4) if steps and not cfg.eval_minutes else None))
     return RecoverConfig.model_validate(shared)
 
@@ -236,7 +238,8 @@ def compare_stage(state, cfg: CompareConfig) -> dict[str, Any]:
         "fp_ppl": fp, "ptq_ppl": start, "sources": sources, "device": str(state.device),
         "methods": entries,
     }
-    write_outputs(state.output_dir, summary)
+    if is_main():
+        write_outputs(state.output_dir, summary)
     return summary
 
 

@@ -151,6 +151,17 @@ class NoiseSettings(Strict):
     noise_source: Literal["fresh", "pool"] = "fresh"  # pool: windows of 2^24 fixed i.i.d. draws (no drawing cost)
 
 
+KEEPS_FROZEN_PART = ("gift_sw", "salient_ft", "scales_only")  # methods training beside a frozen low-bit part
+
+
+class FrozenSettings(Strict):
+    """How the frozen low-bit part is held while training: ``dense`` keeps its codes and a dense Ŵ (fastest);
+    ``packed`` keeps only the bit-packed codes and dequantizes one linear at a time in forward and backward
+    (bits/8 bytes per weight instead of 1 + the model's dtype; QLoRA-style). Same numbers either way."""
+
+    frozen: Literal["dense", "packed"] = "dense"
+
+
 class BudgetSettings(Strict):
     """How long to train: steps, tokens, minutes; whichever ends first (max_steps 100 when none is given).
     With a time budget the learning-rate schedule runs on elapsed time."""
@@ -168,7 +179,7 @@ class BudgetSettings(Strict):
         return data
 
 
-class RecoverConfig(TextSource, NoiseSettings, BudgetSettings):
+class RecoverConfig(TextSource, NoiseSettings, FrozenSettings, BudgetSettings):
     """Fine-tuning after (or, ``order: before``, ahead of) quantization; ``dataset`` is the training text."""
 
     method: RecoverMethod = "gift_sw"
@@ -202,6 +213,10 @@ class RecoverConfig(TextSource, NoiseSettings, BudgetSettings):
         if self.order == "before" and self.method not in TRAINS_SALIENT:
             raise ValueError(f"order: before trains the full-precision model; method '{self.method}' needs the "
                              f"quantized one (use gift_sw or salient_ft)")
+        if self.frozen == "packed" and (self.method not in KEEPS_FROZEN_PART or self.order == "before"):
+            raise ValueError(f"frozen: packed keeps the frozen low-bit part packed; method '{self.method}'"
+                             f"{' before quantization' if self.order == 'before' else ''} trains without one "
+                             f"(use it with {', '.join(KEEPS_FROZEN_PART)} after quantization)")
         if self.train_scales and (self.method not in TRAINS_SALIENT or self.order == "before"):
             raise ValueError(f"train_scales adds the scales to gift_sw or salient_ft after quantization; "
                              f"'{self.method}'{' before quantization' if self.order == 'before' else ''} cannot "
@@ -254,7 +269,7 @@ class CompareConfig(RecoverConfig):
         return self
 
 
-class ReconstructConfig(NoiseSettings):
+class ReconstructConfig(NoiseSettings, FrozenSettings):
     """Block-wise reconstruction after quantization: each decoder block in order trains its salient columns (+ scales,
     + norms) to reproduce the full-precision block's output on the calibration windows (MSE); the next block then
     reads the reconstructed block's output."""

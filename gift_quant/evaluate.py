@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import distributed
 from .config import EvaluateConfig
 from .data import evaluation_ids, load_documents, source_label
 from .errors import NonFiniteError, UserError
@@ -58,12 +59,15 @@ def perplexity(model, input_ids: torch.Tensor, seq_len: int = 2048, max_windows:
     n = windows.shape[0]
     was_training = model.training
     model.eval()
-    nll = 0.0
-    for batch in tqdm(windows.split(batch_size), desc=f"perplexity ({n}×{seq_len})", disable=not progress):
-        batch = batch.to(device)
+    batches = windows.split(batch_size)
+    mine = {}  # batch index -> its NLL; several processes each take a share of the batches
+    for i in tqdm(distributed.my_share(len(batches)), desc=f"perplexity ({n}×{seq_len})", disable=not progress):
+        batch = batches[i].to(device)
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        nll += F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum").item()
+        mine[i] = F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum").item()
     model.train(was_training)
+    every = {i: v for share in distributed.gather(mine) for i, v in share.items()}
+    nll = sum(every[i] for i in range(len(batches)))  # in batch order: the same sum whatever the process count
     if not math.isfinite(nll):
         where = first_non_finite(model, windows[:1].to(device))
         raise NonFiniteError(f"perplexity is not finite: {where or 'the logits'} produced NaN or Inf")

@@ -4,6 +4,7 @@
 fp salient input columns. What trains is chosen by explicit ``requires_grad`` flags (the recovery method sets them):
 the salient columns, and optionally the quantization scales (and zero points when asymmetric) with the codes fixed.
 While training, GIFT-SW's noise is added to the frozen part (``set_noise`` changes it in place).
+``PackedMixedPrecisionLinear`` is the same layer holding its codes bit-packed and no dense copy (``frozen: packed``).
 
 ``STELinear`` is the QAT baseline: latent full-precision weights forwarded through the record's grid with a
 straight-through estimator (clipped to the grid's range, as in LSQ), optionally with learned step sizes (LSQ).
@@ -19,11 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from gift_quant.noise import NO_NOISE, NoiseSpec, RecomputedLinear, draw, fresh_seed, noise_step
+from gift_quant.packing import pack_codes, unpack_codes
 from gift_quant.pinning import PinnedDtype
 from gift_quant.quantized import QuantizedWeight
 from gift_quant.quantizer import quantize
 
-__all__ = ["MixedPrecisionLinear", "NoiseSpec", "STELinear", "quantized_modules", "replace_linears"]
+__all__ = ["MixedPrecisionLinear", "NoiseSpec", "PackedMixedPrecisionLinear", "STELinear", "pack_frozen",
+           "quantized_modules", "replace_linears"]
 
 MIN_SCALE = 1e-8  # a trained step size never reaches 0 (it divides, and 0 would erase its group)
 
@@ -43,11 +46,14 @@ class QuantizedLinearBase(PinnedDtype):
     def _init_record(self, qw: QuantizedWeight) -> None:
         self.out_features, self.in_features = qw.shape
         self.bits, self.group_size, self.sym = qw.bits, qw.group_size, qw.sym
-        self.register_buffer("codes", qw.codes.to(torch.uint8).clone())
+        self._store_codes(qw.codes.to(torch.uint8))
         self.register_buffer("g_idx", qw.g_idx.to(torch.int32).clone())
         self.register_buffer("salient_idx", qw.salient_idx.to(torch.int64).clone())
         self.scales = nn.Parameter(qw.scales.to(torch.float32).clone(), requires_grad=False)
         self.zeros = nn.Parameter(qw.zeros.to(torch.float32).clone(), requires_grad=False)
+
+    def _store_codes(self, codes: torch.Tensor) -> None:
+        self.register_buffer("codes", codes.clone())
 
     @property
     def num_salient(self) -> int:
@@ -89,19 +95,29 @@ class MixedPrecisionLinear(QuantizedLinearBase):
     full-precision model; the record then only carries the target grid for the noise).
     """
 
+    recompute = False  # True: every forward goes through RecomputedLinear (no dense Ŵ saved for backward)
+
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, noise: NoiseSpec = NO_NOISE,
                  dtype: torch.dtype = torch.float32, frozen: torch.Tensor | None = None) -> None:
         super().__init__()
         self._init_record(qw)
+        self._init_frozen(qw, dtype, frozen)
+        self.salient_weight = nn.Parameter(qw.salient_weight.to(dtype).clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype).clone())
+        self.register_buffer("noise_ratio", torch.zeros(qw.scales.shape, dtype=torch.float32), persistent=False)
+        self.set_noise(noise)
+
+    def _init_frozen(self, qw: QuantizedWeight, dtype: torch.dtype, frozen: torch.Tensor | None) -> None:
         self.on_grid = frozen is None
         base = qw.quantized_part(dtype) if frozen is None else frozen.detach().to(dtype).clone()
         base[:, self.salient_idx] = 0
         self.register_buffer("weight_q", base, persistent=False)  # derived: rebuilt from the grid when it changes
         self._weight_q_version = (self.scales._version, self.zeros._version)
-        self.salient_weight = nn.Parameter(qw.salient_weight.to(dtype).clone())
-        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype).clone())
-        self.register_buffer("noise_ratio", torch.zeros(qw.scales.shape, dtype=torch.float32), persistent=False)
-        self.set_noise(noise)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype of the frozen part (the model's; it follows ``model.to(dtype)``)."""
+        return self.weight_q.dtype
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None, noise: NoiseSpec = NO_NOISE,
@@ -120,7 +136,7 @@ class MixedPrecisionLinear(QuantizedLinearBase):
             self.noise_ratio.zero_()
             return
         if step is None and noise.bits is not None:
-            step = noise_step(self.weight_q.float(), self.salient_idx, noise.bits, self.group_size)
+            step = noise_step(self.frozen_weight().float(), self.salient_idx, noise.bits, self.group_size)
         ratio = torch.ones_like(self.scales) if step is None else step.to(self.scales) / self.scales.clamp(MIN_SCALE)
         self.noise_ratio.copy_(noise.scale * ratio)
 
@@ -134,7 +150,7 @@ class MixedPrecisionLinear(QuantizedLinearBase):
         """Ŵ from the codes on the given grid, salient columns exactly 0 (their code is the zero point)."""
         w = self.per_weight(scales) * (self.codes.to(scales.dtype) - self.per_weight(zeros))
         # Already 0 there, but a trained zero point must get no gradient from columns it does not quantize.
-        return w.index_fill(1, self.salient_idx, 0.0).to(self.weight_q.dtype)
+        return w.index_fill(1, self.salient_idx, 0.0).to(self.dtype)
 
     def refresh(self) -> None:
         """Rebuild the cached Ŵ on the next use (after the scales were replaced rather than updated in place)."""
@@ -170,7 +186,7 @@ class MixedPrecisionLinear(QuantizedLinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         noisy = self.training and self.noise.active
-        if noisy or self.scales.requires_grad or self.zeros.requires_grad:
+        if noisy or self.recompute or self.scales.requires_grad or self.zeros.requires_grad:
             y = RecomputedLinear.apply(x, self._builder(noisy), self.scales, self.zeros)
             y = y if self.bias is None else y + self.bias.to(y.dtype)
         else:
@@ -198,6 +214,57 @@ class MixedPrecisionLinear(QuantizedLinearBase):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, noise={self.noise}"
+
+
+class PackedMixedPrecisionLinear(MixedPrecisionLinear):
+    """:class:`MixedPrecisionLinear` with the frozen codes kept bit-packed (``packing.pack_codes``: bits/8 bytes per
+    weight instead of one byte of codes plus a dense Ŵ) — QLoRA-style: each use dequantizes this one linear, and
+    every forward goes through RecomputedLinear, so its Ŵ exists only while its own forward or backward runs.
+    Same arithmetic as the dense layer, hence the same numbers; exports read the same record."""
+
+    recompute = True
+
+    @classmethod
+    def from_layer(cls, m: MixedPrecisionLinear) -> "PackedMixedPrecisionLinear":
+        """The packed twin of a quantized layer (its codes, grid, salient columns, bias, noise and mode)."""
+        new = cls(m.to_quantized_weight(), m.bias, NO_NOISE, m.dtype).to(m.scales.device)
+        for name in ("scales", "zeros", "salient_weight"):  # exactly as they are (a float32 master copy included)
+            old = getattr(m, name)
+            setattr(new, name, nn.Parameter(old.detach().clone(), requires_grad=old.requires_grad))
+        new.noise = m.noise
+        with torch.no_grad():
+            new.noise_ratio.copy_(m.noise_ratio)
+        return new.train(m.training)
+
+    def _store_codes(self, codes: torch.Tensor) -> None:
+        self.register_buffer("qcodes", pack_codes(codes, self.bits))
+
+    @property
+    def codes(self) -> torch.Tensor:
+        return unpack_codes(self.qcodes, self.bits, self.in_features)
+
+    def _init_frozen(self, qw: QuantizedWeight, dtype: torch.dtype, frozen: torch.Tensor | None) -> None:
+        if frozen is not None:
+            raise ValueError("a packed layer holds quantized codes, not a full-precision frozen weight")
+        self.on_grid = True
+        self.register_buffer("dtype_ref", torch.empty(0, dtype=dtype), persistent=False)  # follows dtype casts
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.dtype_ref.dtype
+
+    def frozen_weight(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.dequantize(*self.grid())
+
+
+def pack_frozen(model: nn.Module) -> int:
+    """Swap every dense :class:`MixedPrecisionLinear` of ``model`` for its packed twin, in place (before the optimizer
+    sees the parameters); returns how many were swapped."""
+    dense = {n: m for n, m in mixed_linears(model).items() if type(m) is MixedPrecisionLinear and m.on_grid}
+    for name, m in dense.items():
+        swap_module(model, name, PackedMixedPrecisionLinear.from_layer(m))
+    return len(dense)
 
 
 def project_into_cells(weight: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:

@@ -126,9 +126,8 @@ class STE(RecoveryMethod):
             if fp is not None and tuple(fp.shape) != (m.out_features, m.in_features):
                 raise ValueError(f"{name}: the full-precision weight has shape {tuple(fp.shape)}, the quantized "
                                  f"linear {(m.out_features, m.in_features)}")
-            ste = STELinear(m.to_quantized_weight(), m.bias, m.weight_q.dtype, fp_weight=fp,
-                            learn_scales=self.learn_scales)
-            swap_module(model, name, ste.to(m.weight_q.device))
+            ste = STELinear(m.to_quantized_weight(), m.bias, m.dtype, fp_weight=fp, learn_scales=self.learn_scales)
+            swap_module(model, name, ste.to(m.scales.device))
 
     def finish(self, model, dtype):
         flipped = total = 0
@@ -151,8 +150,8 @@ class AdaptedLinear(nn.Module):
 
     def __init__(self, m: MixedPrecisionLinear) -> None:
         super().__init__()
-        self.base = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight_q.device,
-                              dtype=m.weight_q.dtype)
+        self.base = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.scales.device,
+                              dtype=m.dtype)
         self.base.weight = nn.Parameter(m.frozen_weight(), requires_grad=False)  # shares the dequantized tensor
         if m.bias is not None:
             self.base.bias = nn.Parameter(m.bias, requires_grad=False)

@@ -17,6 +17,7 @@ from typing import Callable
 
 import yaml
 
+from . import distributed
 from .config import Recipe, Strict
 from .io_utils import write_text
 from .preflight import preflight
@@ -38,9 +39,32 @@ STAGE_FUNCTIONS: dict[str, str] = {
 }
 
 
+# Under torchrun (see distributed.py): stages whose results are saved run on rank 0 first and are then loaded from disk
+# by the other ranks; stages that write a checkpoint run on rank 0 alone.
+SAVED_BY_RANK0 = {"quantize", "reconstruct"}
+RANK0_ONLY = {"export"}
+
+
 def stage_function(name: str) -> Callable[[RunState, Strict], None]:
     module, func = STAGE_FUNCTIONS[name].split(":")
     return getattr(importlib.import_module(module), func)
+
+
+def run_stage(state: RunState, name: str, config: Strict) -> None:
+    """One stage on this process; with several processes, as ``distributed.py`` lays out."""
+    func = stage_function(name)
+    if not distributed.active() or name not in SAVED_BY_RANK0 | RANK0_ONLY:
+        func(state, config)
+        return
+    if name in SAVED_BY_RANK0:
+        with distributed.rank0_first():  # the others resume from what rank 0 saved, whatever `resume` says
+            func(state, config if distributed.is_main() else config.model_copy(update={"resume": True}))
+    else:
+        if distributed.is_main():
+            with distributed.alone():
+                func(state, config)
+        distributed.barrier()
+    state.results = distributed.from_main(state.results)
 
 
 def plan(recipe: Recipe, output_dir: Path) -> str:
@@ -74,22 +98,31 @@ def run(recipe: Recipe, output_dir: Path) -> RunState:
     """Execute the stages in order; results.json and report.md are rewritten after every stage and say whether the
     run is running, complete or failed (with the one-line error)."""
     state = RunState(recipe=recipe, output_dir=output_dir)
-    preflight(state)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    clear_stale_exports(state)
-    write_text(output_dir / "recipe.resolved.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    state.save()
+    distributed.setup(recipe.model.device)
     try:
-        for position, stage in enumerate(recipe.stages):
+        preflight(state)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if distributed.is_main():
+            clear_stale_exports(state)
+            write_text(output_dir / "recipe.resolved.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        state.save()
+        _run_stages(state)
+    finally:
+        distributed.teardown()
+    return state
+
+
+def _run_stages(state: RunState) -> None:
+    try:
+        for position, stage in enumerate(state.recipe.stages):
             state.position = position
             start = time.perf_counter()
             log.info("stage %s", stage.name)
-            stage_function(stage.name)(state, stage.config)
+            run_stage(state, stage.name, stage.config)
             log.info("stage %s done in %.1f s", stage.name, time.perf_counter() - start)
             state.save()
     except BaseException as err:
         state.save("failed", " ".join(str(err).split()) or type(err).__name__)
         raise
-    state.position = len(recipe.stages)
+    state.position = len(state.recipe.stages)
     state.save("complete")
-    return state

@@ -23,6 +23,7 @@ from .checkpoints import ResultStore
 from .architectures import architecture, decoder_layers, target_linears
 from .calibrate import capture_layer0_inputs, linear_groups, observe, run_layer
 from .config import QuantizeConfig, SelectConfig
+from .distributed import is_main
 from .fingerprint import fingerprint
 from .errors import NonFiniteError, UserError
 from .gptq import GPTQ
@@ -152,6 +153,8 @@ def quantize_model(model, quantizer: LinearQuantizer, windows: torch.Tensor | No
         return _quantize_without_data(model, quantizer, targets)
     # A layer's inputs are needed only to quantize it: a run that resumes every layer computes no activations.
     pending = [i for i in range(len(layers)) if not (checkpoints and checkpoints.has(i))]
+    if not pending:
+        log.info("quantize: every layer is saved in %s; loading them, no activations computed", checkpoints.folder)
     chunks, at = None, 0  # the calibration activations at the input of layer `at`
     rows: list[dict] = []
     for index, layer in enumerate(tqdm(layers, desc=f"quantize ({quantizer.cfg.method}, {quantizer.cfg.bits}-bit)")):
@@ -262,7 +265,8 @@ def quantize_stage(state, cfg: QuantizeConfig) -> None:
                           true_sequential=calib.config.true_sequential if calib else True,
                           batch_size=calib.config.batch_size if calib else 8, checkpoints=ckpt)
     seconds = time.perf_counter() - start
-    write_csv(state.output_dir / "quantize_log.csv", rows, LOG_FIELDS)
+    if is_main():
+        write_csv(state.output_dir / "quantize_log.csv", rows, LOG_FIELDS)
     salient = {n: m.salient_idx.cpu() for n, m in model.named_modules() if isinstance(m, MixedPrecisionLinear)}
     state.quantization = Quantization(cfg, stamp, salient)
     salient = sum(r["salient"] for r in rows)

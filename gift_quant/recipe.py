@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="override a recipe value, e.g. --set stages.quantize.bits=2")
     parser.add_argument("--output-dir", type=Path, help="where results, logs and checkpoints go")
-    parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; load nothing")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate and print the plan and each stage's estimated peak memory and time; load nothing")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
@@ -148,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
 
         print(plan(recipe, output_dir))
         if args.dry_run:
+            from .estimate import report
+
+            print(report(recipe))
             return 0
         state = run(recipe, output_dir)
         print((output_dir / "report.md").read_text())

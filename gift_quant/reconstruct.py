@@ -29,9 +29,10 @@ from .architectures import block_norm_weights, decoder_layers
 from .calibrate import Chunk, capture_layer0_inputs, run_layer
 from .checkpoints import ResultStore
 from .config import ReconstructConfig
+from .distributed import is_main
 from .fingerprint import fingerprint
 from .io_utils import write_csv
-from .layers import mixed_linears
+from .layers import mixed_linears, pack_frozen
 from .methods import METHODS, Training
 from .models import check_finite
 from .noise import NoiseSpec
@@ -114,9 +115,12 @@ def reconstruct_stage(state, cfg: ReconstructConfig) -> None:
     """Stage `reconstruct` (see the module docstring)."""
     model, device = state.model, state.device
     model.requires_grad_(False)  # only each block's declared tensors train, one block at a time
+    if cfg.frozen == "packed":
+        pack_frozen(model)
     calib = state.calibration
     stamp = fingerprint(state, {"base": state.quantization.fingerprint,
-                                "reconstruct": cfg.model_dump(mode="json", exclude={"resume"})}, [calib.windows])
+                                "reconstruct": cfg.model_dump(mode="json", exclude={"resume", "frozen"})},
+                   [calib.windows])
     saved = ResultStore(state.output_dir / "reconstruct", stamp, cfg.resume, prefix="block")
     layers, fp_layers = decoder_layers(model), decoder_layers(teacher_model(state))
     quant_in = capture_layer0_inputs(model, calib.windows, device, cfg.batch_size)
@@ -152,7 +156,8 @@ def reconstruct_stage(state, cfg: ReconstructConfig) -> None:
                 quant_in = run_layer(block.eval(), quant_in) if index + 1 < len(layers) else []
             fp_in = targets
             block.to(home)
-    write_csv(state.output_dir / "reconstruct_log.csv", rows, LOG_FIELDS)
+    if is_main():
+        write_csv(state.output_dir / "reconstruct_log.csv", rows, LOG_FIELDS)
     reduction = [float(r["mse_end"]) / max(float(r["mse_start"]), 1e-30) for r in rows]
     state.record("reconstruct", "block_mse_ratio", round(sum(reduction) / len(reduction), 4),
                  method=cfg.method, seconds=round(time.perf_counter() - start, 1),
@@ -166,4 +171,4 @@ def reconstruct_stage(state, cfg: ReconstructConfig) -> None:
 
 def _dtype(block: nn.Module) -> torch.dtype:
     layers = mixed_linears(block)
-    return next(iter(layers.values())).weight_q.dtype if layers else next(block.parameters()).dtype
+    return next(iter(layers.values())).dtype if layers else next(block.parameters()).dtype

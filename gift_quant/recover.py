@@ -17,12 +17,12 @@ import torch
 from torch import nn
 
 from .architectures import block_norm_weights, target_linears
-from .config import EvaluateConfig, QuantizeConfig, RecoverConfig
+from .config import KEEPS_FROZEN_PART, EvaluateConfig, QuantizeConfig, RecoverConfig
 from .data import check_not_eval_text, load_documents, packed_sequences, source_label
 from .errors import UserError
 from .evaluate import eval_ids
 from .fingerprint import fingerprint
-from .layers import MixedPrecisionLinear, mixed_linears, swap_module
+from .layers import MixedPrecisionLinear, mixed_linears, pack_frozen, swap_module
 from .methods import METHODS, Training
 from .models import check_finite
 from .noise import NO_NOISE, NoiseSpec
@@ -31,13 +31,15 @@ from .saliency import ChannelNorms
 from .select import choose_salient
 from .state import Recovery
 from .teacher import fp_weights, teacher_topk
-from .training import TokenBlocks, TrainReport, step_budget, train, world_size
+from .distributed import world_size
+from .training import TokenBlocks, TrainReport, step_budget, train
 
 log = logging.getLogger(__name__)
 
-# Settings that change what is logged or evaluated, not what is trained: a checkpoint stays valid when they change.
-NOT_TRAINING = {"eval_dataset", "eval_steps", "eval_minutes", "eval_windows", "eval_seq_len", "save_steps", "resume",
-                "methods", "learning_rates", "seeds", "lr_sweep", "sweep_fraction", "heldout_windows",
+# Settings that change what is logged or evaluated, or where the frozen part lives, not what is trained: a checkpoint
+# stays valid when they change.
+NOT_TRAINING = {"frozen", "eval_dataset", "eval_steps", "eval_minutes", "eval_windows", "eval_seq_len", "save_steps",
+                "resume", "methods", "learning_rates", "seeds", "lr_sweep", "sweep_fraction", "heldout_windows",
                 "final_seq_len", "final_windows"}
 
 
@@ -134,8 +136,10 @@ def run_method(state, model: nn.Module, cfg: RecoverConfig, out_dir: Path,
     if method.trains_nothing:
         return TrainReport(method=cfg.method, trainable_params=0)
     layers = mixed_linears(model)
-    dtype = next(iter(layers.values())).weight_q.dtype if layers else torch.float32
+    dtype = next(iter(layers.values())).dtype if layers else torch.float32
     device = state.device
+    if cfg.frozen == "packed" and cfg.method in KEEPS_FROZEN_PART:
+        pack_frozen(model)  # before prepare: the optimizer must see the packed layers' parameters
     trainable = method.prepare(model, setup_of(cfg, device, dtype),
                                fp_weights(state) if method.needs_fp_weights else None)
     if cfg.train_norms:

@@ -8,12 +8,12 @@ The model and tokenizer load on first use, so planning (``--dry-run``) costs not
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import CalibrateConfig, QuantizeConfig, Recipe, SelectConfig, Stage
+from .distributed import is_main, rank0_first
 
 if TYPE_CHECKING:
     import torch
@@ -70,7 +70,8 @@ class RunState:
     def _load(self) -> None:
         from .models import load_model, weights_digest
 
-        self._model, self._tokenizer = load_model(self.recipe.model)
+        with rank0_first():  # a download or a first GGUF conversion happens once, on rank 0
+            self._model, self._tokenizer = load_model(self.recipe.model)
         self._weights_digest = weights_digest(self._model)  # of the weights as loaded, before any stage changes them
 
     @property
@@ -136,7 +137,7 @@ class RunState:
         self.save()
 
     def save(self, status: str = "running", error: str | None = None) -> None:
-        if os.environ.get("RANK", "0") != "0":  # under torchrun every rank runs the pipeline; one writes
+        if not is_main():  # under torchrun every rank runs the pipeline; rank 0 writes
             return
         from .io_utils import write_json, write_text
 

@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .distributed import rank0_first
 from .fingerprint import tensor_bytes
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,14 @@ def teacher_topk(state, blocks: torch.Tensor, k: int, temperature: float
                  ) -> tuple[tuple[torch.Tensor, torch.Tensor], bool]:
     """((log-probs, token ids), each (n_blocks, seq_len, k), of the teacher at ``temperature`` on ``blocks``;
     whether any block had to be computed now). Blocks are cached one by one under a hash of their tokens, so a
-    longer or reordered training text reuses every block it shares with an earlier one."""
+    longer or reordered training text reuses every block it shares with an earlier one. With several processes
+    rank 0 computes and caches them, the others read its cache."""
+    with rank0_first():
+        return _teacher_topk(state, blocks, k, temperature)
+
+
+def _teacher_topk(state, blocks: torch.Tensor, k: int, temperature: float
+                  ) -> tuple[tuple[torch.Tensor, torch.Tensor], bool]:
     folder = _cache_folder(state, k, temperature)
     paths = [folder / f"{hashlib.sha256(tensor_bytes(b)).hexdigest()[:24]}.safetensors" for b in blocks]
     found = [_read(p) if p.is_file() else None for p in paths]

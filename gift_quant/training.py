@@ -8,10 +8,10 @@ where it stopped when the run's fingerprint still matches, and a damaged checkpo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import time
@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .config import RecoverConfig
+from .distributed import rank, world_size
 from .errors import UserError
 from .io_utils import file_sha256
 from .memory import PeakMemory
@@ -78,11 +79,6 @@ class TrainReport:
 
 
 # ---------------------------------------------------------------- budgets
-
-
-def world_size() -> int:
-    """Processes training together (torchrun / accelerate set WORLD_SIZE); each sees its own batches."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def step_budget(cfg: RecoverConfig, world_size: int = 1) -> int | None:
@@ -140,6 +136,13 @@ def _budget_callback(clock: BudgetClock, cfg: RecoverConfig, evaluate: bool):
     return Budget()
 
 
+def micro_batch_seed(seed: int, step: int, index: int) -> int:
+    """The RNG seed of micro-batch ``index`` (in the global batch: accumulation step × processes + rank) of
+    optimizer step ``step``; accelerate deals batch i·N + r of the shuffled data to rank r, so data and seed agree."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 def _cosine_by_progress(warmup: float, progress) -> Any:
     """HF's cosine-with-warmup shape on a progress in [0, 1] instead of a step count."""
 
@@ -170,6 +173,15 @@ def _trainer_class():
         def __init__(self, *args, recover: RecoverConfig, clock: BudgetClock, steps: int | None, **kwargs):
             super().__init__(*args, **kwargs)
             self.recover, self.clock, self.step_limit = recover, clock, steps
+            self._micro = (-1, 0)  # (optimizer step, micro-batches of it done on this rank)
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            # Random draws (GIFT-SW's noise) of a micro-batch come from its place in the global batch, the place its
+            # data comes from too: N processes × k accumulation steps then train exactly as 1 × N·k.
+            step, done = self._micro if self._micro[0] == self.state.global_step else (self.state.global_step, 0)
+            self._micro = (step, done + 1)
+            torch.manual_seed(micro_batch_seed(self.args.seed, step, done * world_size() + rank()))
+            return super().training_step(model, inputs, num_items_in_batch)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             logp, ids = inputs.pop("teacher_logp", None), inputs.pop("teacher_ids", None)

@@ -16,11 +16,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from gift_quant.layers import (
     MixedPrecisionLinear,
     NoiseSpec,
+    PackedMixedPrecisionLinear,
     STELinear,
+    pack_frozen,
     quantized_modules,
     replace_linears,
 )
 from gift_quant.noise import draw
+from gift_quant.packing import packed_rows
 from gift_quant.quantized import QuantizedWeight
 from gift_quant.quantizer import QuantSpec, find_params, rtn
 
@@ -626,6 +629,70 @@ def test_replace_linears_with_ste_factory() -> None:
     replace_linears(model, {"up": qw}, STELinear.from_quantized)
     assert isinstance(model.up, STELinear)
     assert_same_grid(quantized_modules(model)["up"].to_quantized_weight(), qw)
+
+
+# ---------------------------------------------------------------- packed frozen part
+
+
+def held_bytes(m: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_packed_layer_holds_bits_over_8_bytes_per_weight(bits: int) -> None:
+    qw = hand_record(OUT, IN, K, bits=bits, n_groups=4, seed=30)
+    dense = MixedPrecisionLinear.from_quantized(qw, torch.randn(OUT))
+    packed = PackedMixedPrecisionLinear.from_layer(dense)
+    small = held_bytes(dense) - dense.codes.numel() - dense.weight_q.numel() * 4  # grid, salient columns, bias
+    words = packed_rows(IN, bits)  # int32 words per output row: bits/8 bytes per weight, padded to whole blocks
+    assert held_bytes(packed) == small + OUT * words * 4 and words * 4 <= IN * bits / 8 + 12
+    assert not any(t.shape == (OUT, IN) for t in [*packed.parameters(), *packed.buffers()])
+    assert torch.equal(packed.codes, qw.codes)
+    assert_same_grid(packed.to_quantized_weight(), qw)
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.5])
+def test_packed_layer_trains_exactly_as_the_dense_one(noise: float, monkeypatch) -> None:
+    """Same forward, same gradients (salient columns, scales, inputs) and the same saved-for-backward story, minus
+    the dense Ŵ: nothing out × in is kept between forward and backward."""
+    import gift_quant.layers as layers
+
+    monkeypatch.setattr(layers, "fresh_seed", lambda: 11)
+    qw = hand_record(OUT, IN, K, bits=3, n_groups=4, seed=31)
+    dense = MixedPrecisionLinear.from_quantized(qw, torch.randn(OUT), noise=NoiseSpec(scale=noise)).train()
+    packed = PackedMixedPrecisionLinear.from_layer(dense)
+    x = torch.randn(2, 7, IN)
+    grad_out = torch.randn(2, 7, OUT)
+    grads = []
+    for layer in (dense, packed):
+        layer.scales.requires_grad_(noise > 0)  # one case through the scale gradient, one without
+        xi = x.clone().requires_grad_()
+        shapes: list[tuple[int, ...]] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+            y = layer(xi)
+        y.backward(grad_out)
+        grads.append((y.detach(), xi.grad, layer.salient_weight.grad, layer.scales.grad))
+        assert (OUT, IN) not in shapes or layer is dense
+    for a, b in zip(*grads):
+        assert (a is None and b is None) or torch.allclose(a, b, rtol=0, atol=ATOL32)
+    assert torch.equal(dense.eval()(x), packed.eval()(x))
+
+
+def test_pack_frozen_swaps_every_quantized_linear_and_keeps_its_state() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(), Block())
+    records = {n: rtn(model.get_submodule(n).weight.detach(), QuantSpec(bits=3), salient_idx=torch.tensor([0, 2]))
+               for n in ("0.up", "1.down")}
+    replace_linears(model, records, MixedPrecisionLinear.from_quantized)
+    model.get_submodule("0.up").salient_weight.requires_grad_(False)
+    x = torch.randn(3, IN)
+    before = model(x)
+    assert pack_frozen(model) == 2 and pack_frozen(model) == 0
+    assert all(isinstance(m, PackedMixedPrecisionLinear) for m in quantized_modules(model).values())
+    assert not model.get_submodule("0.up").salient_weight.requires_grad
+    assert torch.equal(model(x), before)
+    for n, m in quantized_modules(model).items():
+        assert_same_grid(m.to_quantized_weight(), records[n])
 
 
 # ---------------------------------------------------------------- measured comparison

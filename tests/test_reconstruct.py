@@ -74,3 +74,16 @@ def test_reconstruction_resumes_after_the_last_finished_block(tiny_run, tmp_path
     saved[1].write_bytes(saved[1].read_bytes()[:-7] + b"garbage")  # a damaged block is trained again
     run(tiny_run, tmp_path, "out")
     assert len(trained) == 1
+
+
+def test_packed_frozen_part_reconstructs_as_the_dense_one(tiny_run, tmp_path):
+    from gift_quant.layers import PackedMixedPrecisionLinear, quantized_modules
+
+    dense = quantized_modules(run(tiny_run, tmp_path, "dense").model)
+    packed = quantized_modules(run(tiny_run, tmp_path, "packed", NORMS="false, frozen: packed").model)
+    assert all(isinstance(m, PackedMixedPrecisionLinear) for m in packed.values()) and packed.keys() == dense.keys()
+    for name, m in dense.items():
+        a, b = m.to_quantized_weight(), packed[name].to_quantized_weight()
+        assert torch.equal(a.codes, b.codes)
+        torch.testing.assert_close(b.salient_weight, a.salient_weight, rtol=0, atol=1e-6)
+        torch.testing.assert_close(b.scales, a.scales, rtol=0, atol=1e-7)

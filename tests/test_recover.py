@@ -280,6 +280,39 @@ def test_rerun_of_a_finished_stage_reloads_its_result(tmp_path: Path, texts) -> 
     assert curve == [(r["step"], r["value"]) for r in again.results if r["metric"].endswith("_ppl_training")]
 
 
+@pytest.mark.parametrize("train_scales", [False, True])
+def test_packed_frozen_part_trains_as_the_dense_one(tmp_path: Path, texts, train_scales: bool) -> None:
+    """frozen: packed changes where the frozen part lives, not what trains: the same tensors come out, and the
+    model keeps its bit-packed layers afterwards."""
+    fp = tiny_fp()
+    results = {}
+    for frozen in ("dense", "packed"):
+        cfg = recover_cfg(texts, method="gift_sw", frozen=frozen, train_scales=train_scales)
+        state = run_state(tmp_path / frozen, quantized(fp), [Stage(name="recover", config=cfg)])
+        recover_stage(state, cfg)
+        results[frozen] = {n: m.to_quantized_weight() for n, m in mixed_linears(state.model).items()}
+        kinds = {type(m).__name__ for m in mixed_linears(state.model).values()}
+        assert kinds == {"PackedMixedPrecisionLinear" if frozen == "packed" else "MixedPrecisionLinear"}
+    for name, a in results["dense"].items():
+        b = results["packed"][name]
+        assert torch.equal(a.codes, b.codes)
+        torch.testing.assert_close(b.salient_weight, a.salient_weight, rtol=0, atol=1e-6)
+        torch.testing.assert_close(b.scales, a.scales, rtol=0, atol=1e-7)
+    assert not torch.equal(results["dense"][name].salient_weight, quantized(fp).get_submodule(name).salient_weight)
+
+
+def test_packed_frozen_part_needs_a_method_that_keeps_one() -> None:
+    for method in ("ste", "ste_lsq", "lora"):
+        with pytest.raises(ValueError, match="frozen: packed"):
+            RecoverConfig(method=method, frozen="packed")
+    with pytest.raises(ValueError, match="before quantization"):
+        RecoverConfig(method="gift_sw", order="before", frozen="packed")
+    compare = CompareConfig(methods=["gift_sw", "ste"], frozen="packed")  # applied where it applies
+    from gift_quant.compare import method_config
+
+    assert [method_config(compare, m, 1e-4, 0).frozen for m in compare.methods] == ["packed", "dense"]
+
+
 def test_stale_checkpoints_are_not_resumed(tmp_path: Path) -> None:
     out = tmp_path / "run"
     assert prepare_output(out, "a", resume=True) is None

@@ -6,11 +6,14 @@ model: by default SmolLM2-135M's architecture with random weights (no download),
 are set up by the method registry (``gift_quant.methods.METHODS``) exactly as the recover stage does (STE's latent
 weights start on the grid: there is no teacher here); ``full`` trains every parameter of the
 full-precision model. A step is forward + backward + AdamW update on random tokens; the first ``--warmup`` steps
-(which allocate the optimizer state) count for memory but not for time.
+(which allocate the optimizer state) count for memory but not for time. ``--frozen dense packed`` runs the methods
+that keep a frozen low-bit part both ways (``recover: {frozen: packed}``: bit-packed codes, one linear dequantized
+at a time); ``model MB`` is the bytes of the model's tensors (parameters and buffers) after the method's setup.
 
     python tools/bench_recover.py                     # SmolLM2-135M shape, all 30 layers, batch 1 × 512
     python tools/bench_recover.py --layers 8 --steps 5
     python tools/bench_recover.py --tiny              # seconds; checks the tool works
+    python tools/bench_recover.py --model smollm2-135m --methods gift_sw salient_ft --frozen dense packed
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--model", help="load this model (alias, Hub id or folder) instead of random SmolLM2 weights")
     p.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=["gift_sw", "ste", "full"])
+    p.add_argument("--frozen", nargs="+", choices=("dense", "packed"), default=["dense"],
+                   help="how methods with a frozen low-bit part hold it (both: one row each)")
     p.add_argument("--bits", type=int, default=3)
     p.add_argument("--fraction", type=float, default=1 / 32, help="salient columns per linear, fraction of inputs")
     p.add_argument("--noise-bits", type=int, default=4, help="gift_sw: σ = ½·Δ of a grid of this many bits")
@@ -47,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    p.add_argument("--worker-frozen", choices=("dense", "packed"), default="dense", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -98,6 +104,7 @@ def worker(args: argparse.Namespace) -> dict:
     import torch
 
     from gift_quant.config import RecoverConfig
+    from gift_quant.layers import pack_frozen
     from gift_quant.memory import PeakMemory
     from gift_quant.methods import METHODS as REGISTRY
     from gift_quant.recover import setup_of
@@ -109,9 +116,14 @@ def worker(args: argparse.Namespace) -> dict:
         trainable = sum(p.numel() for p in model.parameters())
     else:
         quantize(model, args.bits, args.fraction)
-        cfg = RecoverConfig(method=args.worker, noise_bits=args.noise_bits, noise_source=args.noise_source)
+        cfg = RecoverConfig(method=args.worker, noise_bits=args.noise_bits, noise_source=args.noise_source,
+                            frozen=args.worker_frozen)
+        if cfg.frozen == "packed":
+            pack_frozen(model)
         trainable = REGISTRY[args.worker].prepare(model, setup_of(cfg, device, next(model.parameters()).dtype))
     model.to(device).train()
+    model_mb = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 2**20
+    release_freed_memory()
     if args.checkpointing:
         model.activation_checkpointing_enable()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -133,17 +145,38 @@ def worker(args: argparse.Namespace) -> dict:
             if step >= args.warmup:
                 times.append(time.perf_counter() - start)
                 cpu_times.append(time.process_time() - cpu_start)
-    return {"method": args.worker, "trainable_params": trainable, "step_s": sum(times) / len(times),
+    return {"method": label(args.worker, args.worker_frozen), "trainable_params": trainable, "model_mb": model_mb,
+            "step_s": sum(times) / len(times),
             "step_cpu_s": sum(cpu_times) / len(cpu_times),
             "tokens_per_s": args.batch * args.seq_len * len(times) / sum(times), "peak_mb": mem.peak_mb,
             "extra_mb": mem.extra_mb, "loss": loss.item()}
 
 
+def release_freed_memory() -> None:
+    """Hand memory freed while building the model (the fp weights the quantized layers replaced) back to the OS, so
+    that the RSS at the start of training is what the model holds (glibc; elsewhere a no-op)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def label(method: str, frozen: str) -> str:
+    return f"{method} (packed)" if frozen == "packed" else method
+
+
 def run_all(args: argparse.Namespace, argv: list[str]) -> list[dict]:
+    from gift_quant.config import KEEPS_FROZEN_PART
+
     results = []
-    for method in args.methods:
-        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--worker", method]
-        print(f"[bench] {method} ...", file=sys.stderr, flush=True)
+    runs = [(m, f) for m in args.methods for f in args.frozen if f == "dense" or m in KEEPS_FROZEN_PART]
+    for method, frozen in runs:
+        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--worker", method, "--worker-frozen", frozen]
+        print(f"[bench] {label(method, frozen)} ...", file=sys.stderr, flush=True)
         out = subprocess.run(cmd, check=True, capture_output=True, text=True)
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     return results
@@ -155,19 +188,22 @@ def table(results: list[dict], args: argparse.Namespace) -> str:
     lines = [f"model: {shape}, layers: {args.layers or 'all'}, batch {args.batch} × {args.seq_len} tokens, "
              f"{args.bits}-bit, salient fraction {args.fraction:g}, device {args.device}, "
              f"checkpointing {'on' if args.checkpointing else 'off'}, {args.steps} timed steps",
-             "", f"| method | trainable params | step (s) | step CPU (s) | tokens/s | peak memory (MB) | training memory (MB) "
-             f"| step CPU time / {ref['method']} | training memory / {ref['method']} |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "", f"| method | trainable params | model MB | step (s) | step CPU (s) | tokens/s | peak memory (MB) | "
+             f"training memory (MB) | step CPU time / {ref['method']} | training memory / {ref['method']} |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        lines.append(f"| {r['method']} | {r['trainable_params']:,} | {r['step_s']:.3f} | {r['step_cpu_s']:.3f} | "
+        lines.append(f"| {r['method']} | {r['trainable_params']:,} | {r['model_mb']:.1f} | {r['step_s']:.3f} | "
+                     f"{r['step_cpu_s']:.3f} | "
                      f"{r['tokens_per_s']:.0f} | {r['peak_mb']:.0f} | {r['extra_mb']:.0f} | "
                      f"{r['step_cpu_s'] / ref['step_cpu_s']:.2f}× | "
                      f"{r['extra_mb'] / max(ref['extra_mb'], 1e-9):.2f}× |")
     lines.append("")
     lines.append("step CPU: process CPU seconds per step; with OMP_NUM_THREADS=1 it is the single-thread cost even "
                  "when other jobs share the machine (wall `step` then is not).")
-    lines.append("peak memory: the whole process (CPU RSS) or CUDA max allocated, model included; training memory: "
-                 "the peak above the level after building the model (activations, gradients, optimizer state).")
+    lines.append("model MB: bytes of the model's parameters and buffers after the method's setup (the frozen part "
+                 "included); peak memory: the whole process (CPU RSS) or CUDA max allocated, model included; training "
+                 "memory: the peak above the level after building the model (activations, gradients, optimizer "
+                 "state).")
     return "\n".join(lines)
 
 
