@@ -374,9 +374,28 @@ def recover(ctx: Context, cfg: RecoverConfig, stage: str = "recover") -> StageEs
     seconds = steps * cfg.gradient_accumulation_steps * per_micro if steps else 60 * (cfg.max_minutes or 0)
     if noisy and cfg.noise_bits:  # set_noise's MSE grid at noise_bits for every linear, once
         seconds += 100 * GRID_PASSES * s.layers * s.block_weights * ctx.rates.weight_pass
+    host = {}
+    if cfg.loss != "lm":  # the teacher's one pass over the training text, before training (cached afterwards)
+        teacher, teacher_seconds = _teacher_pass(ctx, cfg, steps)
+        seconds += teacher_seconds
+        if ctx.cuda:  # it lives in host RAM and visits the GPU, beside the quantized model, for its pass
+            host["fp teacher"] = teacher["fp teacher"]
+            if sum(teacher.values()) > sum(parts.values()):
+                parts = teacher
+        else:
+            parts = {**parts, "fp teacher": teacher["fp teacher"]}
     ctx.form = form
     note = f"{cfg.method}, frozen part {form}, {trainable_count(ctx, cfg):,} trainable"
-    return _with_host(ctx, stage, parts, {}, seconds, note)
+    return _with_host(ctx, stage, parts, host, seconds, note)
+
+
+def _teacher_pass(ctx: Context, cfg: RecoverConfig, steps: int | None) -> tuple[dict[str, float], float]:
+    """The device's parts during the teacher's pass, and its seconds (one forward over every training token)."""
+    s, tokens = ctx.shape, cfg.seq_len
+    parts = {"frozen model": model_bytes(ctx), "fp teacher": model_bytes(ctx, "fp"),
+             "logits and loss": eval_logits(tokens, s.vocab, ctx.dtype_bytes, 1)}
+    total = (steps or 0) * cfg.batch_size * cfg.gradient_accumulation_steps * cfg.seq_len
+    return parts, total * forward_flops(s, cfg.seq_len) / ctx.rates.matmul
 
 
 def compare(ctx: Context, cfg) -> StageEstimate:

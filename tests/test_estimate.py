@@ -152,3 +152,19 @@ def test_packed_frozen_part_is_about_bits_over_8_bytes_per_weight():
     assert frozen("packed") / weights == pytest.approx(3 / 8, rel=0.15)  # + fp16 salient columns and the grid
     assert "unavailable" not in report(
         __import__("gift_quant.recipe", fromlist=["load_recipe"]).load_recipe("recipes/llama2_3bit.yaml"))
+
+
+def test_distillation_adds_the_teacher_pass():
+    """KD runs the fp teacher over every training token first: on a GPU it visits beside the quantized model (the
+    stage's peak when that exceeds training's) and it stays in host RAM; its forward adds to the time."""
+    from gift_quant.estimate import recover
+
+    ctx = lambda: Context(Shape.from_config(BUILTIN["meta-llama/Llama-2-7b-hf"]), 2, cuda=True,  # noqa: E731
+                          select=SelectConfig(count=128), bits=3)
+    cfg = dict(method="gift_sw", max_steps=100, batch_size=4, seq_len=1024, gradient_checkpointing=True)
+    lm, kd = recover(ctx(), RecoverConfig(**cfg)), recover(ctx(), RecoverConfig(loss="kd", **cfg))
+    fp = ctx().shape.layers * ctx().shape.block_weights * 2
+    assert kd.peak >= model_bytes(ctx()) + fp and kd.peak > lm.peak
+    assert kd.host >= lm.host + fp
+    teacher_seconds = 100 * 4 * 1024 * 2 * 6.7e9 / ctx().rates.matmul  # ≈ 2 FLOPs per parameter and token
+    assert kd.seconds - lm.seconds == pytest.approx(teacher_seconds, rel=0.1)
