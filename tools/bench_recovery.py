@@ -84,6 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, required=True, help="writes OUT.md, OUT.json and OUT.png")
+    p.add_argument("--fp", type=float, help="full-precision perplexity (default: the base run's first evaluate)")
+    p.add_argument("--ptq", type=float, help="post-quantization perplexity (default: the base run's last evaluate)")
     p.add_argument("--collect", action="store_true", help="only read finished runs and write the outputs")
     return p.parse_args(argv)
 
@@ -164,12 +166,16 @@ def report(args, fp: float, ptq: float, results: dict[str, list[dict]]) -> str:
     gap = lambda p: 100 * (ptq - p) / (ptq - fp)  # noqa: E731
     lines = [f"Perplexity: full precision {fp:.2f}, after quantization {ptq:.2f}; target of ≥ 50 % of the gap: "
              f"≤ {ptq - 0.5 * (ptq - fp):.2f}.", "",
-             "| variant | seeds | ppl | gap closed | training minutes (CPU clock) | recovery CPU s | of which teacher |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "| variant | seeds | curve (minutes: ppl, mean) | ppl | gap closed | training minutes (CPU clock) | "
+             "recovery CPU s | of which teacher |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
     for name, runs in results.items():
         if not runs:
             continue
-        lines.append(f"| {VARIANTS[name][0]} | {len(runs)} | {_pm([r['ppl'] for r in runs])} | "
+        marks = min(len(r["curve"]) for r in runs) - 1  # the last point is the final evaluation
+        curve = ", ".join(f"{statistics.fmean(r['curve'][i]['minutes'] for r in runs):.0f}: "
+                          f"{statistics.fmean(r['curve'][i]['ppl'] for r in runs):.2f}" for i in range(marks))
+        lines.append(f"| {VARIANTS[name][0]} | {len(runs)} | {curve} | {_pm([r['ppl'] for r in runs])} | "
                      f"{_pm([gap(r['ppl']) for r in runs], '.1f')} % | {_pm([r['minutes'] for r in runs], '.1f')} | "
                      f"{_pm([r['cpu_seconds'] for r in runs], '.0f')} | "
                      f"{_pm([r['teacher_cpu_seconds'] for r in runs], '.0f')} |")
@@ -184,10 +190,16 @@ def plot(path: Path, fp: float, ptq: float, results: dict[str, list[dict]]) -> N
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for (name, runs), marker in zip(results.items(), "osD^v<>ph*"):
-        if runs:
-            curve = runs[0]["curve"]
-            ax.plot([0.0] + [p["minutes"] for p in curve], [ptq] + [p["ppl"] for p in curve], marker=marker,
-                    label=VARIANTS[name][0], alpha=0.85)
+        if not runs:
+            continue
+        # the seeds' curves share their evaluation marks: mean ± std per mark (one seed: the curve itself)
+        n = min(len(r["curve"]) for r in runs)
+        points = [[r["curve"][i] for r in runs] for i in range(n)]
+        x = [0.0] + [statistics.fmean(p["minutes"] for p in mark) for mark in points]
+        y = [ptq] + [statistics.fmean(p["ppl"] for p in mark) for mark in points]
+        err = [0.0] + [statistics.stdev(p["ppl"] for p in mark) if len(mark) > 1 else 0.0 for mark in points]
+        label = VARIANTS[name][0] + (f" ({len(runs)} seeds)" if len(runs) > 1 else "")
+        ax.errorbar(x, y, yerr=err, marker=marker, capsize=3, label=label, alpha=0.85)
     ax.axhline(ptq - 0.5 * (ptq - fp), color="grey", linestyle=":", label="50 % of the gap")
     ax.set_xlabel("minutes of recovery (process CPU clock, 1 thread)")
     ax.set_ylabel("WikiText-2 perplexity (16 × 2048)")
@@ -198,6 +210,17 @@ def plot(path: Path, fp: float, ptq: float, results: dict[str, list[dict]]) -> N
     plt.close(fig)
 
 
+def reference_points(args) -> tuple[float, float]:
+    """Full-precision and post-quantization perplexity: --fp/--ptq, else the base run's first and last evaluate."""
+    evaluations = [r["value"] for r in json.loads((args.base / "results.json").read_text())["results"]
+                   if r["stage"] == "evaluate"]
+    fp = args.fp if args.fp is not None else (evaluations[0] if evaluations else None)
+    ptq = args.ptq if args.ptq is not None else (evaluations[-1] if len(evaluations) > 1 else None)
+    if fp is None or ptq is None:
+        raise SystemExit(f"{args.base}/results.json has no evaluations before and after quantize: pass --fp and --ptq")
+    return fp, ptq
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     base = yaml.safe_load(args.recipe.read_text())
@@ -206,9 +229,7 @@ def main(argv=None) -> None:
         args.work.mkdir(parents=True, exist_ok=True)
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(lambda job: run_one(args, base, *job), jobs))
-    evaluations = [r for r in json.loads((args.base / "results.json").read_text())["results"]
-                   if r["stage"] == "evaluate"]
-    fp, ptq = evaluations[0]["value"], evaluations[-1]["value"]
+    fp, ptq = reference_points(args)
     results = {name: [s for seed in args.seeds if (s := summarize(args.work / f"{name}-s{seed}"))]
                for name in args.variants}
     args.out.parent.mkdir(parents=True, exist_ok=True)
