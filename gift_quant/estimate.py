@@ -363,7 +363,8 @@ def _train_steps(cfg: RecoverConfig, world: int = 1) -> int | None:
     return min(limits) if limits else None
 
 
-def recover(ctx: Context, cfg: RecoverConfig, stage: str = "recover") -> StageEstimate:
+def recover(ctx: Context, cfg: RecoverConfig, stage: str = "recover", teacher: bool = True) -> StageEstimate:
+    """``teacher``: whether the teacher's pass is part of this stage (compare runs it once for all its methods)."""
     s, tokens = ctx.shape, cfg.batch_size * cfg.seq_len
     parts, form = training_parts(ctx, cfg, tokens)
     noisy = cfg.method == "gift_sw" and cfg.noise != "none"
@@ -375,7 +376,7 @@ def recover(ctx: Context, cfg: RecoverConfig, stage: str = "recover") -> StageEs
     if noisy and cfg.noise_bits:  # set_noise's MSE grid at noise_bits for every linear, once
         seconds += 100 * GRID_PASSES * s.layers * s.block_weights * ctx.rates.weight_pass
     host = {}
-    if cfg.loss != "lm":  # the teacher's one pass over the training text, before training (cached afterwards)
+    if teacher and cfg.loss != "lm":  # the teacher's one pass over the training text, before training (cached afterwards)
         teacher, teacher_seconds = _teacher_pass(ctx, cfg, steps)
         seconds += teacher_seconds
         if ctx.cuda:  # it lives in host RAM and visits the GPU, beside the quantized model, for its pass
@@ -405,12 +406,23 @@ def compare(ctx: Context, cfg) -> StageEstimate:
     runs = []
     for method in cfg.methods:
         ctx.form = start
-        runs.append(recover(ctx, method_config(cfg, method, cfg.learning_rate, cfg.seeds[0]), "compare"))
+        runs.append(recover(ctx, method_config(cfg, method, cfg.learning_rate, cfg.seeds[0]), "compare",
+                            teacher=False))
     ctx.form = start
+    if cfg.loss != "lm":  # one teacher pass, shared by every method and seed
+        first = method_config(cfg, cfg.methods[0], cfg.learning_rate, cfg.seeds[0])
+        runs.append(recover(ctx, first, "compare"))
+        ctx.form = start
+        teacher_seconds = runs[-1].seconds - runs[0].seconds
+    else:
+        teacher_seconds = 0.0
+    trained = runs[:len(cfg.methods)]
     worst = max(runs, key=lambda r: r.peak)
     device = {**worst.parts, "the quantized model copies start from": model_bytes(ctx)}
     device.pop("runtime", None)
-    seconds = len(cfg.seeds) * sum(r.seconds for r in runs)
+    # every seed's full run, plus the lr sweep's shortened runs (first seed) for each method
+    repeats = len(cfg.seeds) + (len(cfg.lr_sweep) * cfg.sweep_fraction if cfg.lr_sweep else 0)
+    seconds = repeats * sum(r.seconds for r in trained) + teacher_seconds
     host = {"the quantized model copies start from": device.pop("the quantized model copies start from")} \
         if ctx.cuda else {}
     return _with_host(ctx, "compare", device, host, seconds, f"{len(runs)} methods × {len(cfg.seeds)} seeds")

@@ -168,3 +168,20 @@ def test_distillation_adds_the_teacher_pass():
     assert kd.host >= lm.host + fp
     teacher_seconds = 100 * 4 * 1024 * 2 * 6.7e9 / ctx().rates.matmul  # ≈ 2 FLOPs per parameter and token
     assert kd.seconds - lm.seconds == pytest.approx(teacher_seconds, rel=0.1)
+
+
+def test_compare_counts_every_seed_the_sweep_and_one_teacher_pass():
+    from gift_quant.config import CompareConfig
+    from gift_quant.estimate import compare, recover
+
+    ctx = lambda: Context(Shape.from_config(BUILTIN["meta-llama/Llama-2-7b-hf"]), 2, cuda=True,  # noqa: E731
+                          select=SelectConfig(count=128), bits=3)
+    cfg = dict(methods=["gift_sw", "salient_ft"], max_steps=100, batch_size=4, seq_len=1024)
+    one = {m: recover(ctx(), RecoverConfig(method=m, max_steps=100, batch_size=4, seq_len=1024)).seconds
+           for m in cfg["methods"]}
+    lm = compare(ctx(), CompareConfig(seeds=[0, 1, 2], lr_sweep=[1e-4, 3e-4], sweep_fraction=0.5, **cfg))
+    assert lm.seconds == pytest.approx((3 + 2 * 0.5) * sum(one.values()), rel=1e-6)
+    kd = compare(ctx(), CompareConfig(seeds=[0, 1, 2], lr_sweep=[1e-4, 3e-4], sweep_fraction=0.5, loss="kd", **cfg))
+    teacher = (recover(ctx(), RecoverConfig(method="gift_sw", loss="kd", max_steps=100, batch_size=4, seq_len=1024))
+               .seconds - one["gift_sw"])
+    assert kd.seconds == pytest.approx(lm.seconds + teacher, rel=1e-6)
