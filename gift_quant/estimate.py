@@ -376,15 +376,15 @@ def recover(ctx: Context, cfg: RecoverConfig, stage: str = "recover", teacher: b
     if noisy and cfg.noise_bits:  # set_noise's MSE grid at noise_bits for every linear, once
         seconds += 100 * GRID_PASSES * s.layers * s.block_weights * ctx.rates.weight_pass
     host = {}
-    if teacher and cfg.loss != "lm":  # the teacher's one pass over the training text, before training (cached afterwards)
-        teacher, teacher_seconds = _teacher_pass(ctx, cfg, steps)
+    if teacher and cfg.loss != "lm":  # the teacher's one pass over the training text, before training
+        during, teacher_seconds = _teacher_pass(ctx, cfg, steps)
         seconds += teacher_seconds
         if ctx.cuda:  # it lives in host RAM and visits the GPU, beside the quantized model, for its pass
-            host["fp teacher"] = teacher["fp teacher"]
-            if sum(teacher.values()) > sum(parts.values()):
-                parts = teacher
-        else:
-            parts = {**parts, "fp teacher": teacher["fp teacher"]}
+            host["fp teacher"] = during["fp teacher"]
+            if sum(during.values()) > sum(parts.values()):
+                parts = during
+        else:  # it stays in the process's memory while the student trains
+            parts = {**parts, "fp teacher": during["fp teacher"]}
     ctx.form = form
     note = f"{cfg.method}, frozen part {form}, {trainable_count(ctx, cfg):,} trainable"
     return _with_host(ctx, stage, parts, host, seconds, note)
@@ -425,7 +425,9 @@ def compare(ctx: Context, cfg) -> StageEstimate:
     seconds = repeats * sum(r.seconds for r in trained) + teacher_seconds
     host = {"the quantized model copies start from": device.pop("the quantized model copies start from")} \
         if ctx.cuda else {}
-    return _with_host(ctx, "compare", device, host, seconds, f"{len(runs)} methods × {len(cfg.seeds)} seeds")
+    if ctx.cuda and cfg.loss != "lm":
+        host["fp teacher"] = model_bytes(ctx, "fp")
+    return _with_host(ctx, "compare", device, host, seconds, f"{len(cfg.methods)} methods × {len(cfg.seeds)} seeds")
 
 
 def reconstruct(ctx: Context, cfg, calib) -> StageEstimate:
