@@ -363,8 +363,9 @@ def _train_steps(cfg: RecoverConfig, world: int = 1) -> int | None:
     return min(limits) if limits else None
 
 
-def recover(ctx: Context, cfg: RecoverConfig, stage: str = "recover", teacher: bool = True) -> StageEstimate:
-    """``teacher``: whether the teacher's pass is part of this stage (compare runs it once for all its methods)."""
+def recover(ctx: Context, cfg: RecoverConfig, stage: str = "recover", teacher_time: bool = True) -> StageEstimate:
+    """``teacher_time``: whether the teacher's pass counts in this stage's time (compare runs it once for all its
+    methods); its memory counts either way."""
     s, tokens = ctx.shape, cfg.batch_size * cfg.seq_len
     parts, form = training_parts(ctx, cfg, tokens)
     noisy = cfg.method == "gift_sw" and cfg.noise != "none"
@@ -376,9 +377,9 @@ def recover(ctx: Context, cfg: RecoverConfig, stage: str = "recover", teacher: b
     if noisy and cfg.noise_bits:  # set_noise's MSE grid at noise_bits for every linear, once
         seconds += 100 * GRID_PASSES * s.layers * s.block_weights * ctx.rates.weight_pass
     host = {}
-    if teacher and cfg.loss != "lm":  # the teacher's one pass over the training text, before training
+    if cfg.loss != "lm":  # the teacher's one pass over the training text, before training
         during, teacher_seconds = _teacher_pass(ctx, cfg, steps)
-        seconds += teacher_seconds
+        seconds += teacher_seconds if teacher_time else 0.0
         if ctx.cuda:  # it lives in host RAM and visits the GPU, beside the quantized model, for its pass
             host["fp teacher"] = during["fp teacher"]
             if sum(during.values()) > sum(parts.values()):
@@ -407,22 +408,17 @@ def compare(ctx: Context, cfg) -> StageEstimate:
     for method in cfg.methods:
         ctx.form = start
         runs.append(recover(ctx, method_config(cfg, method, cfg.learning_rate, cfg.seeds[0]), "compare",
-                            teacher=False))
+                            teacher_time=False))
     ctx.form = start
-    if cfg.loss != "lm":  # one teacher pass, shared by every method and seed
-        first = method_config(cfg, cfg.methods[0], cfg.learning_rate, cfg.seeds[0])
-        runs.append(recover(ctx, first, "compare"))
-        ctx.form = start
-        teacher_seconds = runs[-1].seconds - runs[0].seconds
-    else:
-        teacher_seconds = 0.0
-    trained = runs[:len(cfg.methods)]
+    first = method_config(cfg, cfg.methods[0], cfg.learning_rate, cfg.seeds[0])
+    # one teacher pass, shared by every method and seed
+    teacher_seconds = _teacher_pass(ctx, first, _train_steps(first))[1] if cfg.loss != "lm" else 0.0
     worst = max(runs, key=lambda r: r.peak)
     device = {**worst.parts, "the quantized model copies start from": model_bytes(ctx)}
     device.pop("runtime", None)
     # every seed's full run, plus the lr sweep's shortened runs (first seed) for each method
     repeats = len(cfg.seeds) + (len(cfg.lr_sweep) * cfg.sweep_fraction if cfg.lr_sweep else 0)
-    seconds = repeats * sum(r.seconds for r in trained) + teacher_seconds
+    seconds = repeats * sum(r.seconds for r in runs) + teacher_seconds
     host = {"the quantized model copies start from": device.pop("the quantized model copies start from")} \
         if ctx.cuda else {}
     if ctx.cuda and cfg.loss != "lm":

@@ -115,9 +115,18 @@ def variant_recipe(args, base: dict, name: str, seed: int) -> dict:
             "stages": stages + extra + [last_eval]}
 
 
+def finished(out: Path) -> dict | None:
+    """The results of a run that completed, else None."""
+    path = out / "results.json"
+    if not path.is_file():
+        return None
+    doc = json.loads(path.read_text())
+    return doc if doc.get("status") == "complete" else None
+
+
 def run_one(args, base: dict, name: str, seed: int) -> Path:
     out = args.work / f"{name}-s{seed}"
-    if (out / "results.json").is_file() and json.loads((out / "results.json").read_text()).get("status") == "complete":
+    if finished(out):
         return out
     if out.exists():
         shutil.rmtree(out)
@@ -136,11 +145,8 @@ def run_one(args, base: dict, name: str, seed: int) -> Path:
 
 def summarize(out: Path) -> dict | None:
     """Final perplexity, curve, minutes and CPU seconds of one finished run."""
-    path = out / "results.json"
-    if not path.is_file():
-        return None
-    doc = json.loads(path.read_text())
-    if doc.get("status") != "complete":
+    doc = finished(out)
+    if doc is None:
         return None
     rows = doc["results"]
     final = [r for r in rows if r["stage"] == "evaluate"][-1]["value"]
