@@ -153,7 +153,8 @@ def _mean_curve(runs: list[dict[str, Any]]) -> list[dict[str, float]]:
         if len(points) == len(runs):
             mean, std = _mean_std([p["ppl"] for p in points])
             curve.append({"step": step, "tokens": points[0]["tokens"], "ppl": mean, "ppl_std": std,
-                          "minutes": statistics.fmean(p.get("minutes", 0.0) for p in points)})
+                          "minutes": statistics.fmean(p.get("minutes", 0.0) for p in points),
+                          "cpu_minutes": statistics.fmean(p.get("cpu_minutes", 0.0) for p in points)})
     return curve
 
 
@@ -247,6 +248,7 @@ def compare_stage(state, cfg: CompareConfig) -> dict[str, Any]:
 
 
 def write_outputs(out_dir: Path, summary: dict[str, Any]) -> None:
+    summary["equal_cpu"] = equal_cpu_view(summary["methods"])
     write_json(out_dir / "comparison.json", summary)
     write_text(out_dir / "comparison.md", render_markdown(summary))
     plot_recovery(summary, out_dir / "recovery.png")
@@ -271,11 +273,53 @@ def _budget(t: dict[str, Any]) -> str:
 
 def exceeds_spread(a: dict[str, Any], b: dict[str, Any]) -> bool | None:
     """Whether two methods' mean perplexities differ by more than twice the standard error of the difference
-    (Welch); None without at least two seeds each."""
+    (Welch); None without at least two seeds each. Rows hold ``ppl_after``, ``ppl_after_std`` and ``seeds``."""
     if a["ppl_after_std"] is None or b["ppl_after_std"] is None:
         return None
     se = math.sqrt(a["ppl_after_std"] ** 2 / len(a["seeds"]) + b["ppl_after_std"] ** 2 / len(b["seeds"]))
     return abs(a["ppl_after"] - b["ppl_after"]) > 2 * se
+
+
+def _verdict(row: dict[str, Any], best: dict[str, Any] | None) -> str:
+    if best is None or row is best:
+        return "–"
+    return {True: "yes", False: "no", None: "n/a"}[exceeds_spread(row, best)]
+
+
+# ---------------------------------------------------------------- the equal-CPU view
+
+
+def _interpolate(curve: list[dict[str, float]], cpu_minutes: float, key: str) -> float | None:
+    """``key`` of a run's curve at ``cpu_minutes`` of training CPU time, linear between evaluations; None when the
+    run has no CPU times or ended before then."""
+    points = [(p["cpu_minutes"], p[key]) for p in curve if p.get("cpu_minutes") is not None]
+    for (t0, y0), (t1, y1) in zip(points, points[1:]):
+        if t0 <= cpu_minutes <= t1:
+            return y0 if t1 == t0 else y0 + (y1 - y0) * (cpu_minutes - t0) / (t1 - t0)
+    return None
+
+
+def equal_cpu_view(methods: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Every trained method at the same training CPU time: the shortest whole run of any method (every run of every
+    method reaches it), each run's curve perplexity interpolated there, mean ± std over seeds. None when fewer than
+    two methods have curves with CPU times (runs from before those were recorded)."""
+    trained = [m for m in methods if m["tokens"] and all(len(r["curve"]) > 1 and r["curve"][-1].get("cpu_minutes")
+                                                        for r in m["runs"])]
+    if len(trained) < 2:
+        return None
+    ends = {m["method"]: min(r["curve"][-1]["cpu_minutes"] for r in m["runs"]) for m in trained}
+    cheapest = min(ends, key=ends.get)
+    budget = ends[cheapest]
+    rows = []
+    for m in trained:
+        ppl = [_interpolate(r["curve"], budget, "ppl") for r in m["runs"]]
+        steps = [_interpolate(r["curve"], budget, "step") for r in m["runs"]]
+        mean, std = _mean_std(ppl)
+        full, full_std = _mean_std([r["curve"][-1]["ppl"] for r in m["runs"]])
+        rows.append({"method": m["method"], "seeds": m["seeds"], "ppl_after": mean, "ppl_after_std": std,
+                     "steps": statistics.fmean(steps), "budget_steps": m["steps"], "full_ppl": full,
+                     "full_ppl_std": full_std})
+    return {"cpu_minutes": budget, "cheapest": cheapest, "methods": rows}
 
 
 def render_markdown(summary: dict[str, Any]) -> str:
@@ -306,8 +350,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
         trained_row = bool(m["tokens"])
         lr = format(m["learning_rate"], "g") if trained_row else "–"
         flipped = (f"{m['codes_flipped']:,} of {m['codes_total']:,}" if m.get("codes_flipped") is not None else "–")
-        verdict = "–" if not trained_row or m is best or best is None else {True: "yes", False: "no", None: "n/a"}[
-            exceeds_spread(m, best)]
+        verdict = _verdict(m, best) if trained_row else "–"
         lines.append(
             f"| {m['method']} | {lr} | {m['trainable_params']:,} | {m['tokens']:,} | "
             f"{_pm(m['ppl_after'], m['ppl_after_std'])} | {_pm(m['gap_recovered_pct'], m['gap_recovered_std'], '.1f', ' %')} | "
@@ -320,6 +363,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
                   "|---|" + "---:|" * len(sweeps[0]["lr_sweep"])]
         lines += [f"| {m['method']} | " + " | ".join(f"{x['heldout_ppl']:.2f}" for x in m["lr_sweep"]) + " |"
                   for m in sweeps]
+    lines += _equal_cpu_lines(summary)
     lines += [
         "",
         "- Gap recovered = (PTQ − method) / (PTQ − fp). Embeddings, norms and lm_head stay frozen for every method.",
@@ -337,26 +381,48 @@ def render_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _equal_cpu_lines(summary: dict[str, Any]) -> list[str]:
+    view, e = summary.get("equal_cpu"), summary["eval"]
+    if not view:
+        return []
+    best = min(view["methods"], key=lambda m: m["ppl_after"])
+    lines = ["", f"At equal CPU time: each method after {view['cpu_minutes']:.1f} CPU minutes of training steps, the "
+             f"shortest whole run (`{view['cheapest']}`). Perplexity on the curve's {e['curve_windows']} windows of "
+             f"{e['curve_seq_len']} tokens, interpolated between evaluations, mean ± std over seeds; a method still "
+             "mid-schedule there has not decayed its learning rate. Evaluations and the teacher's cached logits are "
+             "not counted.", "",
+             f"| method | steps by then (of its budget) | ppl at equal CPU | ppl at its full budget | differs from "
+             f"{best['method']} beyond the spread |", "|---|---:|---:|---:|---|"]
+    lines += [f"| {m['method']} | {m['steps']:.0f} of {m['budget_steps']} | "
+              f"{_pm(m['ppl_after'], m['ppl_after_std'])} | {_pm(m['full_ppl'], m['full_ppl_std'])} | "
+              f"{_verdict(m, best)} |" for m in view["methods"]]
+    return lines
+
+
 def plot_recovery(summary: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    styles = zip("osD^v<>ph", ["-", "--", "-.", ":"] * 3)  # curves can coincide (e.g. ste and salient_ft early on)
-    for m, (marker, line) in zip(summary["methods"], styles):
-        if m["curve"]:
-            err = [p.get("ppl_std") or 0.0 for p in m["curve"]]
-            ax.errorbar([p["tokens"] for p in m["curve"]], [p["ppl"] for p in m["curve"]], yerr=err, marker=marker,
-                        linestyle=line, alpha=0.85, capsize=3, label=m["method"])
-    e = summary["eval"]
-    ax.set_xlabel("training tokens seen")
-    ax.set_ylabel(f"{e['dataset']} perplexity ({e['curve_windows']}×{e['curve_seq_len']} tokens)")
-    ax.set_title(f"Recovery after quantization: {summary['model']}")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
+    view, e = summary.get("equal_cpu"), summary["eval"]
+    fig, axes = plt.subplots(1, 2 if view else 1, figsize=(12 if view else 7, 4.5), squeeze=False)
+    xs = [("tokens", "training tokens seen")] + ([("cpu_minutes", "training CPU minutes")] if view else [])
+    for ax, (key, label) in zip(axes[0], xs):
+        styles = zip("osD^v<>ph", ["-", "--", "-.", ":"] * 3)  # curves can coincide (e.g. ste and salient_ft early)
+        for m, (marker, line) in zip(summary["methods"], styles):
+            if m["curve"]:
+                err = [p.get("ppl_std") or 0.0 for p in m["curve"]]
+                ax.errorbar([p.get(key, 0.0) for p in m["curve"]], [p["ppl"] for p in m["curve"]], yerr=err,
+                            marker=marker, linestyle=line, alpha=0.85, capsize=3, label=m["method"])
+        ax.set_xlabel(label)
+        ax.set_ylabel(f"{e['dataset']} perplexity ({e['curve_windows']}×{e['curve_seq_len']} tokens)")
+        ax.grid(alpha=0.3)
+    if view:
+        axes[0][1].axvline(view["cpu_minutes"], color="grey", linewidth=1, label="equal CPU time")
+    fig.suptitle(f"Recovery after quantization: {summary['model']}")
+    if axes[0][0].get_legend_handles_labels()[0]:
+        axes[0][-1].legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

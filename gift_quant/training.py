@@ -67,7 +67,7 @@ class TrainReport:
     budget_minutes: float = 0.0  # training time on the budget's clock, resumed part included (evaluations excluded)
     loss_first: float | None = None
     loss_last: float | None = None
-    curve: list[dict[str, float]] = field(default_factory=list)  # {"step", "tokens", "minutes", "ppl"}
+    curve: list[dict[str, float]] = field(default_factory=list)  # {"step", "tokens", "minutes", "cpu_minutes", "ppl"}
     peak_mb: float = 0.0
     extra_mb: float = 0.0
     resumed_from: str | None = None
@@ -91,24 +91,32 @@ def step_budget(cfg: RecoverConfig, world_size: int = 1) -> int | None:
 
 
 class BudgetClock:
-    """Training time on the budget's clock (wall or process CPU), counting only the training steps."""
+    """Training time on the budget's clock (wall or process CPU), counting only the training steps; the same steps'
+    process CPU time is kept as well, so that runs on a wall clock can still be compared at equal CPU seconds."""
 
-    def __init__(self, clock: str, offset: float = 0.0, now=None) -> None:
+    def __init__(self, clock: str, offset: float = 0.0, now=None, cpu_offset: float = 0.0) -> None:
         self._now = now or (time.perf_counter if clock == "wall" else time.process_time)
         self.spent, self._since = offset, None
+        self.cpu_spent, self._cpu_since = cpu_offset, None
 
     def start(self) -> None:
-        self._since = self._now()
+        self._since, self._cpu_since = self._now(), time.process_time()
 
     def stop(self) -> None:
         if self._since is not None:
             self.spent += self._now() - self._since
-            self._since = None
+            self.cpu_spent += time.process_time() - self._cpu_since
+            self._since = self._cpu_since = None
 
     @property
     def minutes(self) -> float:
         running = self._now() - self._since if self._since is not None else 0.0
         return (self.spent + running) / 60
+
+    @property
+    def cpu_minutes(self) -> float:
+        running = time.process_time() - self._cpu_since if self._cpu_since is not None else 0.0
+        return (self.cpu_spent + running) / 60
 
 
 def _budget_callback(clock: BudgetClock, cfg: RecoverConfig, evaluate: bool):
@@ -227,7 +235,8 @@ def _trainer_class():
             out.mkdir(parents=True, exist_ok=True)
             tensors = {n: p.detach().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
             save_file(tensors, str(out / TRAINABLE_FILE))
-            (out / BUDGET_FILE).write_text(json.dumps({"seconds": self.clock.minutes * 60}) + "\n")
+            (out / BUDGET_FILE).write_text(json.dumps({"seconds": self.clock.minutes * 60,
+                                                         "cpu_seconds": self.clock.cpu_minutes * 60}) + "\n")
 
         def evaluate(self, *args, **kwargs):
             # An evaluation draws from the CPU generator (the data loader's base seed); isolating it keeps the noise
@@ -235,7 +244,8 @@ def _trainer_class():
             with torch.random.fork_rng(devices=[]):
                 metrics = super().evaluate(*args, **kwargs)
             if self.state.log_history and "eval_loss" in self.state.log_history[-1]:
-                self.state.log_history[-1]["minutes"] = round(self.clock.minutes, 4)
+                self.state.log_history[-1].update(minutes=round(self.clock.minutes, 4),
+                                                  cpu_minutes=round(self.clock.cpu_minutes, 4))
             return metrics
 
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
@@ -373,8 +383,8 @@ def train(model: nn.Module, data: TokenBlocks, eval_data: torch.Tensor | None, c
     with args.main_process_first(desc="checkpoint check"):  # rank 0 removes stale checkpoints before others look
         checkpoint = prepare_output(out_dir, fingerprint, cfg.resume)
     args.eval_on_start = evaluate and checkpoint is None  # a resumed run has its start in the saved log
-    spent = json.loads((checkpoint / BUDGET_FILE).read_text())["seconds"] if checkpoint else 0.0
-    clock = BudgetClock(cfg.budget_clock, spent)
+    spent = json.loads((checkpoint / BUDGET_FILE).read_text()) if checkpoint else {}
+    clock = BudgetClock(cfg.budget_clock, spent.get("seconds", 0.0), cpu_offset=spent.get("cpu_seconds", 0.0))
     trainer = _trainer_class()(
         model=model, args=args, train_dataset=data, eval_dataset=TokenBlocks(eval_data) if evaluate else None,
         data_collator=default_data_collator, callbacks=[_budget_callback(clock, cfg, evaluate), _checksum_callback(),
@@ -395,6 +405,7 @@ def train(model: nn.Module, data: TokenBlocks, eval_data: torch.Tensor | None, c
     report.loss_first, report.loss_last = (losses[0], losses[-1]) if losses else (None, None)
     points = {e["step"]: e for e in trainer.state.log_history if "eval_loss" in e}
     report.curve = [{"step": s, "tokens": int(e.get("num_input_tokens_seen", s * tokens_per_step)),
-                     "minutes": e.get("minutes", 0.0), "ppl": math.exp(e["eval_loss"])}
+                     "minutes": e.get("minutes", 0.0), "cpu_minutes": e.get("cpu_minutes", 0.0),
+                     "ppl": math.exp(e["eval_loss"])}
                     for s, e in sorted(points.items())]
     return report

@@ -469,13 +469,46 @@ def test_compare_writes_table_json_and_plot(tmp_path: Path, texts) -> None:
     assert by["none"]["tokens"] == 0 and by["none"]["ppl_after"] == by["none"]["ppl_before"]
     assert summary["methods"][0]["method"] == "gift_sw"
 
+    for name in ("gift_sw", "ste", "lora"):  # training CPU time rises along every curve
+        cpu = [p["cpu_minutes"] for p in by[name]["curve"]]
+        assert cpu[0] == 0 and all(b > a for a, b in zip(cpu, cpu[1:]))
+    view = saved["equal_cpu"]
+    assert {m["method"] for m in view["methods"]} == {"gift_sw", "ste", "lora"}
+    ends = [by[n]["curve"][-1]["cpu_minutes"] for n in ("gift_sw", "ste", "lora")]
+    assert view["cpu_minutes"] == pytest.approx(min(ends))
     table = (out / "comparison.md").read_text()
     for name in cfg.methods:
         assert f"| {name} |" in table
+    assert "At equal CPU time" in table
     png = (out / "recovery.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     rows = [r for r in state.results if r["stage"] == "compare"]
     assert [r["method"] for r in rows] == cfg.methods
+
+
+def _curve_run(cpu_per_step: float, ppl_per_step: float, offset: float = 0.0) -> dict:
+    return {"curve": [{"step": s, "tokens": 8 * s, "cpu_minutes": cpu_per_step * s,
+                       "ppl": 40 - ppl_per_step * s + offset} for s in (0, 10, 20)]}
+
+
+def test_equal_cpu_view_reads_every_run_at_the_shortest_whole_run() -> None:
+    from gift_quant.compare import equal_cpu_view
+
+    def entry(name, cpu_per_step, ppl_per_step):
+        runs = [_curve_run(cpu_per_step, ppl_per_step, offset) for offset in (0.0, 0.2, 0.4)]
+        return {"method": name, "tokens": 160, "steps": 20, "seeds": [0, 1, 2], "runs": runs}
+
+    untrained = {"method": "none", "tokens": 0, "steps": 0, "seeds": [0], "runs": [{"curve": []}]}
+    view = equal_cpu_view([entry("cheap", 0.1, 0.5), entry("dear", 0.4, 1.0), untrained])
+    assert view["cheapest"] == "cheap" and view["cpu_minutes"] == pytest.approx(2.0)  # 20 steps × 0.1
+    cheap, dear = view["methods"]
+    assert cheap["steps"] == pytest.approx(20) and cheap["ppl_after"] == pytest.approx(40 - 10 + 0.2)
+    # 2 CPU minutes is step 5 of the dear method: halfway between its evaluations at steps 0 and 10
+    assert dear["steps"] == pytest.approx(5) and dear["ppl_after"] == pytest.approx(40 - 5 + 0.2)
+    assert dear["ppl_after_std"] == pytest.approx(0.2) and dear["full_ppl"] == pytest.approx(40 - 20 + 0.2)
+    old_runs = {"method": "old", "tokens": 160, "steps": 20, "seeds": [0],
+                "runs": [{"curve": [{"step": 0, "tokens": 0, "ppl": 40.0}, {"step": 20, "tokens": 160, "ppl": 30.0}]}]}
+    assert equal_cpu_view([entry("cheap", 0.1, 0.5), old_runs]) is None  # curves without CPU times
 
 
 def test_config_rules() -> None:
@@ -569,7 +602,8 @@ def test_time_budget_stops_training_and_drives_the_schedule(tmp_path: Path, text
 
     real = training.BudgetClock
     ticks = iter(range(0, 10**6, 10))  # start and stop each read the clock: 20 s a step
-    monkeypatch.setattr(training, "BudgetClock", lambda clock, offset: real(clock, offset, now=lambda: next(ticks)))
+    monkeypatch.setattr(training, "BudgetClock",
+                        lambda clock, offset, **kw: real(clock, offset, now=lambda: next(ticks), **kw))
     model = quantized(tiny_fp())
     cfg = recover_cfg(texts, max_steps=None, max_minutes=1.0, eval_minutes=[0.5], warmup_ratio=0.0,
                       batch_size=1, gradient_accumulation_steps=1)
