@@ -361,8 +361,12 @@ def render_markdown(summary: dict[str, Any]) -> str:
         lines += ["", "Learning-rate sweep (held-out perplexity, first seed, shortened run):", "",
                   "| method | " + " | ".join(f"lr {x['learning_rate']:g}" for x in sweeps[0]["lr_sweep"]) + " |",
                   "|---|" + "---:|" * len(sweeps[0]["lr_sweep"])]
-        lines += [f"| {m['method']} | " + " | ".join(f"{x['heldout_ppl']:.2f}" for x in m["lr_sweep"]) + " |"
-                  for m in sweeps]
+        lines += [f"| {m['method']} | " + " | ".join(
+            f"**{x['heldout_ppl']:.2f}**" if x["learning_rate"] == m["learning_rate"] else f"{x['heldout_ppl']:.2f}"
+            for x in m["lr_sweep"]) + " |" for m in sweeps]
+        edge = [m["method"] for m in sweeps if _at_sweep_edge(m)]
+        if edge:
+            lines += ["", f"Picked at the edge of the sweep (a better rate may lie outside it): {', '.join(edge)}."]
     lines += _equal_cpu_lines(summary)
     lines += [
         "",
@@ -379,6 +383,11 @@ def render_markdown(summary: dict[str, Any]) -> str:
         lines.append(f"- Resumed from a checkpoint (seconds and memory cover only the resumed part): "
                      f"{', '.join(resumed)}.")
     return "\n".join(lines) + "\n"
+
+
+def _at_sweep_edge(m: dict[str, Any]) -> bool:
+    rates = [x["learning_rate"] for x in m["lr_sweep"]]
+    return len(rates) > 2 and m["learning_rate"] in (min(rates), max(rates))
 
 
 def _equal_cpu_lines(summary: dict[str, Any]) -> list[str]:

@@ -511,6 +511,16 @@ def test_equal_cpu_view_reads_every_run_at_the_shortest_whole_run() -> None:
     assert equal_cpu_view([entry("cheap", 0.1, 0.5), old_runs]) is None  # curves without CPU times
 
 
+def test_a_rate_picked_at_the_edge_of_the_sweep_is_flagged() -> None:
+    from gift_quant.compare import _at_sweep_edge
+
+    sweep = [{"learning_rate": lr} for lr in (3e-5, 1e-4, 3e-4)]
+    assert _at_sweep_edge({"learning_rate": 3e-4, "lr_sweep": sweep})
+    assert _at_sweep_edge({"learning_rate": 3e-5, "lr_sweep": sweep})
+    assert not _at_sweep_edge({"learning_rate": 1e-4, "lr_sweep": sweep})
+    assert not _at_sweep_edge({"learning_rate": 1e-4, "lr_sweep": sweep[:2]})  # two rates have no inside
+
+
 def test_config_rules() -> None:
     with pytest.raises(ValueError, match="order: before"):
         RecoverConfig(order="before", method="ste")
@@ -660,6 +670,7 @@ def test_compare_over_seeds_with_a_learning_rate_sweep(tiny_run) -> None:
     assert by["none"]["ppl_after"] == by["none"]["ppl_before"] and by["none"]["ppl_after_std"] == 0
     table = (out / "comparison.md").read_text()
     assert "± " in table and "lr 0.0001" in table and "beyond the spread" in table
+    assert table.count("**") == 2 * 2  # each swept method's chosen rate is marked
 
 
 def test_compare_variants_are_methods_with_settings_of_their_own(texts) -> None:
