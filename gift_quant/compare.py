@@ -380,7 +380,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
     ]
     resumed = [m["method"] for m in methods if m.get("resumed_from")]
     if resumed:
-        lines.append(f"- Resumed from a checkpoint (seconds and memory cover only the resumed part): "
+        lines.append(f"- Resumed from a checkpoint (seconds include the saved part; memory covers the resumed part): "
                      f"{', '.join(resumed)}.")
     return "\n".join(lines) + "\n"
 

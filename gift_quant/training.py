@@ -62,8 +62,8 @@ class TrainReport:
     trainable_params: int
     steps: int = 0
     tokens: int = 0  # tokens seen, counted by the trainer (all processes, resumed part included)
-    seconds: float = 0.0  # wall time of this call's training (a resumed run counts only its own part)
-    cpu_seconds: float = 0.0  # process CPU time of this call's training
+    seconds: float = 0.0  # wall time of the training, evaluations included (a resumed run adds the saved part)
+    cpu_seconds: float = 0.0  # process CPU time of the same
     budget_minutes: float = 0.0  # training time on the budget's clock, resumed part included (evaluations excluded)
     loss_first: float | None = None
     loss_last: float | None = None
@@ -117,6 +117,24 @@ class BudgetClock:
     def cpu_minutes(self) -> float:
         running = time.process_time() - self._cpu_since if self._cpu_since is not None else 0.0
         return (self.cpu_spent + running) / 60
+
+
+class RunTime:
+    """Wall and process CPU time of a run, evaluations included, carried across resumes by the checkpoint (a
+    checkpoint from before these were saved carries its steps' times instead)."""
+
+    def __init__(self, saved: dict[str, float]) -> None:
+        self.saved_wall = saved.get("run_seconds", saved.get("seconds", 0.0))
+        self.saved_cpu = saved.get("run_cpu_seconds", saved.get("cpu_seconds", 0.0))
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+    @property
+    def seconds(self) -> float:
+        return self.saved_wall + time.perf_counter() - self._wall
+
+    @property
+    def cpu_seconds(self) -> float:
+        return self.saved_cpu + time.process_time() - self._cpu
 
 
 def _budget_callback(clock: BudgetClock, cfg: RecoverConfig, evaluate: bool):
@@ -178,9 +196,10 @@ def _trainer_class():
 
         loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean; the Trainer divides by GA steps
 
-        def __init__(self, *args, recover: RecoverConfig, clock: BudgetClock, steps: int | None, **kwargs):
+        def __init__(self, *args, recover: RecoverConfig, clock: BudgetClock, run_time: RunTime, steps: int | None,
+                     **kwargs):
             super().__init__(*args, **kwargs)
-            self.recover, self.clock, self.step_limit = recover, clock, steps
+            self.recover, self.clock, self.run_time, self.step_limit = recover, clock, run_time, steps
             self._micro = (-1, 0)  # (optimizer step, micro-batches of it done on this rank)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
@@ -235,8 +254,9 @@ def _trainer_class():
             out.mkdir(parents=True, exist_ok=True)
             tensors = {n: p.detach().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
             save_file(tensors, str(out / TRAINABLE_FILE))
-            (out / BUDGET_FILE).write_text(json.dumps({"seconds": self.clock.minutes * 60,
-                                                         "cpu_seconds": self.clock.cpu_minutes * 60}) + "\n")
+            spent = {"seconds": self.clock.minutes * 60, "cpu_seconds": self.clock.cpu_minutes * 60,
+                     "run_seconds": self.run_time.seconds, "run_cpu_seconds": self.run_time.cpu_seconds}
+            (out / BUDGET_FILE).write_text(json.dumps(spent) + "\n")
 
         def evaluate(self, *args, **kwargs):
             # An evaluation draws from the CPU generator (the data loader's base seed); isolating it keeps the noise
@@ -389,15 +409,14 @@ def train(model: nn.Module, data: TokenBlocks, eval_data: torch.Tensor | None, c
         model=model, args=args, train_dataset=data, eval_dataset=TokenBlocks(eval_data) if evaluate else None,
         data_collator=default_data_collator, callbacks=[_budget_callback(clock, cfg, evaluate), _checksum_callback(),
                                                         *callbacks],
-        recover=cfg, clock=clock, steps=steps)
+        recover=cfg, clock=clock, run_time=RunTime(spent), steps=steps)
     if checkpoint is not None:
         log.info("resuming %s from %s", cfg.method, checkpoint)
-    start, cpu_start = time.perf_counter(), time.process_time()
     with PeakMemory(args.device) as mem:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     report = TrainReport(method=cfg.method, trainable_params=trainable_params, steps=trainer.state.global_step,
-                         tokens=int(trainer.state.num_input_tokens_seen), seconds=time.perf_counter() - start,
-                         cpu_seconds=time.process_time() - cpu_start, budget_minutes=clock.minutes,
+                         tokens=int(trainer.state.num_input_tokens_seen), seconds=trainer.run_time.seconds,
+                         cpu_seconds=trainer.run_time.cpu_seconds, budget_minutes=clock.minutes,
                          peak_mb=mem.peak_mb, extra_mb=mem.extra_mb,
                          resumed_from=str(checkpoint) if checkpoint else None)
     tokens_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * cfg.seq_len * args.world_size

@@ -253,6 +253,7 @@ def test_resume_reproduces_the_uninterrupted_run(method: str, tmp_path: Path, te
     resumed, second = trained("split")
     assert second.resumed_from is not None and second.resumed_from.endswith("checkpoint-2")
     assert second.steps == 4 and second.tokens == whole_report.tokens == 4 * 16
+    assert second.cpu_seconds > first.cpu_seconds and second.seconds > first.seconds  # the saved part is counted
 
     params = {n: p for n, p in whole.named_parameters() if p.requires_grad}
     start = dict(quantized(fp).named_parameters()) if method == "gift_sw" else {}
@@ -480,10 +481,31 @@ def test_compare_writes_table_json_and_plot(tmp_path: Path, texts) -> None:
     for name in cfg.methods:
         assert f"| {name} |" in table
     assert "At equal CPU time" in table
+    merged_md = _merged_parts(saved, cfg.methods, tmp_path / "merged")
+    assert merged_md == table  # methods run in separate processes merge into the same comparison
     png = (out / "recovery.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     rows = [r for r in state.results if r["stage"] == "compare"]
     assert [r["method"] for r in rows] == cfg.methods
+
+
+def _merged_parts(saved: dict, order: list[str], out: Path) -> str:
+    """Split a comparison's methods into parts as separate runs would write them, merge them with the tool, and
+    return the merged report; disagreeing parts are refused."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    try:
+        import render_comparison
+    finally:
+        sys.path.pop(0)
+    parts = [{**saved, "methods": saved["methods"][:2]}, {**saved, "methods": saved["methods"][1:]}]
+    render_comparison.write_outputs(out, render_comparison.merge(parts, order))
+    with pytest.raises(ValueError, match="ptq_ppl"):
+        render_comparison.merge([saved, {**saved, "ptq_ppl": 1.01 * saved["ptq_ppl"]}])
+    with pytest.raises(ValueError, match="training"):
+        render_comparison.merge([saved, {**saved, "training": {**saved["training"], "seq_len": 8}}])
+    return (out / "comparison.md").read_text()
 
 
 def _curve_run(cpu_per_step: float, ppl_per_step: float, offset: float = 0.0) -> dict:
