@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import KEEPS_FROZEN_PART, Recipe, RecoverConfig, SelectConfig
+from .methods import METHODS
 
 GB = 1e9
 GPU_MEMORY = 80 * GB  # the budget the docs tabulate against: one 80 GB GPU
@@ -272,14 +273,18 @@ def eval_logits(tokens: int, vocab: int, dtype_bytes: int, batch: int) -> float:
     return tokens * vocab * (dtype_bytes + copy + 4)
 
 
+def _forward_seconds(ctx: Context, tokens: int, seq_len: int) -> float:
+    """A perplexity measurement: one forward over ``tokens`` in windows of ``seq_len``."""
+    return tokens * forward_flops(ctx.shape, seq_len) / ctx.rates.matmul + tokens / seq_len * _weight_passes(
+        ctx, ctx.form, False)
+
+
 def evaluate(ctx: Context, cfg) -> StageEstimate:
     s, t = ctx.shape, cfg.batch_size * cfg.seq_len
     device = {"model": model_bytes(ctx), "logits and loss": eval_logits(t, s.vocab, ctx.dtype_bytes, cfg.batch_size),
               "transient": _transient(ctx, ctx.form, False)}
     tokens = _eval_tokens(cfg)
-    seconds = tokens * forward_flops(s, cfg.seq_len) / ctx.rates.matmul
-    seconds += tokens / t * _weight_passes(ctx, ctx.form, False)
-    return _with_host(ctx, "evaluate", device, {}, seconds, f"{tokens:,} tokens")
+    return _with_host(ctx, "evaluate", device, {}, _forward_seconds(ctx, tokens, cfg.seq_len), f"{tokens:,} tokens")
 
 
 def quantize(ctx: Context, cfg, calib) -> StageEstimate:
@@ -363,6 +368,14 @@ def _train_steps(cfg: RecoverConfig, world: int = 1) -> int | None:
     return min(limits) if limits else None
 
 
+def _curve_seconds(ctx: Context, cfg: RecoverConfig, steps: int | None) -> float:
+    """The perplexity curve during training: at the start, every eval_steps, and at each eval_minutes mark."""
+    if cfg.eval_steps is None and not cfg.eval_minutes:
+        return 0.0
+    points = 1 + len(cfg.eval_minutes) + (steps // cfg.eval_steps if cfg.eval_steps and steps else 0)
+    return points * _forward_seconds(ctx, cfg.eval_windows * cfg.eval_seq_len, cfg.eval_seq_len)
+
+
 def recover(ctx: Context, cfg: RecoverConfig, stage: str = "recover", teacher_time: bool = True) -> StageEstimate:
     """``teacher_time``: whether the teacher's pass counts in this stage's time (compare runs it once for all its
     methods); its memory counts either way."""
@@ -376,6 +389,7 @@ def recover(ctx: Context, cfg: RecoverConfig, stage: str = "recover", teacher_ti
     seconds = steps * cfg.gradient_accumulation_steps * per_micro if steps else 60 * (cfg.max_minutes or 0)
     if noisy and cfg.noise_bits:  # set_noise's MSE grid at noise_bits for every linear, once
         seconds += 100 * GRID_PASSES * s.layers * s.block_weights * ctx.rates.weight_pass
+    seconds += _curve_seconds(ctx, cfg, steps)
     host = {}
     if cfg.loss != "lm":  # the teacher's one pass over the training text, before training
         during, teacher_seconds = _teacher_pass(ctx, cfg, steps)
@@ -404,8 +418,9 @@ def compare(ctx: Context, cfg) -> StageEstimate:
     from .compare import method_config
 
     start = ctx.form
+    trained = [m for m in cfg.methods if not METHODS[cfg.variants.get(m, {}).get("method", m)].trains_nothing]
     runs = []
-    for method in cfg.methods:
+    for method in trained or cfg.methods[:1]:  # `none` trains nothing: its row is the starting perplexity
         ctx.form = start
         runs.append(recover(ctx, method_config(cfg, method, cfg.learning_rate, cfg.seeds[0]), "compare",
                             teacher_time=False))
@@ -416,9 +431,14 @@ def compare(ctx: Context, cfg) -> StageEstimate:
     worst = max(runs, key=lambda r: r.peak)
     device = {**worst.parts, "the quantized model copies start from": model_bytes(ctx)}
     device.pop("runtime", None)
-    # every seed's full run, plus the lr sweep's shortened runs (first seed) for each method
+    # every seed's full run, plus the lr sweep's shortened runs (first seed) for each method; after each run its
+    # perplexity: on the final windows, or for a sweep run on the held-out training text
     repeats = len(cfg.seeds) + (len(cfg.lr_sweep) * cfg.sweep_fraction if cfg.lr_sweep else 0)
-    seconds = repeats * sum(r.seconds for r in runs) + teacher_seconds
+    final = _forward_seconds(ctx, (cfg.final_windows or WIKITEXT2_TOKENS // cfg.final_seq_len) * cfg.final_seq_len,
+                             cfg.final_seq_len)
+    heldout = _forward_seconds(ctx, cfg.heldout_windows * cfg.seq_len, cfg.seq_len) if cfg.lr_sweep else 0.0
+    seconds = (repeats * sum(r.seconds for r in runs) if trained else 0.0) + teacher_seconds
+    seconds += len(trained) * (len(cfg.seeds) * final + len(cfg.lr_sweep) * heldout)
     host = {"the quantized model copies start from": device.pop("the quantized model copies start from")} \
         if ctx.cuda else {}
     if ctx.cuda and cfg.loss != "lm":
