@@ -3,10 +3,11 @@
 Each method trains a deep copy of the current (quantized) model with the same text, tokens, loss, batch and sequence
 length, once per seed; with ``lr_sweep`` each method first picks its learning rate by the perplexity on held-out
 training-text documents (never WikiText) after a shortened run. The stage writes ``comparison.json``,
-``comparison.md`` (mean ± std over seeds, codes flipped, trainable parameters, CPU seconds) and ``recovery.png``
-(perplexity against tokens seen, with error bars) and leaves ``state.model`` as it found it. The full-precision and
-post-quantization perplexities come from earlier `evaluate` rows with the same text, window length and window count
-when there are such rows; otherwise they are measured here (the fp model is reloaded for that).
+``comparison.md`` (mean ± std over seeds, codes flipped, trainable parameters, CPU seconds, and every method at the
+same training CPU time) and ``recovery.png`` (perplexity against tokens seen and against CPU minutes, error bars)
+and leaves ``state.model`` as it found it. The full-precision and post-quantization perplexities come from earlier
+`evaluate` rows with the same text, window length and window count when there are such rows; otherwise they are
+measured here (the fp model is reloaded for that).
 """
 
 from __future__ import annotations
