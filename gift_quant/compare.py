@@ -29,7 +29,7 @@ from .errors import UserError
 from .evaluate import eval_ids, perplexity
 from .io_utils import write_json, write_text
 from .layers import mixed_linears
-from .methods import METHODS
+from .methods import METHODS, RecoveryMethod
 from .recover import heldout_blocks, run_method
 from .training import TrainReport
 
@@ -159,6 +159,11 @@ def _mean_curve(runs: list[dict[str, Any]]) -> list[dict[str, float]]:
     return curve
 
 
+def registered_method(cfg: CompareConfig, name: str) -> RecoveryMethod:
+    """The registered recovery method behind an entry of ``methods``: the method itself or the one a variant names."""
+    return METHODS[cfg.variants.get(name, {}).get("method", name)]
+
+
 def _trains(cfg: CompareConfig, name: str) -> str:
     """What an entry trains, in words: its method's description and its variant's own settings."""
     variant = dict(cfg.variants.get(name, {"method": name}))
@@ -170,7 +175,7 @@ def run_entry(state, base, cfg: CompareConfig, method: str, ids, heldout, start:
               ) -> dict[str, Any]:
     """One method: its learning rate (given or swept), a run per seed, and the statistics over seeds."""
     sweep: list[dict] = []
-    registered = METHODS[cfg.variants.get(method, {}).get("method", method)]
+    registered = registered_method(cfg, method)
     if cfg.lr_sweep and not registered.trains_nothing:
         lr, sweep = pick_learning_rate(state, base, cfg, method, ids, heldout)
     else:

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 from .config import KEEPS_FROZEN_PART, Recipe, RecoverConfig, SelectConfig
-from .methods import METHODS
 
 GB = 1e9
 GPU_MEMORY = 80 * GB  # the budget the docs tabulate against: one 80 GB GPU
@@ -415,10 +414,10 @@ def _teacher_pass(ctx: Context, cfg: RecoverConfig, steps: int | None) -> tuple[
 
 
 def compare(ctx: Context, cfg) -> StageEstimate:
-    from .compare import method_config
+    from .compare import method_config, registered_method
 
     start = ctx.form
-    trained = [m for m in cfg.methods if not METHODS[cfg.variants.get(m, {}).get("method", m)].trains_nothing]
+    trained = [m for m in cfg.methods if not registered_method(cfg, m).trains_nothing]
     runs = []
     for method in trained or cfg.methods[:1]:  # `none` trains nothing: its row is the starting perplexity
         ctx.form = start

@@ -168,6 +168,14 @@ def _pm(values: list[float], fmt: str = ".2f") -> str:
     return f"{statistics.fmean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
 
 
+def mean_curve(runs: list[dict]) -> list[dict[str, float]]:
+    """The seeds' curves share their evaluation marks: per mark, the mean minutes and the mean ± std perplexity (one
+    seed: its curve, std 0). The last mark is the final evaluation."""
+    marks = [[r["curve"][i] for r in runs] for i in range(min(len(r["curve"]) for r in runs))]
+    return [{"minutes": statistics.fmean(p["minutes"] for p in mark), "ppl": statistics.fmean(p["ppl"] for p in mark),
+             "ppl_std": statistics.stdev(p["ppl"] for p in mark) if len(mark) > 1 else 0.0} for mark in marks]
+
+
 def report(args, fp: float, ptq: float, results: dict[str, list[dict]]) -> str:
     gap = lambda p: 100 * (ptq - p) / (ptq - fp)  # noqa: E731
     lines = [f"Perplexity: full precision {fp:.2f}, after quantization {ptq:.2f}; target of ≥ 50 % of the gap: "
@@ -178,9 +186,7 @@ def report(args, fp: float, ptq: float, results: dict[str, list[dict]]) -> str:
     for name, runs in results.items():
         if not runs:
             continue
-        marks = min(len(r["curve"]) for r in runs) - 1  # the last point is the final evaluation
-        curve = ", ".join(f"{statistics.fmean(r['curve'][i]['minutes'] for r in runs):.0f}: "
-                          f"{statistics.fmean(r['curve'][i]['ppl'] for r in runs):.2f}" for i in range(marks))
+        curve = ", ".join(f"{p['minutes']:.0f}: {p['ppl']:.2f}" for p in mean_curve(runs)[:-1])  # [-1]: the final
         lines.append(f"| {VARIANTS[name][0]} | {len(runs)} | {curve} | {_pm([r['ppl'] for r in runs])} | "
                      f"{_pm([gap(r['ppl']) for r in runs], '.1f')} % | {_pm([r['minutes'] for r in runs], '.1f')} | "
                      f"{_pm([r['cpu_seconds'] for r in runs], '.0f')} | "
@@ -198,12 +204,9 @@ def plot(path: Path, fp: float, ptq: float, results: dict[str, list[dict]]) -> N
     for (name, runs), marker in zip(results.items(), "osD^v<>ph*"):
         if not runs:
             continue
-        # the seeds' curves share their evaluation marks: mean ± std per mark (one seed: the curve itself)
-        n = min(len(r["curve"]) for r in runs)
-        points = [[r["curve"][i] for r in runs] for i in range(n)]
-        x = [0.0] + [statistics.fmean(p["minutes"] for p in mark) for mark in points]
-        y = [ptq] + [statistics.fmean(p["ppl"] for p in mark) for mark in points]
-        err = [0.0] + [statistics.stdev(p["ppl"] for p in mark) if len(mark) > 1 else 0.0 for mark in points]
+        curve = mean_curve(runs)
+        x, y = [0.0] + [p["minutes"] for p in curve], [ptq] + [p["ppl"] for p in curve]
+        err = [0.0] + [p["ppl_std"] for p in curve]
         label = VARIANTS[name][0] + (f" ({len(runs)} seeds)" if len(runs) > 1 else "")
         ax.errorbar(x, y, yerr=err, marker=marker, capsize=3, label=label, alpha=0.85)
     ax.axhline(ptq - 0.5 * (ptq - fp), color="grey", linestyle=":", label="50 % of the gap")
@@ -223,7 +226,9 @@ def reference_points(args) -> tuple[float, float]:
     fp = args.fp if args.fp is not None else (evaluations[0] if evaluations else None)
     ptq = args.ptq if args.ptq is not None else (evaluations[-1] if len(evaluations) > 1 else None)
     if fp is None or ptq is None:
-        raise SystemExit(f"{args.base}/results.json has no evaluations before and after quantize: pass --fp and --ptq")
+        print(f"error: {args.base}/results.json has no evaluations before and after quantize: pass --fp and --ptq",
+              file=sys.stderr)
+        sys.exit(2)
     return fp, ptq
 
 
