@@ -1,0 +1,43 @@
+"""tools/bench_recovery.py: reference perplexities, the stated target and the gap-closed column (no model runs)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+try:
+    import bench_recovery
+finally:
+    sys.path.pop(0)
+
+
+def _args(tmp_path: Path, *extra: str):
+    return bench_recovery.parse_args(["--base", str(tmp_path), "--work", str(tmp_path / "runs"),
+                                      "--out", str(tmp_path / "out"), *extra])
+
+
+def _run(ppl: float) -> dict:
+    return {"ppl": ppl, "curve": [{"minutes": 10.0, "ppl": ppl + 1}, {"minutes": 30.0, "ppl": ppl}],
+            "minutes": 30.0, "cpu_seconds": 1800.0, "teacher_cpu_seconds": 0.0}
+
+
+def test_given_reference_perplexities_need_no_base_results(tmp_path: Path) -> None:
+    assert bench_recovery.reference_points(_args(tmp_path, "--fp", "20", "--ptq", "40")) == (20.0, 40.0)
+    with pytest.raises(SystemExit) as exit_:
+        bench_recovery.reference_points(_args(tmp_path, "--fp", "20"))  # no base results.json to read the PTQ from
+    assert exit_.value.code == 2
+    rows = [{"stage": "evaluate", "value": v} for v in (20.0, 40.0)]
+    (tmp_path / "results.json").write_text(json.dumps({"results": rows}))
+    assert bench_recovery.reference_points(_args(tmp_path, "--fp", "21")) == (21.0, 40.0)
+
+
+def test_report_states_the_target_and_the_gap_closed(tmp_path: Path) -> None:
+    results = {"kd_scales_nonoise": [_run(29.0), _run(31.0)]}
+    half = bench_recovery.report(_args(tmp_path), 20.0, 40.0, results)
+    assert "target of ≥ 50 % of the gap: ≤ 30.00" in half
+    assert "| 30.00 ± 1.41 | 50.0 ± 7.1 % |" in half  # (40 − 29)/20 = 55 %, (40 − 31)/20 = 45 %
+    assert "target: ≤ 60.00" in bench_recovery.report(_args(tmp_path, "--target", "60"), 20.0, 200.0, results)
