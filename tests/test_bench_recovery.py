@@ -30,9 +30,14 @@ def test_given_reference_perplexities_need_no_base_results(tmp_path: Path) -> No
     with pytest.raises(SystemExit) as exit_:
         bench_recovery.reference_points(_args(tmp_path, "--fp", "20"))  # no base results.json to read the PTQ from
     assert exit_.value.code == 2
-    rows = [{"stage": "evaluate", "value": v} for v in (20.0, 40.0)]
+    rows = [{"stage": "evaluate", "after": a, "value": v} for a, v in (("model", 20.0), ("quantize", 40.0),
+                                                                      ("recover", 30.0))]
     (tmp_path / "results.json").write_text(json.dumps({"results": rows}))
+    assert bench_recovery.reference_points(_args(tmp_path)) == (20.0, 40.0)
     assert bench_recovery.reference_points(_args(tmp_path, "--fp", "21")) == (21.0, 40.0)
+    (tmp_path / "results.json").write_text(json.dumps({"results": rows[1:]}))  # no fp evaluation in the base run
+    with pytest.raises(SystemExit):
+        bench_recovery.reference_points(_args(tmp_path, "--ptq", "40"))
 
 
 def test_report_states_the_target_and_the_gap_closed(tmp_path: Path) -> None:

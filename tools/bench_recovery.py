@@ -76,7 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work", type=Path, required=True, help="where each variant's output folder goes")
     p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=sorted(VARIANTS))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                   help="passed to every run (e.g. stages.quantize.bits=2 when the base was made so)")
+                   help="passed to every run (e.g. stages.quantize.bits=2 when the base was made so); give it to "
+                        "--collect too so the json records it")
     p.add_argument("--minutes", type=float, default=30.0, help="recovery budget, CPU minutes of the process")
     p.add_argument("--max-tokens", type=int, default=153_600, help="training text cap (and the teacher's cache)")
     p.add_argument("--eval-minutes", type=float, nargs="*", default=[10.0, 20.0])
@@ -229,15 +230,19 @@ def plot(args, path: Path, fp: float, ptq: float, results: dict[str, list[dict]]
 
 
 def reference_points(args) -> tuple[float, float]:
-    """Full-precision and post-quantization perplexity: --fp/--ptq, else the base run's first and last evaluate."""
+    """Full-precision and post-quantization perplexity: --fp/--ptq, else the base run's evaluations of the model
+    as loaded (``after: model``) and right after quantize."""
     path = args.base / "results.json"
-    evaluations = [r["value"] for r in json.loads(path.read_text())["results"]
-                   if r["stage"] == "evaluate"] if path.is_file() and None in (args.fp, args.ptq) else []
-    fp = args.fp if args.fp is not None else (evaluations[0] if evaluations else None)
-    ptq = args.ptq if args.ptq is not None else (evaluations[-1] if len(evaluations) > 1 else None)
+    found: dict[str, float] = {}
+    if path.is_file() and None in (args.fp, args.ptq):
+        for r in json.loads(path.read_text())["results"]:
+            if r["stage"] == "evaluate" and r.get("after") in ("model", "quantize"):
+                found.setdefault(r["after"], r["value"])
+    fp = args.fp if args.fp is not None else found.get("model")
+    ptq = args.ptq if args.ptq is not None else found.get("quantize")
     if fp is None or ptq is None:
-        print(f"error: {args.base}/results.json has no evaluations before and after quantize: pass --fp and --ptq",
-              file=sys.stderr)
+        missing = " and ".join(f"--{k}" for k, v in (("fp", fp), ("ptq", ptq)) if v is None)
+        print(f"error: {path} has no evaluation to take {missing} from: pass {missing}", file=sys.stderr)
         sys.exit(2)
     return fp, ptq
 
@@ -254,7 +259,8 @@ def main(argv=None) -> None:
     results = {name: [s for seed in args.seeds if (s := summarize(args.work / f"{name}-s{seed}"))]
                for name in args.variants}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    summary = {"fp": fp, "ptq": ptq, "minutes": args.minutes, "overrides": args.overrides, "results": results}
+    summary = {"fp": fp, "ptq": ptq, "target": target_line(args, fp, ptq)[0], "minutes": args.minutes,
+               "overrides": args.overrides, "results": results}
     args.out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
     args.out.with_suffix(".md").write_text(report(args, fp, ptq, results))
     plot(args, args.out.with_suffix(".png"), fp, ptq, results)
