@@ -15,7 +15,6 @@ fingerprint, so a rerun resumes after the last finished block.
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ from .methods import METHODS, Training
 from .models import check_finite
 from .noise import NoiseSpec
 from .teacher import teacher_model
-from .training import BudgetClock
+from .training import BudgetClock, cosine_by_progress
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +77,15 @@ def train_block(block: nn.Module, inputs: list[Chunk], targets: list[Chunk], cfg
     ``seconds`` pass on the budget's clock; returns the steps taken."""
     optimizer = _optimizer(block, cfg)
     total = cfg.epochs * len(inputs)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    clock, steps = BudgetClock(cfg.budget_clock), 0
+
+    def fraction_done(step: int) -> float:  # the cosine ends with whichever budget ends first, epochs or seconds
+        return max(step / total, clock.minutes * 60 / seconds if seconds else 0.0)
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_by_progress(0.0, fraction_done))
     order = random.Random(seed)
     torch.manual_seed(seed)  # the noise draws of this block
     block.train()
-    clock, steps = BudgetClock(cfg.budget_clock), 0
     clock.start()
     for _ in range(cfg.epochs):
         for i in order.sample(range(len(inputs)), len(inputs)):

@@ -169,7 +169,7 @@ def micro_batch_seed(seed: int, step: int, index: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def _cosine_by_progress(warmup: float, progress) -> Any:
+def cosine_by_progress(warmup: float, progress) -> Any:
     """HF's cosine-with-warmup shape on a progress in [0, 1] instead of a step count."""
 
     def factor(step: int) -> float:
@@ -242,7 +242,7 @@ def _trainer_class():
                     return max(self.clock.minutes / budget, step / limit if limit else 0.0)
 
                 self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-                    optimizer or self.optimizer, _cosine_by_progress(self.recover.warmup_ratio, progress))
+                    optimizer or self.optimizer, cosine_by_progress(self.recover.warmup_ratio, progress))
             return super().create_scheduler(num_training_steps, optimizer)
 
         def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

@@ -87,3 +87,39 @@ def test_packed_frozen_part_reconstructs_as_the_dense_one(tiny_run, tmp_path):
         assert torch.equal(a.codes, b.codes)
         torch.testing.assert_close(b.salient_weight, a.salient_weight, rtol=0, atol=1e-6)
         torch.testing.assert_close(b.scales, a.scales, rtol=0, atol=1e-7)
+
+
+def test_a_time_budget_anneals_the_learning_rate_to_zero_by_its_end(monkeypatch):
+    # A budget in seconds that ends long before the epochs do must still end the cosine schedule. The fake clock reads
+    # one second further at every look, so 20 seconds end training after about 10 of the 400 scheduled steps.
+    import gift_quant.reconstruct as reconstruct
+    from gift_quant.calibrate import Chunk
+    from gift_quant.config import ReconstructConfig
+
+    class Clock:
+        def __init__(self, _kind):
+            self.looks = 0
+
+        def start(self):
+            pass
+
+        @property
+        def minutes(self):
+            self.looks += 1
+            return self.looks / 60
+
+    make, optimizers = reconstruct._optimizer, []
+    monkeypatch.setattr(reconstruct, "BudgetClock", Clock)
+    monkeypatch.setattr(reconstruct, "_optimizer", lambda *a: optimizers.append(make(*a)) or optimizers[-1])
+    block = torch.nn.Linear(4, 4)
+    inputs = [Chunk(torch.randn(2, 4), [{}]) for _ in range(4)]
+    targets = [Chunk(torch.randn(2, 4), [{}]) for _ in range(4)]
+    cfg = ReconstructConfig(epochs=100, learning_rate=1e-2)
+
+    class Bar:
+        def set_postfix(self, **_):
+            pass
+
+    steps = reconstruct.train_block(block, inputs, targets, cfg, seconds=20.0, seed=0, progress=Bar())
+    assert 5 <= steps <= 20 < cfg.epochs * len(inputs)
+    assert optimizers[0].param_groups[0]["lr"] < 0.02 * cfg.learning_rate  # the epochs alone left it at 99 %
