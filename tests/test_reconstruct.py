@@ -95,6 +95,7 @@ def test_a_time_budget_anneals_the_learning_rate_to_zero_by_its_end(monkeypatch)
     import gift_quant.reconstruct as reconstruct
     from gift_quant.calibrate import Chunk
     from gift_quant.config import ReconstructConfig
+    from tqdm.auto import tqdm
 
     class Clock:
         def __init__(self, _kind):
@@ -115,11 +116,6 @@ def test_a_time_budget_anneals_the_learning_rate_to_zero_by_its_end(monkeypatch)
     inputs = [Chunk(torch.randn(2, 4), [{}]) for _ in range(4)]
     targets = [Chunk(torch.randn(2, 4), [{}]) for _ in range(4)]
     cfg = ReconstructConfig(epochs=100, learning_rate=1e-2)
-
-    class Bar:
-        def set_postfix(self, **_):
-            pass
-
-    steps = reconstruct.train_block(block, inputs, targets, cfg, seconds=20.0, seed=0, progress=Bar())
+    steps = reconstruct.train_block(block, inputs, targets, cfg, seconds=20.0, seed=0, progress=tqdm(disable=True))
     assert 5 <= steps <= 20 < cfg.epochs * len(inputs)
     assert optimizers[0].param_groups[0]["lr"] < 0.02 * cfg.learning_rate  # the epochs alone left it at 99 %
