@@ -36,7 +36,7 @@ from .methods import METHODS, Training
 from .models import check_finite
 from .noise import NoiseSpec
 from .teacher import teacher_model
-from .training import BudgetClock, cosine_by_progress
+from .training import BudgetClock, budget_spent, cosine_by_progress
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +78,8 @@ def train_block(block: nn.Module, inputs: list[Chunk], targets: list[Chunk], cfg
     optimizer = _optimizer(block, cfg)
     total = cfg.epochs * len(inputs)
     clock, steps = BudgetClock(cfg.budget_clock), 0
-
-    def fraction_done(step: int) -> float:  # the cosine ends with whichever budget ends first, epochs or seconds
-        return max(step / total, clock.minutes * 60 / seconds if seconds else 0.0)
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_by_progress(0.0, fraction_done))
+    spent = budget_spent(clock, seconds / 60 if seconds else None, total)  # the cosine ends with the budget
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_by_progress(0.0, spent))
     order = random.Random(seed)
     torch.manual_seed(seed)  # the noise draws of this block
     block.train()

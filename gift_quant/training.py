@@ -17,7 +17,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -181,6 +181,15 @@ def cosine_by_progress(warmup: float, progress) -> Any:
     return factor
 
 
+def budget_spent(clock: BudgetClock, minutes: float | None, steps: int | None) -> Callable[[int], float]:
+    """The fraction of a training budget spent after ``step`` steps: time and steps, whichever ends first."""
+
+    def fraction(step: int) -> float:
+        return max(clock.minutes / minutes if minutes else 0.0, step / steps if steps else 0.0)
+
+    return fraction
+
+
 # ---------------------------------------------------------------- the trainer
 
 
@@ -236,13 +245,9 @@ def _trainer_class():
 
         def create_scheduler(self, num_training_steps: int, optimizer=None):
             if self.lr_scheduler is None and self.recover.max_minutes is not None:
-                budget, limit = self.recover.max_minutes, self.step_limit
-
-                def progress(step: int) -> float:
-                    return max(self.clock.minutes / budget, step / limit if limit else 0.0)
-
+                spent = budget_spent(self.clock, self.recover.max_minutes, self.step_limit)
                 self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-                    optimizer or self.optimizer, cosine_by_progress(self.recover.warmup_ratio, progress))
+                    optimizer or self.optimizer, cosine_by_progress(self.recover.warmup_ratio, spent))
             return super().create_scheduler(num_training_steps, optimizer)
 
         def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
