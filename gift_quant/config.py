@@ -14,6 +14,9 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .method_specs import METHOD_SPECS
+from .method_specs import names as method_names
+
 PositiveInt = Annotated[int, Field(gt=0)]
 
 
@@ -137,8 +140,9 @@ class RotateConfig(Strict):
     online_down_hadamard: bool = False
 
 
-RecoverMethod = Literal["gift_sw", "salient_ft", "scales_only", "ste", "ste_lsq", "lora", "none"]
-TRAINS_SALIENT = ("gift_sw", "salient_ft")  # the methods `train_scales` adds step sizes to
+RecoverMethod = Literal[tuple(METHOD_SPECS)]  # type: ignore[valid-type]  # the method table's names
+BlockwiseMethod = Literal[method_names(blockwise=True, trains_nothing=False)]  # type: ignore[valid-type]
+TRAINS_SALIENT = method_names(salient=True)  # the methods `train_scales` adds step sizes to
 LossKind = Literal["lm", "kd", "lm+kd"]
 
 
@@ -151,7 +155,7 @@ class NoiseSettings(Strict):
     noise_source: Literal["fresh", "pool"] = "fresh"  # pool: windows of 2^24 fixed i.i.d. draws (no drawing cost)
 
 
-KEEPS_FROZEN_PART = ("gift_sw", "salient_ft", "scales_only")  # methods training beside a frozen low-bit part
+KEEPS_FROZEN_PART = method_names(packable=True)  # methods training beside a frozen low-bit part
 
 
 class FrozenSettings(Strict):
@@ -270,21 +274,35 @@ class CompareConfig(RecoverConfig):
 
 
 class ReconstructConfig(NoiseSettings, FrozenSettings):
-    """Block-wise reconstruction after quantization: each decoder block in order trains its salient columns (+ scales,
-    + norms) to reproduce the full-precision block's output on the calibration windows (MSE); the next block then
-    reads the reconstructed block's output."""
+    """Block-wise reconstruction after quantization: each decoder block in order trains its method's tensors to
+    reproduce the full-precision block's output on the calibration windows (MSE); the next block then reads the
+    reconstructed block's output. ``block_ap`` trains every weight through the quantizer (EfficientQAT's Block-AP)
+    and writes the codes it ends on back into the quantized model; the salient methods train their columns (+ scales,
+    + norms) with the codes fixed."""
 
-    method: Literal["gift_sw", "salient_ft", "scales_only"] = "gift_sw"
-    train_scales: bool = True  # gift_sw / salient_ft: the scales train with the salient columns
+    method: BlockwiseMethod = "gift_sw"
+    train_scales: bool = True  # gift_sw / salient_ft: the scales train with the salient columns (block_ap: always)
     train_norms: bool = False  # the block's RMSNorm weights train too (exported as ordinary fp tensors)
-    learning_rate: float = Field(default=1e-4, gt=0)
-    scales_learning_rate: float | None = Field(default=None, gt=0)  # None: learning_rate
+    learning_rate: float = Field(default=1e-4, gt=0)  # salient columns (and norms)
+    scales_learning_rate: float | None = Field(default=None, gt=0)  # scales and zero points; None: learning_rate
+    codes_learning_rate: float = Field(default=1e-2, gt=0)  # block_ap's latent codes, in code units (0.5 flips one)
     epochs: PositiveInt = 2  # passes over the calibration windows per block
     batch_size: PositiveInt = 4  # calibration windows per step
+    num_samples: PositiveInt | None = None  # windows to train on; None: the calibrate stage's (more are drawn with
+    # its source, length and seed, its own windows first)
+    inputs: Literal["quantized", "fp"] = "quantized"  # each block's inputs: the reconstructed blocks' outputs before
+    # it (GPTQ convention: it learns to undo their error) or the full-precision stream
     max_minutes: float | None = Field(default=None, gt=0)  # whole stage; split evenly over the blocks
     budget_clock: Literal["wall", "process"] = "wall"  # process: CPU seconds of this process (all its threads)
     seed: int = 0
     resume: bool = True  # continue after the last finished block when the fingerprint matches
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ReconstructConfig":
+        if self.frozen == "packed" and self.method not in KEEPS_FROZEN_PART:
+            raise ValueError(f"frozen: packed keeps the frozen low-bit part packed; method '{self.method}' trains "
+                             f"every weight (use it with {', '.join(KEEPS_FROZEN_PART)})")
+        return self
 
 
 class ExportConfig(Strict):

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import KEEPS_FROZEN_PART, Recipe, RecoverConfig, SelectConfig
+from .config import Recipe, RecoverConfig, SelectConfig
+from .method_specs import METHOD_SPECS
 
 GB = 1e9
 GPU_MEMORY = 80 * GB  # the budget the docs tabulate against: one 80 GB GPU
@@ -214,14 +215,12 @@ def saved_per_token(ctx: Context, method: str, train_scales: bool = False, lora_
     one, o's is attention's output already kept); LoRA's rank-r intermediates."""
     s = ctx.shape
     elements = 4 * s.hidden + 3 * s.intermediate + 2 * s.kv_heads * s.head_dim
-    if method in ("gift_sw", "salient_ft"):
+    spec = METHOD_SPECS[method]
+    if spec.salient:
         elements += sum(salient(ctx, n, i) for n, i, _ in s.linears())
-    if train_scales or method in ("scales_only", "ste", "ste_lsq", "lora"):
+    if train_scales or spec.learns_scales or spec.latent or spec.adapters:
         elements += 2 * s.hidden + s.intermediate
     return (elements + len(s.linears()) * lora_rank) * ctx.act_bytes
-
-
-STE_SAVED_PER_WEIGHT = {"ste": 8, "ste_lsq": 12}  # bytes autograd keeps per latent weight (masks, rounded grid)
 
 
 def largest_linear(s: Shape) -> int:
@@ -326,38 +325,40 @@ def _gptq_loop(ctx: Context, mse: bool, grid: int) -> float:
     return columns + search
 
 
-def trainable_count(ctx: Context, cfg: RecoverConfig) -> int:
+def trainable_count(ctx: Context, cfg) -> int:
+    """Trainable tensors of ``cfg.method`` (a recover or reconstruct config) over the whole model."""
     s, groups = ctx.shape, lambda i: 1 if ctx.group_size == -1 else i // ctx.group_size  # noqa: E731
+    spec = METHOD_SPECS[cfg.method]
     steps = s.layers * sum(o * groups(i) for _, i, o in s.linears())
     salient_cols = s.layers * sum(o * salient(ctx, n, i) for n, i, o in s.linears())
-    if cfg.method in ("gift_sw", "salient_ft"):
+    if spec.salient:
         return salient_cols + (steps if cfg.train_scales else 0)
-    if cfg.method == "scales_only":
-        return steps
-    if cfg.method in ("ste", "ste_lsq"):
-        return s.layers * s.block_weights + (steps if cfg.method == "ste_lsq" else 0)
-    per_rank = s.layers * sum(i + o for _, i, o in s.linears())
-    rank = cfg.lora_rank or max(1, round(salient_cols / per_rank))
-    return rank * per_rank if cfg.method == "lora" else 0
+    if spec.latent:  # every weight; STE's salient columns are among them, block_ap keeps them apart
+        return s.layers * s.block_weights + (steps if spec.learns_scales else 0)
+    if spec.adapters:
+        per_rank = s.layers * sum(i + o for _, i, o in s.linears())
+        return (cfg.lora_rank or max(1, round(salient_cols / per_rank))) * per_rank
+    return steps if spec.learns_scales else 0
 
 
 def training_parts(ctx: Context, cfg: RecoverConfig, tokens: int) -> tuple[dict[str, float], str]:
     """The device's parts while ``cfg`` trains on ``tokens`` per micro-batch; and the frozen part's form."""
     s = ctx.shape
-    form = "packed" if cfg.frozen == "packed" and cfg.method in KEEPS_FROZEN_PART else ctx.form
+    spec = METHOD_SPECS[cfg.method]
+    form = "packed" if cfg.frozen == "packed" and spec.packable else ctx.form
     param = 4 if ctx.cuda and ctx.dtype_bytes != 4 else ctx.dtype_bytes  # float32 master copies under autocast
     n = trainable_count(ctx, cfg)
-    latent = cfg.method in ("ste", "ste_lsq")
-    rank = n // (s.layers * sum(i + o for _, i, o in s.linears())) if cfg.method == "lora" else 0
+    latent = spec.latent
+    rank = n // (s.layers * sum(i + o for _, i, o in s.linears())) if spec.adapters else 0
     saved = saved_per_token(ctx, cfg.method, cfg.train_scales, rank)
-    activations = s.layers * (tokens * saved + s.block_weights * STE_SAVED_PER_WEIGHT.get(cfg.method, 0))
+    activations = s.layers * (tokens * saved + s.block_weights * spec.latent_bytes)
     if cfg.gradient_checkpointing:
         activations = s.layers * tokens * s.hidden * ctx.act_bytes + activations / s.layers
     frozen = model_bytes(ctx, form) - (s.layers * s.block_weights * ctx.dtype_bytes if latent else 0)
     parts = {"frozen model": frozen, "trainable, gradients, AdamW": n * param * 4,
              "saved activations": activations,
              "logits and loss": tokens * s.vocab * (ctx.act_bytes + 8 + (4 if cfg.loss != "lm" else 0)),
-             "transient": _transient(ctx, form, cfg.method == "gift_sw" and cfg.noise != "none")}
+             "transient": _transient(ctx, form, spec.noise and cfg.noise != "none")}
     return parts, form
 
 
@@ -380,8 +381,9 @@ def recover(ctx: Context, cfg: RecoverConfig, stage: str = "recover", teacher_ti
     methods); its memory counts either way."""
     s, tokens = ctx.shape, cfg.batch_size * cfg.seq_len
     parts, form = training_parts(ctx, cfg, tokens)
-    noisy = cfg.method == "gift_sw" and cfg.noise != "none"
-    backward = 2 if cfg.method in ("ste", "ste_lsq", "lora") else 1  # frozen weights: the input gradient only
+    spec = METHOD_SPECS[cfg.method]
+    noisy = spec.noise and cfg.noise != "none"
+    backward = 2 if spec.latent or spec.adapters else 1  # frozen weights: the input gradient only
     per_micro = tokens * (1 + backward) * forward_flops(s, cfg.seq_len) / ctx.rates.matmul
     per_micro += 2 * _weight_passes(ctx, form, noisy) + (per_micro / 3 if cfg.gradient_checkpointing else 0)
     steps = _train_steps(cfg)
@@ -447,15 +449,14 @@ def compare(ctx: Context, cfg) -> StageEstimate:
 
 def reconstruct(ctx: Context, cfg, calib) -> StageEstimate:
     s, b = ctx.shape, ctx.dtype_bytes
-    n, seq = calib.num_samples, calib.seq_len
+    n, seq = cfg.num_samples or calib.num_samples, calib.seq_len
     form = "packed" if cfg.frozen == "packed" else ctx.form
     block = sum(linear_bytes(ctx, name, i, o, form) for name, i, o in s.linears())
-    train = RecoverConfig(method=cfg.method, train_scales=cfg.train_scales, frozen=cfg.frozen)
-    n_train = trainable_count(ctx, train) // s.layers
+    n_train = trainable_count(ctx, cfg) // s.layers
     device = {"three streams of calibration activations": 3 * n * seq * s.hidden * b,
               "student and teacher block": block + s.block_weights * b, "trainable, gradients, AdamW": n_train * 16,
               "saved activations": cfg.batch_size * seq * saved_per_token(ctx, cfg.method, cfg.train_scales),
-              "transient": _transient(ctx, form, cfg.method == "gift_sw")}
+              "transient": _transient(ctx, form, METHOD_SPECS[cfg.method].noise)}
     host = {"model": model_bytes(ctx, form), "teacher (full precision)": model_bytes(ctx, "fp")}
     if not ctx.cuda:
         device.pop("student and teacher block")

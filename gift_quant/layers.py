@@ -25,7 +25,7 @@ from gift_quant.pinning import PinnedDtype
 from gift_quant.quantized import QuantizedWeight
 from gift_quant.quantizer import quantize
 
-__all__ = ["MixedPrecisionLinear", "NoiseSpec", "PackedMixedPrecisionLinear", "STELinear", "pack_frozen",
+__all__ = ["CodeLatentLinear", "MixedPrecisionLinear", "NoiseSpec", "PackedMixedPrecisionLinear", "STELinear", "pack_frozen",
            "quantized_modules", "replace_linears"]
 
 MIN_SCALE = 1e-8  # a trained step size never reaches 0 (it divides, and 0 would erase its group)
@@ -292,7 +292,8 @@ class STELinear(QuantizedLinearBase):
     gradient beyond it; with ``learn_scales`` the step sizes train too, with LSQ's gradient scale 1/√(n·maxq).
     Salient columns are used and trained as they are. The latent weights start from ``fp_weight`` (the weights before
     quantization) projected into the record's cells, so the first forward equals the quantized model's and codes flip
-    once a weight crosses a cell edge; without ``fp_weight`` they start on the grid values.
+    once a weight crosses a cell edge; without ``fp_weight`` they start on the grid values (the centres of their
+    codes' cells).
     """
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype = torch.float32,
@@ -344,6 +345,54 @@ class STELinear(QuantizedLinearBase):
 
     def to_quantized_weight(self) -> QuantizedWeight:
         return self._record(self.current_codes(), self.weight.detach()[:, self.salient_idx])
+
+
+class CodeLatentLinear(QuantizedLinearBase):
+    """Block-AP's layer: every weight's code trains as a continuous latent ``latent`` (in code units, starting at the
+    record's codes: the centres of their cells), forwarded as ``s·(clamp(round_ste(latent), 0, maxq) − z)``; the step
+    sizes (and zero points when asymmetric) and the fp salient columns train beside it.
+
+    Latents in code units rather than weight units keep the two kinds of parameter apart: a step size's gradient is
+    its codes' ``q − z`` (as when only the scales train), not LSQ's ``q − w/s``, which is 0 at every cell centre — so
+    the grid learns from step 0, and a code changes only once its latent has moved half a code (one learning rate
+    fits every layer whatever its step size).
+    """
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self._init_record(qw)
+        self.latent = nn.Parameter(qw.codes.to(torch.float32).clone())
+        self.salient_weight = nn.Parameter(qw.salient_weight.to(dtype).clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype).clone())
+        self.scales.requires_grad_(True)
+        self.zeros.requires_grad_(not self.sym)  # integer zero points: straight-through rounding
+
+    def effective_weight(self) -> torch.Tensor:
+        scales, zeros = self.grid()
+        q = torch.clamp(round_ste(self.latent), 0, self.maxq)
+        w = self.per_weight(scales) * (q - self.per_weight(zeros))
+        return w.index_fill(1, self.salient_idx, 0.0)  # salient columns live in salient_weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        y = F.linear(x, self.effective_weight().to(x.dtype), bias)
+        if self.num_salient:
+            y = y + F.linear(x.index_select(-1, self.salient_idx), self.salient_weight.to(x.dtype))
+        return y
+
+    def current_codes(self) -> torch.Tensor:
+        codes = torch.clamp(self.latent.detach().round(), 0, self.maxq).to(torch.uint8)
+        codes[:, self.salient_idx] = self.codes[:, self.salient_idx]  # the record's convention there (zero point)
+        return codes
+
+    def flipped_codes(self) -> int:
+        return int((self.current_codes() != self.codes).sum())
+
+    def to_quantized_weight(self) -> QuantizedWeight:
+        codes = self.current_codes()
+        if not self.sym:  # a trained zero point moves the salient columns' convention code with it
+            codes[:, self.salient_idx] = self.per_weight(self.grid()[1].detach())[:, self.salient_idx].to(torch.uint8)
+        return self._record(codes, self.salient_weight)
 
 
 LinearFactory = Callable[[QuantizedWeight, "torch.Tensor | None"], nn.Module]

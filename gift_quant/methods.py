@@ -1,19 +1,11 @@
-"""The recovery methods: one small object each, saying what trains, under which noise, and how it ends.
+"""The recovery methods' behaviour: one small class per method, saying how its model is put in trainable form and how it
+ends. What each method *is* (what it trains, its noise, whether it packs, exports or runs block-wise) is its
+:class:`~gift_quant.method_specs.MethodSpec`, read through ``method.spec``.
 
 Every method starts from the quantized model (``MixedPrecisionLinear`` layers, everything else frozen) and declares
 its trainable tensors by setting ``requires_grad`` explicitly; the loss (next-token, distillation or both), the data
 and the budget are the recipe's and the same for every method. ``METHODS`` is the registry the recover, compare and
-reconstruct stages and the export read; nothing else branches on a method's name.
-
-| method      | trains                                                       | noise | exports |
-|-------------|--------------------------------------------------------------|-------|---------|
-| gift_sw     | salient columns (+ scales with ``train_scales``)             | yes   | yes     |
-| salient_ft  | salient columns (+ scales with ``train_scales``)             | no    | yes     |
-| scales_only | quantization scales (+ zero points if asymmetric), codes fixed | no  | yes     |
-| ste         | latent weights through the fixed grid (straight-through)     | no    | yes     |
-| ste_lsq     | latent weights and step sizes (LSQ)                          | no    | yes     |
-| lora        | LoRA adapters beside the frozen quantized linears (peft)     | no    | no      |
-| none        | nothing: the quantized model as it is (a comparison row)     | no    | yes     |
+reconstruct stages and the export read.
 """
 
 from __future__ import annotations
@@ -26,7 +18,8 @@ import torch
 from torch import nn
 
 from .config import RecoverMethod
-from .layers import MixedPrecisionLinear, STELinear, mixed_linears, swap_module
+from .method_specs import METHOD_SPECS, MethodSpec
+from .layers import CodeLatentLinear, MixedPrecisionLinear, STELinear, mixed_linears, swap_module
 from .noise import NO_NOISE, NoiseSpec
 
 FpWeights = Callable[[str], torch.Tensor]  # module name -> the full-precision weight it was quantized from
@@ -46,12 +39,15 @@ class Training:
 
 class RecoveryMethod:
     name: str = ""
-    noise: bool = False  # GIFT-SW noise on the frozen part while training
-    exportable: bool = True  # the result is a quantized model the packed format holds
-    blockwise: bool = True  # usable by block-wise reconstruction (trains only tensors inside the blocks)
-    needs_fp_weights: bool = False
-    trains_nothing: bool = False
-    trains: str = ""
+
+    @property
+    def spec(self) -> MethodSpec:
+        return METHOD_SPECS[self.name]
+
+    def __getattr__(self, attr: str):  # noise, exportable, blockwise, trains, ...: the spec's
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        return getattr(self.spec, attr)
 
     def prepare(self, model: nn.Module, setup: Training, fp_weights: FpWeights | None = None) -> int:
         """Put ``model`` (its quantized linears) in trainable form in place; returns the trainable count."""
@@ -86,29 +82,29 @@ def _train_scales(layer: MixedPrecisionLinear) -> None:
 
 
 class NoRecovery(RecoveryMethod):
-    name, trains, trains_nothing = "none", "nothing (the quantized model as it is)", True
+    name = "none"
 
     def _prepare(self, model, layers, setup, fp_weights):
         pass
 
 
 class SalientFT(RecoveryMethod):
-    name, trains = "salient_ft", "salient columns"
+    name = "salient_ft"
 
     def _prepare(self, model, layers, setup, fp_weights):
         for m in layers.values():
-            m.set_noise(setup.noise if self.noise else NO_NOISE)
+            m.set_noise(setup.noise if self.spec.noise else NO_NOISE)
             m.salient_weight.requires_grad_(True)
             if setup.train_scales:
                 _train_scales(m)
 
 
 class GiftSW(SalientFT):
-    name, noise, trains = "gift_sw", True, "salient columns, noise on the frozen part"
+    name = "gift_sw"
 
 
 class ScalesOnly(RecoveryMethod):
-    name, trains = "scales_only", "quantization scales (codes fixed)"
+    name = "scales_only"
 
     def _prepare(self, model, layers, setup, fp_weights):
         for m in layers.values():
@@ -117,7 +113,7 @@ class ScalesOnly(RecoveryMethod):
 
 
 class STE(RecoveryMethod):
-    name, trains, needs_fp_weights, blockwise = "ste", "latent weights (straight-through)", True, False
+    name = "ste"
     learn_scales = False
 
     def _prepare(self, model, layers, setup, fp_weights):
@@ -130,18 +126,39 @@ class STE(RecoveryMethod):
             swap_module(model, name, ste.to(m.scales.device))
 
     def finish(self, model, dtype):
-        flipped = total = 0
-        for name, m in list(model.named_modules()):
-            if isinstance(m, STELinear):
-                flipped += m.flipped_codes()
-                total += int((~m.salient_mask).sum()) * m.out_features
-                new = MixedPrecisionLinear.from_quantized(m.to_quantized_weight(), m.bias, dtype=dtype)
-                swap_module(model, name, new.to(m.weight.device))
-        return {**super().finish(model, dtype), "codes_flipped": flipped, "codes_total": total}
+        return {**_back_to_mixed(model, STELinear, dtype), **super().finish(model, dtype)}
+
+
+def _back_to_mixed(model: nn.Module, kind: type, dtype: torch.dtype) -> dict[str, int]:
+    """Swap every trained ``kind`` layer for a quantized linear holding the codes it ends on; how many changed."""
+    flipped = total = 0
+    for name, m in list(model.named_modules()):
+        if isinstance(m, kind):
+            flipped += m.flipped_codes()
+            total += (m.in_features - m.num_salient) * m.out_features
+            new = MixedPrecisionLinear.from_quantized(m.to_quantized_weight(), m.bias, dtype=dtype)
+            swap_module(model, name, new.to(m.scales.device))
+    return {"codes_flipped": flipped, "codes_total": total}
 
 
 class STELSQ(STE):
-    name, trains, learn_scales = "ste_lsq", "latent weights and step sizes (LSQ)", True
+    name, learn_scales = "ste_lsq", True
+
+
+class BlockAP(RecoveryMethod):
+    """Every weight's code trains as a latent through the quantizer, starting at the GPTQ codes (step 0 is exactly the
+    quantized model; a code changes once its latent has moved half a code), with the step sizes, the zero points when
+    asymmetric and the fp salient columns (:class:`~gift_quant.layers.CodeLatentLinear`; EfficientQAT's Block-AP when
+    run block-wise). ``finish`` writes the codes the latents round to back into ordinary quantized linears."""
+
+    name = "block_ap"
+
+    def _prepare(self, model, layers, setup, fp_weights):
+        for name, m in layers.items():
+            swap_module(model, name, CodeLatentLinear(m.to_quantized_weight(), m.bias, m.dtype).to(m.scales.device))
+
+    def finish(self, model, dtype):
+        return {**_back_to_mixed(model, CodeLatentLinear, dtype), **super().finish(model, dtype)}
 
 
 class AdaptedLinear(nn.Module):
@@ -166,8 +183,7 @@ class AdaptedLinear(nn.Module):
 
 
 class LoRA(RecoveryMethod):
-    name, exportable, blockwise = "lora", False, False
-    trains = "LoRA adapters (rank matched to gift_sw's parameter count); unmerged, so not exportable"
+    name = "lora"
 
     def _prepare(self, model, layers, setup, fp_weights):
         from peft import LoraConfig, inject_adapter_in_model
@@ -194,6 +210,6 @@ def lora_rank(model: nn.Module) -> int:
 
 
 METHODS: dict[str, RecoveryMethod] = {m.name: m for m in (GiftSW(), SalientFT(), ScalesOnly(), STE(), STELSQ(),
-                                                           LoRA(), NoRecovery())}
+                                                           BlockAP(), LoRA(), NoRecovery())}
 # The recipe's names (config.RecoverMethod, kept torch-free for --dry-run) and this registry must agree.
 assert set(METHODS) == set(typing.get_args(RecoverMethod)), "config.RecoverMethod and METHODS differ"

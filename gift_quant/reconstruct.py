@@ -2,14 +2,16 @@
 
 For each decoder block in order, the full-precision block (the teacher's, in the run's rotated basis if any) maps the
 full-precision stream ``X_fp`` to targets ``Y``; the quantized block's trainable tensors (the recovery method's: salient
-columns, + scales with ``train_scales``, + its norms with ``train_norms``) learn ``block_q(X_q) ≈ Y`` by MSE, under
-GIFT-SW's noise when the method has it. Then ``X_q ← block_q(X_q)`` with the trained block and ``X_fp ← Y``, so each
-block also learns to undo the error the quantized blocks before it left. One decoder block forward/backward per step
-instead of the whole model and its vocabulary-wide softmax makes many more token passes affordable.
+columns, + scales with ``train_scales``, + its norms with ``train_norms``; with ``block_ap`` every weight through the
+quantizer, EfficientQAT's Block-AP) learn ``block_q(X_q) ≈ Y`` by MSE, under GIFT-SW's noise when the method has it.
+Then ``X_q ← block_q(X_q)`` with the trained block and ``X_fp ← Y``, so each block also learns to undo the error the
+quantized blocks before it left (``inputs: fp`` trains on ``X_fp`` instead). One decoder block forward/backward per
+step instead of the whole model and its vocabulary-wide softmax makes many more token passes affordable.
 
 Both streams of the calibration windows are held at once (one block's activations each); only the current block sits
-on the compute device; each finished block's trained tensors are saved under ``reconstruct/`` with the run's
-fingerprint, so a rerun resumes after the last finished block.
+on the compute device; each finished block's result (its quantized linears' codes, grid and salient columns, and its
+norms) is saved under ``reconstruct/`` with the run's fingerprint, so a rerun resumes after the last finished block.
+The log gives each block's output MSE before and after, and the share of its codes that changed.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from tqdm.auto import tqdm
 
 from .architectures import block_norm_weights, decoder_layers
 from .calibrate import Chunk, capture_layer0_inputs, run_layer
+from .data import calibration_windows, load_documents
 from .checkpoints import ResultStore
 from .config import ReconstructConfig
 from .distributed import is_main
@@ -40,14 +43,14 @@ from .training import BudgetClock, budget_spent, cosine_by_progress
 
 log = logging.getLogger(__name__)
 
-LOG_FIELDS = ["layer", "trainable", "mse_start", "mse_end", "steps", "seconds"]
+LOG_FIELDS = ["layer", "trainable", "mse_start", "mse_end", "codes_changed", "steps", "seconds"]
 
 
 def _trainable(model: nn.Module, block: nn.Module, cfg: ReconstructConfig, device: torch.device) -> int:
     """Put one block in the method's trainable form (+ its norms); returns the trainable count."""
     setup = Training(noise=NoiseSpec(kind=cfg.noise, scale=cfg.noise_scale, bits=cfg.noise_bits,
                                      source=cfg.noise_source),
-                     train_scales=cfg.train_scales and cfg.method != "scales_only", seed=cfg.seed,
+                     train_scales=cfg.train_scales and METHODS[cfg.method].spec.salient, seed=cfg.seed,
                      master_fp32=device.type == "cuda")
     count = METHODS[cfg.method].prepare(block, setup)
     if cfg.train_norms:
@@ -58,10 +61,16 @@ def _trainable(model: nn.Module, block: nn.Module, cfg: ReconstructConfig, devic
 
 
 def _optimizer(block: nn.Module, cfg: ReconstructConfig) -> torch.optim.Optimizer:
-    scales = [p for n, p in block.named_parameters() if p.requires_grad and n.endswith((".scales", ".zeros"))]
-    rest = [p for n, p in block.named_parameters() if p.requires_grad and not n.endswith((".scales", ".zeros"))]
-    groups = [{"params": rest}, {"params": scales, "lr": cfg.scales_learning_rate or cfg.learning_rate}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate, weight_decay=0.0)
+    """AdamW with one rate per kind of tensor: grid (scales, zero points), latent codes (code units), the rest."""
+    rates = {".scales": cfg.scales_learning_rate or cfg.learning_rate, ".zeros": cfg.scales_learning_rate or
+             cfg.learning_rate, ".latent": cfg.codes_learning_rate}
+    groups: dict[float, list[nn.Parameter]] = {}
+    for name, p in block.named_parameters():
+        if p.requires_grad:
+            lr = next((r for suffix, r in rates.items() if name.endswith(suffix)), cfg.learning_rate)
+            groups.setdefault(lr, []).append(p)
+    return torch.optim.AdamW([{"params": ps, "lr": lr} for lr, ps in groups.items()], lr=cfg.learning_rate,
+                             weight_decay=0.0)
 
 
 def _mse(block: nn.Module, inputs: list[Chunk], targets: list[Chunk]) -> float:
@@ -99,16 +108,50 @@ def train_block(block: nn.Module, inputs: list[Chunk], targets: list[Chunk], cfg
     return steps
 
 
-def _load_block(store: ResultStore, index: int, block: nn.Module) -> dict | None:
-    """Copy a finished block's saved tensors into ``block``; its log row, or None to train it (again)."""
+def _result(model: nn.Module, block: nn.Module) -> dict[str, torch.Tensor]:
+    """What reconstruction may change in a finished block: its quantized linears' codes, grid and salient columns, and
+    its norms (saved per block; a resumed block loads exactly these)."""
+    kept = {f"{name}.{t}" for name in mixed_linears(block)
+            for t in ("codes", "qcodes", "scales", "zeros", "salient_weight")} | set(block_norm_weights(model, block))
+    return {n: t for n, t in block.state_dict(keep_vars=True).items() if n in kept}
+
+
+def _load_block(store: ResultStore, index: int, model: nn.Module, block: nn.Module) -> dict | None:
+    """Put a finished block's saved result into ``block``; its log row, or None to train it (again)."""
     saved = store.load(index)
-    params = dict(block.named_parameters())
-    if saved is None or not saved[0].keys() <= params.keys():
+    current = _result(model, block)
+    if saved is None or saved[0].keys() != current.keys():
         return None
     with torch.no_grad():
         for k, v in saved[0].items():
-            params[k].copy_(v)
+            current[k].copy_(v)
+    for m in mixed_linears(block).values():
+        m.refresh()  # the dense Ŵ follows the loaded codes and grid
     return saved[1]
+
+
+def _windows(state, cfg: ReconstructConfig) -> torch.Tensor:
+    """The stage's calibration windows: the calibrate stage's, or ``num_samples`` drawn the same way (its own first)."""
+    calib = state.calibration
+    if cfg.num_samples is None or cfg.num_samples == calib.windows.shape[0]:
+        return calib.windows
+    docs = load_documents(calib.config, state.recipe.data.dir)
+    c = calib.config
+    return calibration_windows(state.tokenizer, docs, cfg.num_samples, c.seq_len, c.seed)
+
+
+def _train_one(model: nn.Module, block: nn.Module, index: int, inputs: list[Chunk], targets: list[Chunk],
+               cfg: ReconstructConfig, device: torch.device, share: float | None, progress: tqdm) -> dict:
+    """Train one block in its method's form, end it in evaluation form; its log row."""
+    trainable = _trainable(model, block, cfg, device)
+    t0 = time.perf_counter()
+    before = _mse(block.eval(), inputs, targets)
+    steps = train_block(block, inputs, targets, cfg, share, cfg.seed * 100003 + index, progress)
+    ended = METHODS[cfg.method].finish(block, _dtype(block))
+    check_finite(block, f"after reconstructing block {index}, its")
+    changed = ended.get("codes_flipped", 0) / max(ended.get("codes_total", 0), 1)
+    return {"layer": index, "trainable": trainable, "mse_start": before, "mse_end": _mse(block, inputs, targets),
+            "codes_changed": round(changed, 6), "steps": steps, "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def reconstruct_stage(state, cfg: ReconstructConfig) -> None:
@@ -117,14 +160,15 @@ def reconstruct_stage(state, cfg: ReconstructConfig) -> None:
     model.requires_grad_(False)  # only each block's declared tensors train, one block at a time
     if cfg.frozen == "packed":
         pack_frozen(model)
-    calib = state.calibration
+    windows = _windows(state, cfg)
     stamp = fingerprint(state, {"base": state.quantization.fingerprint,
                                 "reconstruct": cfg.model_dump(mode="json", exclude={"resume", "frozen"})},
-                   [calib.windows])
+                        [windows])
     saved = ResultStore(state.output_dir / "reconstruct", stamp, cfg.resume, prefix="block")
     layers, fp_layers = decoder_layers(model), decoder_layers(teacher_model(state))
-    quant_in = capture_layer0_inputs(model, calib.windows, device, cfg.batch_size)
-    fp_in = [Chunk(c.hidden.clone(), c.layer_kwargs, c.index) for c in quant_in]  # embeddings unquantized: same start
+    fp_in = capture_layer0_inputs(model, windows, device, cfg.batch_size)
+    # The embeddings are not quantized: both streams start the same.
+    quant_in = [Chunk(c.hidden.clone(), c.layer_kwargs, c.index) for c in fp_in] if cfg.inputs == "quantized" else []
     share = None if cfg.max_minutes is None else 60 * cfg.max_minutes / len(layers)
     rows, start, cpu_start = [], time.perf_counter(), time.process_time()
     # One tick per block: with a time budget every block gets the same share, so the ETA holds either way.
@@ -136,37 +180,30 @@ def reconstruct_stage(state, cfg: ReconstructConfig) -> None:
             with torch.no_grad():
                 targets = run_layer(fp_block, fp_in)
             fp_block.to(home)
-            trainable = _trainable(model, block, cfg, device)
-            row = _load_block(saved, index, block)
+            inputs = quant_in if cfg.inputs == "quantized" else fp_in
+            row = _load_block(saved, index, model, block)
             if row is None:
-                t0 = time.perf_counter()
-                before = _mse(block.eval(), quant_in, targets)
-                steps = train_block(block, quant_in, targets, cfg, share, cfg.seed * 100003 + index, progress)
-                row = {"layer": index, "trainable": trainable, "mse_start": before, "steps": steps}
-                tensors = {n: p for n, p in block.named_parameters() if p.requires_grad}
-                METHODS[cfg.method].finish(block, _dtype(block))
-                check_finite(block, f"after reconstructing block {index}, its")
-                row.update(mse_end=_mse(block, quant_in, targets), seconds=round(time.perf_counter() - t0, 2))
-                saved.save(index, tensors, {k: str(v) for k, v in row.items()})
-            else:
-                METHODS[cfg.method].finish(block, _dtype(block))
+                row = _train_one(model, block, index, inputs, targets, cfg, device, share, progress)
+                saved.save(index, _result(model, block), {k: str(v) for k, v in row.items()})
             rows.append(row)
             progress.update(1)
             with torch.no_grad():
-                quant_in = run_layer(block.eval(), quant_in) if index + 1 < len(layers) else []
+                quant_in = run_layer(block.eval(), quant_in) if quant_in and index + 1 < len(layers) else []
             fp_in = targets
             block.to(home)
     if is_main():
         write_csv(state.output_dir / "reconstruct_log.csv", rows, LOG_FIELDS)
     reduction = [float(r["mse_end"]) / max(float(r["mse_start"]), 1e-30) for r in rows]
+    changed = [float(r.get("codes_changed") or 0) for r in rows]
     state.record("reconstruct", "block_mse_ratio", round(sum(reduction) / len(reduction), 4),
                  method=cfg.method, seconds=round(time.perf_counter() - start, 1),
                  cpu_seconds=round(time.process_time() - cpu_start, 1),
                  trainable_params=sum(int(r["trainable"]) for r in rows),
+                 codes_changed=round(sum(changed) / len(changed), 6),
                  note=f"reconstruct: {cfg.method}{' + scales' if cfg.train_scales else ''}"
                       f"{' + norms' if cfg.train_norms else ''}, {cfg.epochs} epochs over "
-                      f"{calib.windows.shape[0]} calibration windows per block; block MSE after/before in "
-                      f"reconstruct_log.csv")
+                      f"{windows.shape[0]} calibration windows per block ({cfg.inputs} inputs); block MSE "
+                      f"after/before and codes changed per block in reconstruct_log.csv")
 
 
 def _dtype(block: nn.Module) -> torch.dtype:

@@ -13,8 +13,8 @@ model: {name: tiny}
 stages:
   - calibrate: {dataset: TRAIN, num_samples: 8, seq_len: 64, batch_size: 4}
   - select: {metric: gift, fraction: 0.125}
-  - quantize: {method: gptq, bits: 2}
-  - reconstruct: {method: METHOD, epochs: 4, batch_size: 2, learning_rate: 0.001, train_scales: SCALES,
+  - quantize: {method: QUANTIZER, bits: 2}
+  - reconstruct: {method: METHOD, batch_size: 2, learning_rate: LR, epochs: EPOCHS, train_scales: SCALES,
                   train_norms: NORMS, noise_bits: 8}   # a 2-bit grid's own Δ/2 would drown this tiny signal
   - evaluate: {dataset: EVAL, seq_len: 64, max_windows: 4}
 """
@@ -25,7 +25,8 @@ def run(tiny_run, tmp_path, folder: str, **settings):
     from gift_quant.pipeline import run as run_recipe
 
     text = RECIPE
-    for key, value in {"METHOD": "gift_sw", "SCALES": "true", "NORMS": "false", **settings}.items():
+    for key, value in {"QUANTIZER": "gptq", "METHOD": "gift_sw", "SCALES": "true", "NORMS": "false", "LR": "0.001", "EPOCHS": "4",
+                       **settings}.items():
         text = text.replace(key, str(value))
     text = text.replace("TRAIN", str(tmp_path / "train.jsonl")).replace("EVAL", str(tmp_path / "eval.txt"))
     return run_recipe(parse_recipe(yaml.safe_load(text)), tmp_path / folder)
@@ -36,6 +37,7 @@ def quantized_only(tiny_run, tmp_path):
     from gift_quant.pipeline import run as run_recipe
 
     text = RECIPE.split("  - reconstruct")[0].replace("TRAIN", str(tmp_path / "train.jsonl"))
+    text = text.replace("QUANTIZER", "gptq")
     return run_recipe(parse_recipe(yaml.safe_load(text)), tmp_path / "plain").model
 
 
@@ -119,3 +121,109 @@ def test_a_time_budget_anneals_the_learning_rate_to_zero_by_its_end(monkeypatch)
     steps = reconstruct.train_block(block, inputs, targets, cfg, seconds=20.0, seed=0, progress=tqdm(disable=True))
     assert 5 <= steps <= 20 < cfg.epochs * len(inputs)
     assert optimizers[0].param_groups[0]["lr"] < 0.02 * cfg.learning_rate  # the epochs alone left it at 99 %
+
+
+# ------------------------------------------------------------------ block_ap: every weight through the quantizer
+
+
+def test_block_ap_starts_exactly_at_the_quantized_block(tiny_run, tmp_path):
+    # Latents at the centres of their codes' cells: step 0 is the PTQ model (float64, so only summation order differs).
+    from gift_quant.methods import METHODS, Training
+
+    model = quantized_only(tiny_run, tmp_path).double()
+    block = model.model.layers[1]
+    x = torch.randn(2, 16, model.config.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(16).unsqueeze(0).expand(2, -1)
+    kwargs = {"position_embeddings": model.model.rotary_emb(x, pos)}
+    before = block(x, **kwargs)
+    before = before[0] if isinstance(before, tuple) else before
+    trainable = METHODS["block_ap"].prepare(block, Training())
+    assert trainable >= sum(m.latent.numel() for m in block.modules() if hasattr(m, "latent"))
+    after = block(x, **kwargs)
+    after = after[0] if isinstance(after, tuple) else after
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-12)
+    codes_at_start = [m.flipped_codes() for m in block.modules() if hasattr(m, "flipped_codes")]
+    assert codes_at_start and not any(codes_at_start)
+
+
+def test_block_ap_lowers_each_blocks_mse_more_than_salient_training(tiny_run, tmp_path):
+    # Round-to-nearest codes are not the ones that best reproduce a block's output: moving them (block_ap) must lower
+    # every block's output MSE further than training the salient columns and scales with the codes fixed, at the same
+    # steps, rates and data.
+    def ratios(folder, method):
+        run(tiny_run, tmp_path, folder, QUANTIZER="rtn", METHOD=f"{method}, codes_learning_rate: 0.03", EPOCHS="25")
+        rows = list(csv.DictReader((tmp_path / folder / "reconstruct_log.csv").open()))
+        return [float(r["mse_end"]) / float(r["mse_start"]) for r in rows], [float(r["codes_changed"]) for r in rows]
+
+    every, changed = ratios("all", "block_ap")
+    salient, unchanged = ratios("salient", "salient_ft")
+    assert all(a < 0.9 * s for a, s in zip(every, salient)), (every, salient)
+    assert all(c > 0 for c in changed) and not any(unchanged)  # block_ap moved codes; salient training never does
+
+
+def test_block_ap_codes_are_the_latents_rounded_and_the_block_keeps_its_function(tiny_run, tmp_path):
+    # After training, finish() writes round(latent) into an ordinary quantized linear: the codes of an independent
+    # float64 rounding of the latents, and the same outputs as the trained latent layer.
+    from gift_quant.layers import CodeLatentLinear, MixedPrecisionLinear
+    from gift_quant.methods import METHODS, Training
+
+    model = quantized_only(tiny_run, tmp_path)
+    block = model.model.layers[0]
+    METHODS["block_ap"].prepare(block, Training())
+    latent = {n: m for n, m in block.named_modules() if isinstance(m, CodeLatentLinear)}
+    opt = torch.optim.Adam([p for p in block.parameters() if p.requires_grad], lr=0.2)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        opt.zero_grad()
+        sum(m(torch.randn(3, m.in_features, generator=g)).sin().sum() for m in latent.values()).backward()
+        opt.step()
+    expected = {}
+    for name, m in latent.items():
+        codes = torch.clamp(torch.round(m.latent.detach().double()), 0, m.maxq)
+        codes[:, m.salient_idx] = m.codes[:, m.salient_idx].double()
+        inputs = torch.randn(5, m.in_features, generator=g)
+        expected[name] = (codes.to(torch.uint8), inputs, m(inputs).detach())
+    ended = METHODS["block_ap"].finish(block, torch.float32)
+    assert ended["codes_flipped"] > 0
+    for name, (codes, inputs, out) in expected.items():
+        m = block.get_submodule(name)
+        assert isinstance(m, MixedPrecisionLinear)
+        assert torch.equal(m.codes, codes), name
+        torch.testing.assert_close(m(inputs), out, rtol=1e-5, atol=1e-6)
+
+
+def test_block_ap_exports_and_reloads_to_the_in_memory_logits(tiny_run, tmp_path):
+    from gift_quant.hf_quantizer import load_quantized
+
+    from gift_quant.export import export_packed
+
+    state = run(tiny_run, tmp_path, "out", METHOD="block_ap")
+    export = tmp_path / "out" / "packed"
+    export_packed(state.model, state.tokenizer, export, quant_info={}, dtype=torch.float32)
+    ids = torch.randint(0, state.model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(3))
+    reloaded = load_quantized(export, dtype=torch.float32, kernel="reference")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, state.model(ids).logits, rtol=1e-3, atol=1e-3)
+
+
+def test_block_ap_resumes_after_a_kill_mid_block_with_the_same_codes(tiny_run, tmp_path, monkeypatch):
+    import gift_quant.reconstruct as reconstruct
+    from gift_quant.layers import quantized_modules
+
+    whole = quantized_modules(run(tiny_run, tmp_path, "whole", METHOD="block_ap").model)
+    train, calls = reconstruct.train_block, []
+
+    def killed_in_block_1(block, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process dies while block 1 trains: block 0 is saved, block 1 is not
+        return train(block, *args, **kwargs)
+
+    monkeypatch.setattr(reconstruct, "train_block", killed_in_block_1)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_run, tmp_path, "killed", METHOD="block_ap")
+    assert len(list((tmp_path / "killed" / "reconstruct").glob("block_*.safetensors"))) == 1
+    monkeypatch.setattr(reconstruct, "train_block", train)
+    resumed = quantized_modules(run(tiny_run, tmp_path, "killed", METHOD="block_ap").model)
+    for name, m in whole.items():
+        assert torch.equal(m.to_quantized_weight().codes, resumed[name].to_quantized_weight().codes), name
