@@ -190,7 +190,8 @@ class RecoverConfig(TextSource, NoiseSettings, FrozenSettings, BudgetSettings):
     order: Literal["after", "before"] = "after"  # before: Pre-GIFT-SW, noise at the target bit-width on the fp model
     loss: LossKind = "lm"  # next-token loss, distillation from the model before quantization (KL), or their sum
     kd_temperature: float = Field(default=1.0, gt=0)
-    kd_top_k: PositiveInt = 64  # teacher logits kept per token (cached once per model and training text)
+    kd_top_k: PositiveInt | None = 64  # teacher logits kept per token (cached once per model and training text);
+    # None: the full vocabulary, the teacher run beside the student at every step (nothing cached)
     train_scales: bool = False  # gift_sw / salient_ft: the quantization scales train too (codes fixed)
     train_norms: bool = False  # the decoder's RMSNorm weights train too (ordinary fp tensors in the export)
     learning_rate: float = Field(default=1e-4, gt=0)

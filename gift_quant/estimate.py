@@ -392,10 +392,13 @@ def recover(ctx: Context, cfg: RecoverConfig, stage: str = "recover", teacher_ti
         seconds += 100 * GRID_PASSES * s.layers * s.block_weights * ctx.rates.weight_pass
     seconds += _curve_seconds(ctx, cfg, steps)
     host = {}
-    if cfg.loss != "lm":  # the teacher's one pass over the training text, before training
+    if cfg.loss != "lm":  # the teacher's one pass over the training text (before training, or step by step)
         during, teacher_seconds = _teacher_pass(ctx, cfg, steps)
         seconds += teacher_seconds if teacher_time else 0.0
-        if ctx.cuda:  # it lives in host RAM and visits the GPU, beside the quantized model, for its pass
+        if cfg.kd_top_k is None:  # the full vocabulary: the teacher sits beside the student at every step
+            parts = {**parts, "fp teacher": during["fp teacher"],
+                     "teacher logits": tokens * s.vocab * 8}
+        elif ctx.cuda:  # it lives in host RAM and visits the GPU, beside the quantized model, for its pass
             host["fp teacher"] = during["fp teacher"]
             if sum(during.values()) > sum(parts.values()):
                 parts = during

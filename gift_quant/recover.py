@@ -30,7 +30,7 @@ from .quantizer import QuantSpec, rtn
 from .saliency import ChannelNorms
 from .select import choose_salient
 from .state import Recovery
-from .teacher import fp_weights, teacher_topk
+from .teacher import fp_weights, teacher_model, teacher_topk
 from .distributed import world_size
 from .training import TokenBlocks, TrainReport, step_budget, train
 
@@ -69,6 +69,8 @@ def training_data(state, cfg: RecoverConfig) -> TokenBlocks:
     blocks = training_blocks(state, cfg)
     if cfg.loss == "lm":
         return TokenBlocks(blocks)
+    if cfg.kd_top_k is None:  # the full vocabulary: the teacher runs beside the student, nothing is cached
+        return TokenBlocks(blocks, live_teacher=teacher_model(state).to(state.device))
     start, cpu_start = time.perf_counter(), time.process_time()
     teacher, computed = teacher_topk(state, blocks, cfg.kd_top_k, cfg.kd_temperature)
     if computed:

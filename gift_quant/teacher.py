@@ -7,6 +7,8 @@
   a fingerprint of the weights, the blocks, k and the temperature: every method, seed and rerun reuses them.
 * :func:`kd_loss` — KL(teacher ‖ student) on those k tokens plus one bucket for the rest of the vocabulary (exact KL
   between the two distributions coarsened to k + 1 outcomes; the full KL when k is the vocabulary).
+* :func:`kd_loss_full` — the full-vocabulary KL from the teacher's logits, when the teacher runs beside the student
+  (``kd_top_k: null``: nothing cached, one more forward per step).
 """
 
 from __future__ import annotations
@@ -111,3 +113,10 @@ def kd_loss(student_logits: torch.Tensor, teacher_logp: torch.Tensor, teacher_id
     kl_top = (p_top * (logp_top - logq_top)).sum(-1)
     kl_rest = torch.where(p_rest > 0, p_rest * (p_rest.clamp(min=1e-12).log() - q_rest.log()), 0.0)
     return (kl_top + kl_rest).mean() * temperature**2
+
+
+def kd_loss_full(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Mean over tokens of KL(p_teacher ‖ q_student) over the whole vocabulary, times T²."""
+    logq = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    logp = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return (logp.exp() * (logp - logq)).sum(-1).mean() * temperature**2

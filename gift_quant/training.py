@@ -41,10 +41,12 @@ SCALE_SUFFIXES = (".scales", ".zeros")
 
 class TokenBlocks(Dataset):
     """Fixed-length token windows as causal-LM examples (labels = inputs; the model shifts them), with the teacher's
-    top-k log-probabilities for each when the loss distils."""
+    top-k log-probabilities for each when the loss distils from a cache, or the teacher itself (``live_teacher``) when
+    it distils from the full vocabulary at every step."""
 
-    def __init__(self, blocks: torch.Tensor, teacher: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        self.blocks, self.teacher = blocks, teacher
+    def __init__(self, blocks: torch.Tensor, teacher: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 live_teacher: nn.Module | None = None) -> None:
+        self.blocks, self.teacher, self.live_teacher = blocks, teacher, live_teacher
 
     def __len__(self) -> int:
         return self.blocks.shape[0]
@@ -196,7 +198,7 @@ def budget_spent(clock: BudgetClock, minutes: float | None, steps: int | None) -
 def _trainer_class():
     from transformers import Trainer
 
-    from .teacher import kd_loss
+    from .teacher import kd_loss, kd_loss_full
 
     class RecoveryTrainer(Trainer):
         """Checkpoints hold the trainable tensors only (the frozen model is rebuilt by the stages before); the loss
@@ -206,9 +208,10 @@ def _trainer_class():
         loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean; the Trainer divides by GA steps
 
         def __init__(self, *args, recover: RecoverConfig, clock: BudgetClock, run_time: RunTime, steps: int | None,
-                     **kwargs):
+                     live_teacher: nn.Module | None = None, **kwargs):
             super().__init__(*args, **kwargs)
             self.recover, self.clock, self.run_time, self.step_limit = recover, clock, run_time, steps
+            self.live_teacher = live_teacher
             self._micro = (-1, 0)  # (optimizer step, micro-batches of it done on this rank)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
@@ -221,10 +224,19 @@ def _trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             logp, ids = inputs.pop("teacher_logp", None), inputs.pop("teacher_ids", None)
-            kind = self.recover.loss if logp is not None else "lm"  # evaluation text has no teacher: next-token
+            live = self.live_teacher is not None and model.training
+            # evaluation text has no teacher: next-token
+            kind = self.recover.loss if logp is not None or live else "lm"
             outputs = model(input_ids=inputs["input_ids"], labels=inputs["labels"] if "lm" in kind else None,
                             use_cache=False)
-            loss = outputs.loss if kind == "lm" else kd_loss(outputs.logits, logp, ids, self.recover.kd_temperature)
+            if kind == "lm":
+                loss = outputs.loss
+            elif live:
+                with torch.no_grad():
+                    teacher = self.live_teacher(input_ids=inputs["input_ids"], use_cache=False).logits
+                loss = kd_loss_full(outputs.logits, teacher, self.recover.kd_temperature)
+            else:
+                loss = kd_loss(outputs.logits, logp, ids, self.recover.kd_temperature)
             if kind == "lm+kd":
                 loss = loss + outputs.loss
             return (loss, outputs) if return_outputs else loss
@@ -414,7 +426,7 @@ def train(model: nn.Module, data: TokenBlocks, eval_data: torch.Tensor | None, c
         model=model, args=args, train_dataset=data, eval_dataset=TokenBlocks(eval_data) if evaluate else None,
         data_collator=default_data_collator, callbacks=[_budget_callback(clock, cfg, evaluate), _checksum_callback(),
                                                         *callbacks],
-        recover=cfg, clock=clock, run_time=RunTime(spent), steps=steps)
+        recover=cfg, clock=clock, run_time=RunTime(spent), steps=steps, live_teacher=data.live_teacher)
     if checkpoint is not None:
         log.info("resuming %s from %s", cfg.method, checkpoint)
     with PeakMemory(args.device) as mem:

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gift_quant.teacher import kd_loss
+from gift_quant.teacher import kd_loss, kd_loss_full
 
 
 def coarse_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, k: int, t: float) -> torch.Tensor:
@@ -41,6 +41,18 @@ def test_kd_loss_with_the_whole_vocabulary_is_the_kl(t: float) -> None:
     full = F.kl_div(torch.log_softmax(student.double() / t, -1), torch.log_softmax(teacher.double() / t, -1),
                     log_target=True, reduction="sum") / 10 * t * t
     torch.testing.assert_close(kd_loss(student, logp, ids, t).double(), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("t", [1.0, 2.0])
+def test_full_vocabulary_kd_loss_is_the_kl_and_the_top_k_loss_at_k_equal_vocabulary(t: float) -> None:
+    g = torch.Generator().manual_seed(4)
+    teacher, student = torch.randn(2, 5, 11, generator=g) * 3, torch.randn(2, 5, 11, generator=g) * 3
+    full = F.kl_div(torch.log_softmax(student.double() / t, -1), torch.log_softmax(teacher.double() / t, -1),
+                    log_target=True, reduction="sum") / 10 * t * t
+    torch.testing.assert_close(kd_loss_full(student, teacher, t).double(), full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kd_loss_full(student, teacher, t), kd_loss(student, *topk_of(teacher, 11, t), t),
+                               atol=1e-5, rtol=1e-5)
+    assert kd_loss_full(teacher, teacher, t).abs() < 1e-6
 
 
 @pytest.mark.parametrize("k", [1, 3, 8])
@@ -122,3 +134,22 @@ def test_teacher_cache_is_per_block_and_reused_by_a_longer_text(tmp_path, monkey
     assert torch.equal(ids5.long(), ref.indices)
     _, computed = teacher_topk(state, blocks.flip(0), 4, 1.0)  # reordered: all cached
     assert not computed and len(calls) == 6  # (the one more is the reference forward above)
+
+
+def test_full_vocabulary_kd_runs_the_teacher_beside_the_student_and_caches_nothing(tiny_run, tmp_path) -> None:
+    import gift_quant.teacher as teacher
+
+    seen = []
+    real = teacher.kd_loss_full
+    teacher.kd_loss_full = lambda s, t, temp=1.0: seen.append(t.shape) or real(s, t, temp)
+    try:
+        rc, out = tiny_run(KD.replace("LOSS", "kd").replace("kd_top_k: 16", "kd_top_k: null"))
+    finally:
+        teacher.kd_loss_full = real
+    assert rc == 0 and len(seen) == 6  # one teacher forward per training step, over the whole vocabulary
+    assert all(shape[-1] == 128 for shape in seen)
+    assert not list((tmp_path / "cache").glob("teacher/*/*.safetensors"))
+    rows = json.loads((out / "results.json").read_text())["results"]
+    assert not [r for r in rows if r["metric"] == "teacher_tokens"]
+    fp, ptq, recovered = [r["value"] for r in rows if r["metric"] == "eval_ppl"]
+    assert recovered < ptq
