@@ -43,7 +43,7 @@ from .training import BudgetClock, budget_spent, cosine_by_progress
 
 log = logging.getLogger(__name__)
 
-LOG_FIELDS = ["layer", "trainable", "mse_start", "mse_end", "codes_changed", "steps", "seconds"]
+LOG_FIELDS = ["layer", "trainable", "mse_start", "mse_end", "codes_changed", "steps", "seconds", "cpu_seconds"]
 
 
 def _trainable(model: nn.Module, block: nn.Module, cfg: ReconstructConfig, device: torch.device) -> int:
@@ -144,14 +144,15 @@ def _train_one(model: nn.Module, block: nn.Module, index: int, inputs: list[Chun
                cfg: ReconstructConfig, device: torch.device, share: float | None, progress: tqdm) -> dict:
     """Train one block in its method's form, end it in evaluation form; its log row."""
     trainable = _trainable(model, block, cfg, device)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     before = _mse(block.eval(), inputs, targets)
     steps = train_block(block, inputs, targets, cfg, share, cfg.seed * 100003 + index, progress)
     ended = METHODS[cfg.method].finish(block, _dtype(block))
     check_finite(block, f"after reconstructing block {index}, its")
     changed = ended.get("codes_flipped", 0) / max(ended.get("codes_total", 0), 1)
     return {"layer": index, "trainable": trainable, "mse_start": before, "mse_end": _mse(block, inputs, targets),
-            "codes_changed": round(changed, 6), "steps": steps, "seconds": round(time.perf_counter() - t0, 2)}
+            "codes_changed": round(changed, 6), "steps": steps, "seconds": round(time.perf_counter() - t0, 2),
+            "cpu_seconds": round(time.process_time() - cpu0, 2)}
 
 
 def reconstruct_stage(state, cfg: ReconstructConfig) -> None:
@@ -170,7 +171,7 @@ def reconstruct_stage(state, cfg: ReconstructConfig) -> None:
     # The embeddings are not quantized: both streams start the same.
     quant_in = [Chunk(c.hidden.clone(), c.layer_kwargs, c.index) for c in fp_in] if cfg.inputs == "quantized" else []
     share = None if cfg.max_minutes is None else 60 * cfg.max_minutes / len(layers)
-    rows, start, cpu_start = [], time.perf_counter(), time.process_time()
+    rows, start, cpu_start, resumed_cpu = [], time.perf_counter(), time.process_time(), 0.0
     # One tick per block: with a time budget every block gets the same share, so the ETA holds either way.
     with tqdm(total=len(layers), desc=f"reconstruct ({cfg.method})", unit="block") as progress:
         for index, (block, fp_block) in enumerate(zip(layers, fp_layers)):
@@ -185,6 +186,8 @@ def reconstruct_stage(state, cfg: ReconstructConfig) -> None:
             if row is None:
                 row = _train_one(model, block, index, inputs, targets, cfg, device, share, progress)
                 saved.save(index, _result(model, block), {k: str(v) for k, v in row.items()})
+            else:  # its training's CPU time counts as when it ran (a resumed stage reports the whole cost)
+                resumed_cpu += float(row.get("cpu_seconds") or 0)
             rows.append(row)
             progress.update(1)
             with torch.no_grad():
@@ -197,7 +200,7 @@ def reconstruct_stage(state, cfg: ReconstructConfig) -> None:
     changed = [float(r.get("codes_changed") or 0) for r in rows]
     state.record("reconstruct", "block_mse_ratio", round(sum(reduction) / len(reduction), 4),
                  method=cfg.method, seconds=round(time.perf_counter() - start, 1),
-                 cpu_seconds=round(time.process_time() - cpu_start, 1),
+                 cpu_seconds=round(time.process_time() - cpu_start + resumed_cpu, 1),
                  trainable_params=sum(int(r["trainable"]) for r in rows),
                  codes_changed=round(sum(changed) / len(changed), 6),
                  note=f"reconstruct: {cfg.method}{' + scales' if cfg.train_scales else ''}"

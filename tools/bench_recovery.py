@@ -48,6 +48,11 @@ def _e2e(method: str, loss: str, lr: str, extra: str = "", minutes: str = "{M}")
             f"max_minutes: {minutes}, {E2E}}}")
 
 
+# Block-AP: every weight's code through the quantizer, 2 epochs over the calibration windows per block (not timed).
+BLOCK_AP = ("reconstruct: {method: block_ap, epochs: 2, batch_size: 4, codes_learning_rate: 0.03, learning_rate: 3.0e-4, "
+            "scales_learning_rate: 3.0e-5, train_norms: true, budget_clock: process, seed: {S}}")
+
+
 def _block(method: str, minutes: str = "{M}") -> str:
     noise = "noise_bits: 4, " if method == "gift_sw" else ""
     return f"reconstruct: {{method: {method}, {noise}max_minutes: {minutes}, {BLOCK}}}"
@@ -66,6 +71,11 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                      [_block("gift_sw", "{H}"), _e2e("gift_sw", "kd", "3.0e-4", SCALES, "{H}")]),
     "blockwise_kd_nonoise": ("block-wise (½) + end-to-end kd (½), salient_ft + scales + norms (no noise)",
                              [_block("salient_ft", "{H}"), _e2e("salient_ft", "kd", "3.0e-4", SCALES, "{H}")]),
+    "block_ap": ("block-wise all weights (block_ap, 2 epochs)", [BLOCK_AP]),
+    "block_ap_kd_nonoise": ("block_ap, then end-to-end kd: salient_ft + scales + norms (no noise)",
+                            [BLOCK_AP, _e2e("salient_ft", "kd", "3.0e-4", SCALES)]),
+    "block_ap_kd": ("block_ap, then end-to-end kd: gift_sw + scales + norms (noise)",
+                    [BLOCK_AP, _e2e("gift_sw", "kd", "3.0e-4", SCALES)]),
 }
 
 
