@@ -12,10 +12,17 @@ The kernel wins for a few rows (decode) and loses to a dense GEMM for many (pref
 weight is dequantized from the kernel form in float32 — with the float32 scales this is the reference dequantization,
 bit for bit — and multiplied densely, so prefill and perplexity keep float32 accuracy. The kernel path computes in
 bf16 (activations, scales and output rounded to 8 significant bits).
+
+Reading the kernel form back needs torch's packing layout, which is private and depends on the CPU (blocks of 64
+rows on AVX-512, 32 on AVX2 and without vector units, each block interleaved its own way, pairs of rows in a
+partial last block). It is never assumed: :func:`layout` packs a probe once per row count and reads off where each
+row went, and every build checks that the layout read back gives its codes exactly; a weight that fails runs on the
+reference path, with the reason in ``kernel_used``.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
 
@@ -24,7 +31,20 @@ import torch.nn.functional as F
 
 KERNEL_GROUPS = (256, 128, 64, 32)  # what the kernel accepts, widest first (fewest scales)
 DENSE_ROWS = 64  # above this many rows, dequantize and use a dense GEMM (crossover measured on a 2-core AVX-512 CPU)
-_BLOCK_N = 64  # the kernel's layout: [N / 64][K][32] bytes, row i of a block in the low nibble, row 32 + i in the high
+Index = slice | torch.Tensor
+
+
+@dataclass(frozen=True)
+class Run:
+    """``count`` consecutive blocks of ``rows`` weight rows from row ``start``, each stored as K × rows/2 bytes (one
+    input column after the other): byte j of a column holds block row ``lo[j]`` in its low nibble, ``hi[j]`` in its
+    high one."""
+
+    start: int
+    count: int
+    rows: int
+    lo: Index
+    hi: Index
 
 
 @dataclass
@@ -36,15 +56,81 @@ class Int4Weight:
     groups: torch.Tensor  # (K/G,) quantization group of each kernel group
     group: int  # kernel group width G
     perm: torch.Tensor | None  # input-column order making groups contiguous; None when already in order
-    dense_ok: bool  # the packed layout was verified against the codes, so the dense path can unpack it
+    runs: tuple[Run, ...] | None  # the packed layout, checked against the codes; None when it could not be read
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return matmul(x, self, bias)
 
 
+OPS = ("_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu")  # private ATen ops, torch >= 2.6
+
+
 def available() -> bool:
-    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
-        torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+    return all(hasattr(torch.ops.aten, op) for op in OPS)
+
+
+def _pack(q: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 2)
+
+
+@functools.lru_cache(maxsize=None)
+def layout(n: int) -> tuple[Run, ...] | None:
+    """Where torch's packing puts the rows of an n-row weight (this process's CPU kernels), read from a probe: an
+    (n, 2) matrix of distinct ids packed four bits at a time. None when it is not blocks of rows as :class:`Run`
+    describes (then nothing is read back from the kernel form)."""
+    ids = torch.arange(2 * n, dtype=torch.int64).view(n, 2)
+    lo = hi = torch.zeros(n, dtype=torch.int64)
+    for shift in range(0, max(1, (2 * n - 1).bit_length()), 4):
+        packed = _pack(((ids >> shift) & 15).to(torch.int32)).view(-1).long()
+        lo, hi = lo | (packed & 15) << shift, hi | (packed >> 4) << shift
+    blocks, start = [], 0
+    while start < n:  # a block of r rows takes r bytes here: r/2 for column 0, then r/2 for column 1
+        column = lo[start:] % 2
+        half = int(column.nonzero()[0, 0]) if bool(column.any()) else 0
+        block = _block(lo[start: start + 2 * half], hi[start: start + 2 * half], start, half)
+        if block is None:
+            return None
+        blocks.append(block)
+        start += 2 * half
+    return _runs(blocks)
+
+
+def _block(lo: torch.Tensor, hi: torch.Tensor, start: int, half: int) -> tuple | None:
+    """(start, rows, lo rows, hi rows) of one block from its probe ids, or None when they are not such a block."""
+    if half == 0 or lo.numel() != 2 * half:
+        return None
+    col = torch.cat([torch.zeros(half, dtype=torch.int64), torch.ones(half, dtype=torch.int64)])
+    lo_row, hi_row = lo // 2 - start, hi // 2 - start
+    rows = torch.cat([lo_row[:half], hi_row[:half]]).sort().values
+    if not (torch.equal(lo % 2, col) and torch.equal(hi % 2, col) and torch.equal(lo_row[:half], lo_row[half:])
+            and torch.equal(hi_row[:half], hi_row[half:]) and torch.equal(rows, torch.arange(2 * half))):
+        return None
+    return start, 2 * half, lo_row[:half], hi_row[:half]
+
+
+def _runs(blocks: list[tuple]) -> tuple[Run, ...]:
+    """Consecutive blocks of the same shape merged into runs (usually full blocks, then one partial block)."""
+    runs: list[Run] = []
+    for start, rows, lo, hi in blocks:
+        last = runs[-1] if runs else None
+        if last is not None and last.rows == rows and torch.equal(_index(last.lo, rows), lo) and torch.equal(
+                _index(last.hi, rows), hi):
+            runs[-1] = Run(last.start, last.count + 1, rows, last.lo, last.hi)
+        else:
+            runs.append(Run(start, 1, rows, _as_slice(lo), _as_slice(hi)))
+    return tuple(runs)
+
+
+def _as_slice(idx: torch.Tensor) -> Index:
+    """A slice when the rows are evenly spaced (every layout seen so far): strided copies, no gather."""
+    step = int(idx[1] - idx[0]) if idx.numel() > 1 else 1
+    if step > 0 and torch.equal(idx, torch.arange(int(idx[0]), int(idx[0]) + step * idx.numel(), step)):
+        return slice(int(idx[0]), int(idx[0]) + step * idx.numel(), step)
+    return idx
+
+
+def _index(idx: Index, rows: int) -> torch.Tensor:
+    return torch.arange(rows)[idx] if isinstance(idx, slice) else idx
 
 
 def column_order(g_idx: torch.Tensor) -> torch.Tensor | None:
@@ -93,23 +179,29 @@ def build(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx:
     else:
         q, offset = c, scales * (8 - zeros)
     del shifted
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 2)
+    packed = _pack(q)
     kernel_offset = torch.zeros_like(scales) if offset is None else offset
     scale_offset = torch.stack([scales[:, first].t(), kernel_offset[:, first].t()], dim=-1).to(torch.bfloat16)
-    dense_ok = q.shape[0] % _BLOCK_N == 0 and torch.equal(_unpack(packed, q.shape[1]), q)  # the layout we read
-    return Int4Weight(packed, scale_offset.contiguous(), scales, offset, first, width, perm, dense_ok)
+    runs = layout(q.shape[0])
+    if runs is not None and not torch.equal(_unpack(packed, q.shape[1], runs), q):
+        runs = None  # the probe's layout does not hold for this weight: nothing is read back from it
+    return Int4Weight(packed, scale_offset.contiguous(), scales, offset, first, width, perm, runs)
 
 
-def _unpack(packed: torch.Tensor, in_features: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Codes (N, K) from the kernel layout (N a multiple of 64), into ``out`` (default: a new int32 tensor)."""
-    n = packed.shape[0]
-    v = packed.view(n // _BLOCK_N, in_features, _BLOCK_N // 2)
+def _unpack(packed: torch.Tensor, in_features: int, runs: tuple[Run, ...],
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """Codes (N, K) from the kernel layout, into ``out`` (default: a new int32 tensor)."""
+    n, k = packed.shape[0], in_features
     if out is None:
-        out = torch.empty(n * in_features, dtype=torch.int32, device=packed.device)
-    blocks = out.view(n // _BLOCK_N, _BLOCK_N, in_features)
-    blocks[:, : _BLOCK_N // 2] = (v & 15).transpose(1, 2)
-    blocks[:, _BLOCK_N // 2:] = (v >> 4).transpose(1, 2)
-    return out.view(n, in_features)
+        out = torch.empty(n * k, dtype=torch.int32, device=packed.device)
+    flat, codes = packed.view(-1), out.view(n, k)
+    for run in runs:
+        size = run.count * run.rows
+        v = flat[run.start * k // 2: (run.start + size) * k // 2].view(run.count, k, run.rows // 2)
+        blocks = codes[run.start: run.start + size].view(run.count, run.rows, k)
+        blocks[:, run.lo] = (v & 15).transpose(1, 2)
+        blocks[:, run.hi] = (v >> 4).transpose(1, 2)
+    return codes
 
 
 def dequantize(w: Int4Weight, in_features: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -118,7 +210,7 @@ def dequantize(w: Int4Weight, in_features: int, out: torch.Tensor | None = None)
     n = w.packed.shape[0]
     if out is None:
         out = torch.empty(n * in_features, dtype=torch.float32, device=w.packed.device)
-    deq = _unpack(w.packed, in_features, out).view(n, -1, w.group)
+    deq = _unpack(w.packed, in_features, w.runs, out).view(n, -1, w.group)
     deq.sub_(8).mul_(w.scale[:, w.groups].unsqueeze(2))
     if w.offset is not None:
         deq.add_(w.offset[:, w.groups].unsqueeze(2))
@@ -142,7 +234,7 @@ def matmul(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None) -> 
     if w.perm is not None:
         x = x.index_select(-1, w.perm)
     k = x.shape[-1]
-    if x.numel() > DENSE_ROWS * k and w.dense_ok:
+    if x.numel() > DENSE_ROWS * k:
         weight = dequantize(w, k, _scratch_buffer(w.packed.shape[0] * k, x.device))
         return F.linear(x, weight.to(x.dtype), bias)  # bias inside, as the reference path adds it
     flat = x.reshape(-1, k).to(torch.bfloat16)
@@ -157,4 +249,7 @@ def prepare(module) -> tuple[Int4Weight | None, str]:
     if reason is not None:
         return None, reason
     scales = module.scales.t().to(torch.float32)
-    return build(module.codes(), scales, module.zeros(), module.g_idx), "int4_cpu"
+    w = build(module.codes(), scales, module.zeros(), module.g_idx)
+    if w.runs is None:  # the dense path could not read it back: computing prefill in bf16 instead would be silent
+        return None, "reference (torch's int4 packing on this CPU has a layout that could not be read back)"
+    return w, "int4_cpu"

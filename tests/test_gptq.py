@@ -88,18 +88,35 @@ def test_matches_reference_with_mse_clip(sym: bool, act_order: bool) -> None:
     assert res.loss == pytest.approx(ref.loss, rel=1e-9)
 
 
-def test_float32_close_to_reference() -> None:
-    """In float32 a rounding tie may flip a code; the reconstruction must still match the float64 reference."""
-    x, w = correlated_inputs(4), layer(5, torch.float32)
+TIE = 1e-3  # code units: how close to a rounding tie float32's error (vs float64) can move a decision here
+
+
+def assert_flips_only_at_ties(codes: torch.Tensor, ref) -> None:
+    """Rows are independent GPTQ runs; a row may leave the float64 reference's path only at a decision the
+    reference itself finds within TIE of a tie (after that its later columns compensate differently)."""
+    differs = codes.long()[:, ref.order] != ref.codes[:, ref.order]
+    for row in differs.nonzero()[:, 0].unique().tolist():
+        first = ref.order[differs[row].nonzero()[0, 0]]
+        assert ref.margin[row, first] < TIE, f"row {row} column {first}: margin {ref.margin[row, first]:.3g}"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_float32_close_to_reference(seed: int) -> None:
+    """In float32 a near-tie may round the other way (which one depends on the CPU's kernels): codes may then differ
+    from the float64 reference from that column on, but only from a tie, and the output error stays as low."""
+    x, w = correlated_inputs(4 + 10 * seed), layer(5 + 10 * seed, torch.float32)
     spec = QuantSpec(bits=4, group_size=16)
     gptq = calibrated(x)
     H = gptq.H.clone()
     res = gptq.quantize(w, spec, SALIENT, act_order=True)
     ref = reference_gptq(w, H, spec, SALIENT, act_order=True)
     assert res.weight.scales.dtype == torch.float32
-    assert (res.weight.codes.long() != ref.codes).float().mean() < 0.01
+    assert_flips_only_at_ties(res.weight.codes, ref)
     ours, theirs = output_error(w, res.weight.dequantize(), x), output_error(w, ref.weight, x)
-    assert ours == pytest.approx(theirs, rel=1e-3)
+    if torch.equal(res.weight.codes.long(), ref.codes):
+        assert ours == pytest.approx(theirs, rel=1e-3)
+    else:  # another path of equally good roundings: no worse than the reference, within a few percent
+        assert ours <= 1.05 * theirs
 
 
 @pytest.mark.parametrize("bits,group_size,salient", [(3, -1, False), (3, 16, True), (4, -1, True), (2, 32, False)])
@@ -185,4 +202,5 @@ def test_runs_on_the_weight_device() -> None:
     res = gptq.quantize(w.cuda(), QuantSpec(bits=4, group_size=16), SALIENT.cuda(), act_order=True)
     assert res.weight.codes.is_cuda
     ref = reference_gptq(w, H, QuantSpec(bits=4, group_size=16), SALIENT, act_order=True)
-    assert output_error(w, res.weight.dequantize().cpu(), x) == pytest.approx(output_error(w, ref.weight, x), rel=1e-3)
+    assert_flips_only_at_ties(res.weight.codes.cpu(), ref)  # the GPU's float32 rounds differently, as other CPUs do
+    assert output_error(w, res.weight.dequantize().cpu(), x) <= 1.05 * output_error(w, ref.weight, x)

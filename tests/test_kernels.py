@@ -64,6 +64,7 @@ CASES = {
     "2bit_g64_act_order": dict(bits=2, group_size=64, sym=False, act_order=True),
     "4bit_g128_act_order": dict(bits=4, group_size=128, sym=True, act_order=True),
     "3bit_g512_shared": dict(in_f=1024, bits=3, group_size=512, sym=False),  # kernel groups of 256 share a scale
+    "3bit_g64_80_rows": dict(out_f=80, bits=3, group_size=64),  # a partial block of rows in the packed layout
 }
 
 
@@ -94,7 +95,7 @@ def test_offset_form_is_used_only_when_shifted_codes_do_not_fit():
     assert torch.all(w[:, qw.salient_idx] == 0)
 
 
-@pytest.mark.parametrize("case", ["3bit_per_channel_sym", "3bit_g64_asym", "4bit_g32_sym"])
+@pytest.mark.parametrize("case", ["3bit_per_channel_sym", "3bit_g64_asym", "4bit_g32_sym", "3bit_g64_80_rows"])
 def test_many_rows_take_the_dense_path_bit_for_bit(case):
     qw = record(**CASES[case])
     m = PackedLinear.from_quantized(qw, torch.randn(qw.shape[0]), dtype=torch.float32)
@@ -108,6 +109,35 @@ def test_act_order_dense_path_is_the_reference_up_to_summation_order():
     m = PackedLinear.from_quantized(qw, dtype=torch.float32)
     x = torch.randn(3, cpu_int4.DENSE_ROWS, qw.shape[1])
     torch.testing.assert_close(m(x), reference(m, x), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_still_has_the_int4_ops():
+    """The CPU path rests on two private ATen ops (torch >= 2.6, pyproject's lower bound): fail loudly, not just
+    fall back, if an installed torch drops or renames them."""
+    missing = [op for op in cpu_int4.OPS if not hasattr(torch.ops.aten, op)]
+    assert not missing, f"torch {torch.__version__} has no {missing}: the int4 CPU kernel would never run"
+
+
+@pytest.mark.parametrize("rows", [16, 48, 64, 80, 112, 192, 576, 1552])
+def test_layout_reads_back_any_row_count(rows):
+    """The probed layout unpacks what torch packed, for full and partial blocks of any CPU's block size."""
+    runs = cpu_int4.layout(rows)
+    assert runs is not None
+    q = torch.randint(0, 16, (rows, 96), generator=torch.Generator().manual_seed(rows), dtype=torch.int32)
+    assert torch.equal(cpu_int4._unpack(cpu_int4._pack(q), 96, runs), q)
+
+
+@pytest.mark.parametrize("broken", ["unreadable", "wrong"])
+def test_a_layout_that_does_not_read_back_is_refused(monkeypatch, broken):
+    qw = record(bits=3, group_size=64)
+    real = cpu_int4.layout(qw.shape[0])
+    swapped = tuple(cpu_int4.Run(r.start, r.count, r.rows, r.hi, r.lo) for r in real)  # nibbles the other way
+    monkeypatch.setattr(cpu_int4, "layout", lambda n: None if broken == "unreadable" else swapped)
+    m = PackedLinear.from_quantized(qw, dtype=torch.float32)
+    assert "could not be read back" in m.prepare()
+    x = torch.randn(cpu_int4.DENSE_ROWS + 1, qw.shape[1])
+    want = F.linear(x, qw.quantized_part()) + F.linear(x[:, qw.salient_idx], qw.salient_weight)
+    torch.testing.assert_close(m(x), want, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("settings,reason", [
@@ -170,13 +200,15 @@ def test_gptq_zero_points_v2_hold_the_zero_points():
     assert torch.equal(nibbles.reshape(v2.shape[0], -1).t().float(), qw.zeros)
 
 
-def test_cuda_gptq_kernel_matches_reference():
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", ["4bit_g128_act_order", "3bit_g64_asym"])
+def test_cuda_gptq_kernel_matches_reference(case, dtype):
     reason = gptq_cuda.unavailable("cuda")
     if reason is not None:
         pytest.skip(f"GPU path: {reason}")
-    qw = record(bits=4, group_size=128, sym=True)
-    m = PackedLinear.from_quantized(qw, dtype=torch.float16).to("cuda")
-    assert m.prepare() == "gptq_cuda"
-    x = torch.randn(4, qw.shape[1], device="cuda", dtype=torch.float16)
+    qw = record(**CASES[case])
+    m = PackedLinear.from_quantized(qw, dtype=dtype).to("cuda")
+    assert m.prepare() == "gptq_cuda"  # no dtype on the reference path, no build failure
+    x = torch.randn(4, qw.shape[1], device="cuda", dtype=dtype)
     ref = reference(m, x).float()
-    assert (m(x).float() - ref).abs().max() <= 2.0**-6 * ref.abs().max()
+    assert (m(x).float() - ref).abs().max() <= gptq_cuda.PROBE_RTOL * ref.abs().max()

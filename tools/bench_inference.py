@@ -1,16 +1,19 @@
 """Packed vs dense inference on CPU: checkpoint size, resident memory after load, prefill and decode tokens/s.
 
-    python tools/bench_inference.py --model-dir outputs/run/packed [--new-tokens 32] [--threads 2]
+    python tools/bench_inference.py --model-dir outputs/run/packed [--threads 1,2] [--rounds 5]
     python tools/bench_inference.py --tiny            # builds a tiny random quantized export first (smoke test)
 
 The packed model is loaded the Hugging Face way (``AutoModelForCausalLM.from_pretrained`` once gift_quant is
 imported) and runs its fast kernels (``--kernel auto``: torch's int4 kernel on the CPU, see gift_quant.cpu_int4) or
 the reference path (``--kernel reference``: codes dequantized at every forward; ``--cache-dense`` keeps them); it
-computes in --dtype. The dense model is the same weights merged into plain fp32 ``nn.Linear`` (``export_dense`` to a
-temporary folder, loaded with ``AutoModelForCausalLM``). Each model is measured in its own child process so that
-one model's freed memory cannot hide the other's RSS growth (``--in-process`` measures both here, sequentially:
-faster, RSS less trustworthy), alternating --rounds times (ratios: median over rounds). Decode speed is (N-1) / (t(N new tokens) - t(1 new token)), greedy, median over
---repeats, so the prompt's prefill is excluded; prefill speed is --prefill-tokens / t(one forward over them).
+computes in --dtype (default bf16). The dense references are the same weights merged into plain ``nn.Linear``
+(``export_dense`` to a temporary folder, loaded with ``AutoModelForCausalLM``) in each of --dense-dtypes (default
+bf16, the deployment baseline, then fp32). Each model is measured in its own child process so that one model's freed
+memory cannot hide the other's RSS growth (``--in-process`` measures them here, sequentially: faster, RSS less
+trustworthy). Per thread count of --threads, the models alternate --rounds times; each metric is reported as the
+median and range over rounds, and the ratios packed/dense per round (neighbouring runs: on a shared machine the
+load drifts) as their median and range. Decode speed is (N-1) / (t(N new tokens) - t(1 new token)), greedy, median
+over --repeats, so the prompt's prefill is excluded; prefill speed is --prefill-tokens / t(one forward over them).
 """
 
 from __future__ import annotations
@@ -85,7 +88,7 @@ def load(kind: str, model_dir: Path, dense_dir: Path, dtype: torch.dtype, cache_
                 m.cache_dense = cache_dense
         set_kernel(model, kernel)
         return model
-    return AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(dense_dir, dtype=dtype).eval()
 
 
 @torch.no_grad()
@@ -138,7 +141,7 @@ def measure_in_child(kind: str, args: argparse.Namespace) -> dict:
            "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--kernel", args.kernel,
            "--prefill-tokens", str(args.prefill_tokens)]
     if args.threads:
-        cmd += ["--threads", str(args.threads)]
+        cmd += ["--threads", str(args.threads)]  # one thread count per child
     if args.cache_dense:
         cmd += ["--cache-dense"]
     run = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -170,19 +173,22 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model-dir", help="packed export folder (export_packed)")
     src.add_argument("--tiny", action="store_true", help="build and bench a tiny random export")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                   help="compute dtype of the packed model (the dense reference is always float32)")
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="compute dtype of the packed model")
+    p.add_argument("--dense-dtypes", default="bfloat16,float32", type=lambda v: v.split(","),
+                   help="dense references, comma-separated; ratios are given against each (the first one is the "
+                        "headline)")
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--prefill-tokens", type=int, default=512)
     p.add_argument("--kernel", default="auto", choices=["auto", "reference"],
                    help="packed model: fast kernels, or the reference dequantize path")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=1, help="alternate packed and dense runs this many times (0: none, with --ppl-windows)")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=5,
+                   help="alternate the models this many times per thread count (0: none, with --ppl-windows)")
+    p.add_argument("--threads", default=None, help="thread counts, comma-separated (default: torch's)")
     p.add_argument("--cache-dense", action="store_true",
                    help="packed model keeps its dequantized weights between forwards (speed for memory)")
-    p.add_argument("--in-process", action="store_true", help="measure both models in this process")
+    p.add_argument("--in-process", action="store_true", help="measure the models in this process")
     p.add_argument("--json", type=Path, help="also write the result here")
     p.add_argument("--ppl-windows", type=int, default=0,
                    help="also compare WikiText-2 perplexity (fast kernels vs reference) over this many windows")
@@ -192,14 +198,70 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.new_tokens < 2:
         p.error("--new-tokens must be >= 2")
+    if any(d not in DTYPES for d in args.dense_dtypes):
+        p.error(f"--dense-dtypes: each of {DTYPES}")
+    try:
+        args.threads = [int(t) for t in args.threads.split(",")] if args.threads else [None]
+    except ValueError:
+        p.error("--threads: comma-separated integers")
     return args
+
+
+DTYPES = ("float32", "float16", "bfloat16")
+METRICS = {  # result key: (column title, scale)
+    "tokens_per_s": ("decode tokens/s", 1),
+    "prefill_tokens_per_s": ("prefill tokens/s", 1),
+    "rss_delta_after_decode_bytes": ("RSS after decoding, MB", 1 / MB),
+    "rss_delta_after_prefill_bytes": ("after the prefill, MB", 1 / MB),
+}
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def bench_threads(args: argparse.Namespace, threads: int | None, dense_dirs: dict[str, str]) -> dict:
+    """All models at one thread count, alternated ``args.rounds`` times: per-round results, spreads, ratios."""
+    run = measure if args.in_process else measure_in_child
+    variants = {"packed": ("packed", args.dtype, args.dense_dir)}
+    variants.update({f"dense_{d}": ("dense", d, dense_dirs[d]) for d in args.dense_dtypes})
+    if args.in_process and threads:
+        torch.set_num_threads(threads)
+    rounds = []
+    for _ in range(args.rounds):
+        rounds.append({name: run(kind, argparse.Namespace(**{**vars(args), "dtype": dtype, "dense_dir": folder,
+                                                              "threads": threads}))
+                       for name, (kind, dtype, folder) in variants.items()})
+    stats = {name: {k: spread([r[name][k] for r in rounds]) for k in METRICS} for name in variants}
+    ratios = {name: {k: spread([r["packed"][k] / r[name][k] for r in rounds]) for k in METRICS}
+              for name in variants if name != "packed"}
+    return {"threads": rounds[0]["packed"]["threads"], "rounds": rounds, "stats": stats, "ratios": ratios}
+
+
+def table(benches: list[dict], args: argparse.Namespace) -> str:
+    """Markdown: per thread count, each model's median (range) and the packed/dense ratios."""
+    def cell(sp: dict, scale: float, fmt: str) -> str:
+        return f"{sp['median'] * scale:{fmt}} ({sp['min'] * scale:{fmt}}–{sp['max'] * scale:{fmt}})"
+
+    short = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}
+    lines = ["| threads | model | " + " | ".join(t for t, _ in METRICS.values()) + " |",
+             "|---|---|" + "---:|" * len(METRICS)]
+    for b in benches:
+        for name, st in b["stats"].items():
+            label = f"packed {short[args.dtype]}" if name == "packed" else f"dense {short[name[6:]]}"
+            lines.append(f"| {b['threads']} | {label} | " + " | ".join(
+                cell(st[k], scale, ".0f") for k, (_, scale) in METRICS.items()) + " |")
+        for name, ra in b["ratios"].items():
+            lines.append(f"| {b['threads']} | **packed / dense {short[name[6:]]}** | " + " | ".join(
+                cell(ra[k], 1, ".2f") + "×" for k in METRICS) + " |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.child:
+        if args.threads[0]:
+            torch.set_num_threads(args.threads[0])
         result = measure(args.child, args)
         print(json.dumps(result))
         return result
@@ -208,49 +270,38 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         if args.tiny:
             args.model_dir = str(build_tiny(Path(tmp)))
-        args.dense_dir = str(Path(tmp) / "dense_fp32")
-        export_dense(load_quantized(args.model_dir, dtype=torch.float32), None, args.dense_dir, dtype=torch.float32)
+        dense_dirs = {d: str(Path(tmp) / f"dense_{d}") for d in args.dense_dtypes}
+        merged = load_quantized(args.model_dir, dtype=torch.float32)
+        for d, folder in dense_dirs.items():
+            export_dense(merged, None, folder, dtype=getattr(torch, d))
+        del merged
         gc.collect()
-        run = measure if args.in_process else measure_in_child
-        # Alternate the two models: on a shared machine the load changes between runs; the ratios of each round
-        # are taken from neighbouring runs and their median is reported.
-        rounds = [(run("packed", args), run("dense", args)) for _ in range(args.rounds)]
+        args.dense_dir = dense_dirs[args.dense_dtypes[0]]
+        benches = [bench_threads(args, threads, dense_dirs) for threads in args.threads]
         sizes = size_report(args.model_dir)
-    ratios = {
-        # After decoding: a dense model loaded from an fp32 file maps it and pages weights in on first use.
-        "memory_ratio": [p["rss_delta_after_decode_bytes"] / d["rss_delta_after_decode_bytes"] for p, d in rounds],
-        "prefill_memory_ratio": [p["rss_delta_after_prefill_bytes"] / d["rss_delta_after_prefill_bytes"]
-                                 for p, d in rounds],
-        "speed_ratio": [p["tokens_per_s"] / d["tokens_per_s"] for p, d in rounds],
-        "prefill_ratio": [p["prefill_tokens_per_s"] / d["prefill_tokens_per_s"] for p, d in rounds],
-    }
-    packed, dense = rounds[len(rounds) // 2]
+    first, headline = benches[0], f"dense_{args.dense_dtypes[0]}"
+    middle = first["rounds"][len(first["rounds"]) // 2]
+    ratio = first["ratios"][headline]
     result = {
         "model_dir": args.model_dir,
         "checkpoint_bytes": sizes["checkpoint_bytes"],
         "fp16_bytes": sizes["fp16_bytes"],
         "bits_per_weight": sizes["bits_per_weight"],
-        "packed": packed,
-        "dense": dense,
-        "rounds": rounds,
-        **{k: statistics.median(v) for k, v in ratios.items()},
-        "ratios_per_round": ratios,
+        # Headline (first thread count, first dense dtype): the middle round's runs and the median ratios.
+        "packed": middle["packed"],
+        "dense": middle[headline],
+        "memory_ratio": ratio["rss_delta_after_decode_bytes"]["median"],
+        "prefill_memory_ratio": ratio["rss_delta_after_prefill_bytes"]["median"],
+        "speed_ratio": ratio["tokens_per_s"]["median"],
+        "prefill_ratio": ratio["prefill_tokens_per_s"]["median"],
+        "by_threads": benches,
     }
     print(f"checkpoint: {sizes['checkpoint_bytes'] / MB:.2f} MB ({sizes['bits_per_weight']:.3f} bits/weight in "
           f"quantized linears; fp16 model {sizes['fp16_bytes'] / MB:.2f} MB, ratio {sizes['ratio']:.3f})")
-    for name, r in (("packed (" + args.dtype + ")", packed), ("dense fp32", dense)):
-        print(f"{name:>16}: RSS after load +{r['rss_delta_bytes'] / MB:.1f} MB, "
-              f"+{r['rss_delta_after_decode_bytes'] / MB:.1f} MB after decoding, "
-              f"+{r['rss_delta_after_prefill_bytes'] / MB:.1f} MB after a {args.prefill_tokens}-token prefill; "
-              f"decode {r['tokens_per_s']:.1f} tokens/s, prefill {r['prefill_tokens_per_s']:.0f} tokens/s, "
-              f"{r['threads']} threads")
-    print(f"packed linears per kernel: {packed['kernels']}")
-    if args.rounds > 1:
-        print("per round (packed/dense): " + "; ".join(
-            f"memory {m:.3f}/{mp:.3f} decode {d:.3f} prefill {p:.3f}" for m, mp, d, p in zip(*ratios.values())))
-    print(f"packed/dense ratio{' (median of rounds)' if args.rounds > 1 else ''}: memory after decoding "
-          f"{result['memory_ratio']:.3f} (after the prefill {result['prefill_memory_ratio']:.3f}), decode speed "
-          f"{result['speed_ratio']:.3f}, prefill speed {result['prefill_ratio']:.3f}")
+    print(f"packed linears per kernel: {middle['packed']['kernels']}")
+    print(f"{args.rounds} alternating rounds per thread count; median (min–max) over rounds; ratio = packed/dense "
+          f"per round:")
+    print(table(benches, args))
     if args.ppl_windows:
         result["perplexity"] = kernel_perplexity(args.model_dir, args.ppl_windows, args.ppl_seq_len)
     if args.json:

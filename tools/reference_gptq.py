@@ -76,6 +76,9 @@ class ReferenceResult:
     salient_weight: Tensor  # (out, k) float64, after absorbing the error compensation
     weight: Tensor  # (out, in) float64: quantized columns dequantized, salient columns fp
     loss: float  # sum over quantized columns of (w - q)^2 / (2 H_F^-1[q, q])
+    order: Tensor  # (in,) int64: the columns in processing order (salient ones last)
+    margin: Tensor  # (out, in) float64: distance of each rounding decision (w / scale, and for asymmetric groups
+    # the zero point when the group's parameters are set) from a tie; inf for salient columns
 
 
 def hessian(x: Tensor) -> Tensor:
@@ -125,6 +128,7 @@ def reference_gptq(
     Hp = H[perm][:, perm]
     Hinv = torch.linalg.inv(Hp + percdamp * H.diagonal().mean() * torch.eye(n, dtype=torch.float64))
     codes = torch.zeros(rows, n, dtype=torch.int64)
+    margin = torch.full((rows, n), float("inf"), dtype=torch.float64)
     loss = 0.0
 
     def params_of(g: int) -> tuple[Tensor, Tensor]:
@@ -135,10 +139,13 @@ def reference_gptq(
     if not dynamic:  # computed once on the dead-zeroed, not yet updated weight
         params = {g: params_of(g) for g in range(n // gs)}
 
+    zero_margin = {g: _zero_margin(Wp, [pos_of[k] for k in normal if group[k] == g], spec) for g in params}
     for i, j in enumerate(normal):
         if group[j] not in params:  # dynamic group reached for the first time: use the current (updated) weights
             params[group[j]] = params_of(group[j])
+            zero_margin[group[j]] = _zero_margin(Wp, [pos_of[k] for k in normal if group[k] == group[j]], spec)
         scale, zero = params[group[j]]
+        margin[:, j] = torch.minimum(_tie_distance(Wp[:, i] / scale[:, 0]), zero_margin[group[j]])
         c = quantize(Wp[:, i : i + 1], scale, zero, 2**spec.bits - 1)
         q = dequantize(c, scale, zero)[:, 0]
         codes[:, j] = c[:, 0].long()
@@ -167,4 +174,23 @@ def reference_gptq(
         salient_weight=W[:, salient].clone(),
         weight=W,
         loss=loss,
+        order=perm,
+        margin=margin,
     )
+
+
+def _tie_distance(x: Tensor) -> Tensor:
+    """How far x is from a rounding tie (k + 1/2): 0.5 for an integer, 0 at a tie."""
+    return (x - x.floor() - 0.5).abs()
+
+
+def _zero_margin(Wp: Tensor, cols: list[int], spec) -> Tensor:
+    """(rows,) tie distance of the zero point round(-xmin / scale) of a group (min-max range; inf when symmetric,
+    whose zero point is fixed). With ``mse`` the chosen clip is a decision too; it is not covered here."""
+    if spec.sym or not cols:
+        return torch.full((Wp.shape[0],), float("inf"), dtype=torch.float64)
+    w = Wp[:, cols]
+    xmin, xmax = w.min(1).values.clamp(max=0), w.max(1).values.clamp(min=0)
+    flat = (xmin == 0) & (xmax == 0)
+    xmin, xmax = torch.where(flat, -1.0, xmin), torch.where(flat, 1.0, xmax)
+    return _tie_distance(-xmin / ((xmax - xmin) / (2**spec.bits - 1)))
