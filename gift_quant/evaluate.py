@@ -10,6 +10,7 @@ from the two protocols are never compared with each other.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass
 
@@ -72,7 +73,8 @@ def perplexity(model, input_ids: torch.Tensor, seq_len: int = 2048, max_windows:
         where = first_non_finite(model, windows[:1].to(device))
         raise NonFiniteError(f"perplexity is not finite: {where or 'the logits'} produced NaN or Inf")
     tokens = n * (seq_len - 1)
-    return Perplexity(math.exp(nll / tokens), nll, tokens, n, seq_len, time.perf_counter() - start)
+    ppl = math.exp(nll / tokens) if nll / tokens < math.log(sys.float_info.max) else math.inf  # finite loss, huge ppl
+    return Perplexity(ppl, nll, tokens, n, seq_len, time.perf_counter() - start)
 
 
 @torch.no_grad()

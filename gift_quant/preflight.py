@@ -80,7 +80,10 @@ def _with_model(state) -> None:
 
     architecture(state.model)
     check_finite(state.model)
+    _tokenizer_fits(state.model, state.tokenizer)
     stages = state.recipe.stages
+    head = state.model.get_output_embeddings()
+    vocab = head.out_features if head is not None else state.model.config.vocab_size
     for i, stage in enumerate(stages):
         if stage.name == "quantize":
             _quantize_fits(state.model, stages, i)
@@ -88,6 +91,28 @@ def _with_model(state) -> None:
             check_rotatable(state.model)
         elif stage.name == "evaluate" and stage.config.bos:
             bos_token_id(state.tokenizer)
+        elif stage.name in ("recover", "compare") and "kd" in stage.config.loss and stage.config.kd_top_k > vocab:
+            raise UserError(f"stages.{i}.{stage.name}: kd_top_k {stage.config.kd_top_k} is more than the model's "
+                            f"{vocab} output tokens; choose at most {vocab}")
+        elif stage.name == "export" and stage.config.dtype == "float16":
+            _fits_float16(state.model, f"stages.{i}.export")
+
+
+def _tokenizer_fits(model, tokenizer) -> None:
+    """Every token id the tokenizer can produce has a row in the embedding (else an IndexError deep in a stage)."""
+    rows = model.get_input_embeddings().num_embeddings
+    if hasattr(tokenizer, "__len__") and len(tokenizer) > rows:
+        raise UserError(f"the tokenizer has {len(tokenizer):,} tokens but the model's embedding only {rows:,} rows; "
+                        f"the model folder mixes a tokenizer and weights of different models")
+
+
+def _fits_float16(model, where: str) -> None:
+    """The export stores float16: a weight beyond its range would only be found after every stage ran."""
+    limit = torch.finfo(torch.float16).max
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and t.numel() and t.abs().max().item() > limit:
+            raise UserError(f"{where}: {name} holds values beyond float16's range (|x| up to "
+                            f"{t.abs().max().item():.3g} > {limit:.0f}); export with dtype: bfloat16")
 
 
 def _tokens(state, source: TextSource) -> int:
@@ -132,6 +157,9 @@ def _with_data(state) -> None:
 
 def preflight(state) -> None:
     """All checks above, in order; the model and the texts it loads stay in the state for the stages."""
+    from .estimate import check_bounds
+
     _before_model(state)
     _with_model(state)
     _with_data(state)
+    check_bounds(state.recipe, state.model.config.to_dict())  # a stage estimated at months: a typo, not a plan
