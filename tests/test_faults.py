@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import signal
 import subprocess
@@ -314,3 +315,15 @@ def test_disk_errors_of_every_writer_are_one_line(make, tmp_path):
     message = user_message(err)
     assert message is not None and "\n" not in message
     assert ("disk full" in message) or ("No space left" in message)
+
+
+def test_a_finite_loss_beyond_exps_range_is_an_infinite_perplexity():
+    """exp(mean NLL) overflows a float above ~709.8 nats: that perplexity is inf, not an OverflowError."""
+    from gift_quant.evaluate import perplexity
+
+    model = tiny_llama()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1e5)  # finite weights, logits in the millions
+    ids = torch.arange(64).remainder(128)[None]
+    result = perplexity(model, ids, seq_len=32, progress=False)
+    assert result.value == float("inf") and math.isfinite(result.nll_sum) and result.nll_sum / result.tokens > 710
