@@ -564,5 +564,5 @@ def check_bounds(recipe: Recipe, config: dict | None = None) -> None:
         if days > MAX_STAGE_DAYS:
             where = "one GPU" if cuda else "one CPU thread"
             raise UserError(f"stages.{i}.{row.stage}: estimated at {days:.3g} days on {where} (more than "
-                            f"{MAX_STAGE_DAYS}); check its budget and sizes "
-                            f"(max_steps, max_tokens, num_samples, grid, seeds) — --dry-run shows every stage's estimate")
+                            f"{MAX_STAGE_DAYS}); check its budget and sizes (max_steps, max_tokens, num_samples, grid, "
+                            f"seeds) — --dry-run shows every stage's estimate")

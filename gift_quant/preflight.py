@@ -99,11 +99,18 @@ def _with_model(state) -> None:
 
 
 def _tokenizer_fits(model, tokenizer) -> None:
-    """Every token id the tokenizer can produce has a row in the embedding (else an IndexError deep in a stage)."""
+    """The tokenizer's vocabulary and the special tokens the stages add have rows in the embedding (else an
+    IndexError deep in a stage). Added tokens beyond it (a pad token some conversions append) are harmless unless a
+    text holds them; the texts' own ids are checked with the data."""
     rows = model.get_input_embeddings().num_embeddings
-    if hasattr(tokenizer, "__len__") and len(tokenizer) > rows:
-        raise UserError(f"the tokenizer has {len(tokenizer):,} tokens but the model's embedding only {rows:,} rows; "
-                        f"the model folder mixes a tokenizer and weights of different models")
+    vocab = getattr(tokenizer, "vocab_size", 0) or 0
+    special = {n: getattr(tokenizer, f"{n}_token_id", None) for n in ("bos", "eos")}
+    beyond = {n: i for n, i in special.items() if isinstance(i, int) and i >= rows}
+    if vocab > rows or beyond:
+        what = (f"has {vocab:,} tokens" if vocab > rows
+                else f"has its {', '.join(beyond)} token at id {max(beyond.values())}")
+        raise UserError(f"the tokenizer {what} but the model's embedding only {rows:,} rows; the model folder mixes a "
+                        f"tokenizer and weights of different models")
 
 
 def _fits_float16(model, where: str) -> None:
@@ -122,6 +129,13 @@ def _tokens(state, source: TextSource) -> int:
 
 
 def _enough(state, where: str, source: TextSource, needed: int, what: str) -> None:
+    from .evaluate import eval_ids
+
+    ids = eval_ids(state, source)
+    rows = state.model.get_input_embeddings().num_embeddings
+    if ids.numel() and int(ids.max()) >= rows:
+        raise UserError(f"{where}: the tokenizer turns '{source.dataset}' into token id {int(ids.max()):,} but the "
+                        f"model's embedding has {rows:,} rows; use the model's own tokenizer")
     have = _tokens(state, source)
     if have < needed:
         raise UserError(f"{where}: '{source.dataset}' has {have:,} tokens, fewer than {what} ({needed:,}); use a "

@@ -58,7 +58,7 @@ def test_a_signal_during_recovery_is_one_line_status_interrupted_and_a_rerun_res
                                                                                       capsys):
     import gift_quant.recover as recover
 
-    real = recover.run_method
+    real, handlers = recover.run_method, (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))
 
     def killed(*args, **kwargs):
         os.kill(os.getpid(), sig)  # what a scheduler (or Ctrl-C) does while training runs
@@ -74,7 +74,7 @@ def test_a_signal_during_recovery_is_one_line_status_interrupted_and_a_rerun_res
     monkeypatch.setattr(recover, "run_method", real)
     rc, out = tiny_run(recipe())
     assert rc == 0 and status(out)["status"] == "complete"
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # main() gave the handlers back
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers  # main() gave them back
 
 
 # ---------------------------------------------------------------- one run per output folder

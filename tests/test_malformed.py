@@ -113,9 +113,16 @@ def _edit_config(folder: Path, **changes) -> None:
 
 
 def _big_tokenizer(folder: Path) -> None:
-    tok = char_hf_tokenizer()
-    tok.add_tokens([f"<extra{i}>" for i in range(100)])  # 203 tokens for an embedding of 128 rows
-    tok.save_pretrained(folder)
+    """A character tokenizer whose ids start at 100: 203 tokens for an embedding of 128 rows."""
+    import string
+
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: 100 + i for i, c in enumerate(string.printable)}
+    vocab.update({"</s>": 200, "<unk>": 201, "<s>": 202})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>").save_pretrained(folder)
 
 
 def _huge_norm(folder: Path) -> None:
@@ -194,7 +201,8 @@ CASES = {
     "model_missing_a_tensor": (GOOD.replace("MODEL", "VARIANT:missing_tensor"), [], "is incomplete"),
     "model_config_has_more_layers": (GOOD.replace("MODEL", "VARIANT:more_layers"), [], "is incomplete"),
     "model_config_type_with_biases": (GOOD.replace("MODEL", "VARIANT:qwen2_without_biases"), [], "is incomplete"),
-    "tokenizer_larger_than_embedding": (GOOD.replace("MODEL", "VARIANT:big_tokenizer"), [], "tokenizer has 203"),
+    "tokenizer_larger_than_embedding": (GOOD.replace("MODEL", "VARIANT:big_tokenizer"), [],
+                                        "but the model's embedding only 128 rows"),
     "tokenizer_without_unknown_token": (GOOD.replace("MODEL", "VARIANT:no_unk").replace("EVAL", "WS/cafe.txt", 1),
                                         [], "cannot encode the text"),
     "weights_beyond_float16": (GOOD.replace("MODEL", "VARIANT:huge_norm"), [], "beyond float16"),
