@@ -9,6 +9,7 @@ import errno
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -270,33 +271,74 @@ def test_a_tilde_in_output_dir_and_export_path_is_the_home_folder(tiny_run, tmp_
 # ---------------------------------------------------------------- full disks
 
 
+def cli_workspace(ws: Path, text: str) -> Path:
+    """A tiny model folder, a training text and a recipe on disk, for runs in a real process."""
+    from conftest import char_hf_tokenizer
+
+    tiny_llama().save_pretrained(ws / "model")
+    char_hf_tokenizer().save_pretrained(ws / "model")
+    words = " ".join(["the cat sat on the mat and the dog ran far away home."] * 40)
+    (ws / "train.jsonl").write_text("\n".join(json.dumps({"text": words}) for _ in range(20)))
+    body = text.split("\n", 2)[2].replace("TRAIN", str(ws / "train.jsonl"))
+    (ws / "r.yaml").write_text(f"model: {{name: {ws / 'model'}}}\n" + body)
+    return ws / "r.yaml"
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The 'error: ' lines (an interrupted progress bar leaves no newline before one, and redraws itself at exit)."""
+    return re.findall(r"error: [^\r\n]*", stderr)
+
+
+def cli(ws: Path, path: Path, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "GIFT_QUANT_CACHE": str(ws / "cache")}
+    return subprocess.Popen([sys.executable, "-m", "gift_quant.recipe", str(path), "--output-dir", str(ws / "out")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env, **kwargs)
+
+
+def test_sigterm_from_a_scheduler_during_training_is_one_line_and_status_interrupted(tmp_path):
+    import time
+
+    path = cli_workspace(tmp_path, recipe().replace("max_steps: 2", "max_steps: 100000"))
+    proc = cli(tmp_path, path)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "out" / "recover").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)  # well inside the training loop
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Traceback" not in err and len(error_lines(err)) == 1, err[-3000:].replace("\r", "\n")
+    assert error_lines(err)[0].startswith("error: interrupted by SIGTERM")
+    doc = status(tmp_path / "out")
+    assert doc["status"] == "interrupted" and "recover" in doc["error"]
+
+
 def test_a_file_size_limit_is_one_line_and_the_run_is_marked_failed(tmp_path):
     """RLIMIT_FSIZE makes every write past the limit fail with EFBIG, whatever library writes (safetensors,
     torch.save, Python): the run ends with one line, results.json says failed."""
     import resource
 
-    ws = tmp_path
-    tiny_llama().save_pretrained(ws / "model")
-    from conftest import char_hf_tokenizer
-
-    char_hf_tokenizer().save_pretrained(ws / "model")
-    words = " ".join(["the cat sat on the mat and the dog ran far away home."] * 40)
-    (ws / "train.jsonl").write_text("\n".join(json.dumps({"text": words}) for _ in range(20)))
-    text = (f"model: {{name: {ws / 'model'}}}\n" + recipe().split("\n", 2)[2]).replace("TRAIN", str(ws / "train.jsonl"))
-    (ws / "r.yaml").write_text(text)
     limit = 40_000  # the tiny model's export is ~100 kB; results.json and the layers are smaller
 
     def cap():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    proc = subprocess.run([sys.executable, "-m", "gift_quant.recipe", str(ws / "r.yaml"), "--output-dir",
-                           str(ws / "out")], capture_output=True, text=True, cwd=REPO, preexec_fn=cap,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-                               "GIFT_QUANT_CACHE": str(ws / "cache")})
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr and proc.stderr.strip().splitlines()[-1].startswith("error: ")
-    assert "too large" in proc.stderr.lower() or "disk full" in proc.stderr.lower(), proc.stderr[-1000:]
-    assert status(ws / "out")["status"] == "failed"
+    proc = cli(tmp_path, cli_workspace(tmp_path, recipe()), preexec_fn=cap)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err[-3000:]
+    assert "Traceback" not in err and len(error_lines(err)) == 1
+    assert "too large" in err.lower() or "disk full" in err.lower(), err[-1000:]
+    assert status(tmp_path / "out")["status"] == "failed"
+
+
+def test_dry_run_refuses_a_stage_estimated_at_months(tmp_path, capsys):
+    from gift_quant.recipe import main
+
+    path = cli_workspace(tmp_path, recipe().replace("max_steps: 2", "max_steps: 1000000000000"))
+    assert main([str(path), "--dry-run"]) == 2
+    out, err = capsys.readouterr()
+    assert "| recover |" in out  # the table is printed, then the refusal with the estimate
+    assert "stages.3.recover: estimated at" in err and "days" in err
 
 
 @pytest.mark.parametrize("make", ["safetensors", "torch", "oserror"])
