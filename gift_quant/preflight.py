@@ -80,7 +80,7 @@ def _with_model(state) -> None:
 
     architecture(state.model)
     check_finite(state.model)
-    _tokenizer_fits(state.model, state.tokenizer)
+    _tokenizer_fits(state.model, state.tokenizer, state.recipe.stages)
     stages = state.recipe.stages
     head = state.model.get_output_embeddings()
     vocab = head.out_features if head is not None else state.model.config.vocab_size
@@ -98,13 +98,15 @@ def _with_model(state) -> None:
             _fits_float16(state.model, f"stages.{i}.export")
 
 
-def _tokenizer_fits(model, tokenizer) -> None:
+def _tokenizer_fits(model, tokenizer, stages) -> None:
     """The tokenizer's vocabulary and the special tokens the stages add have rows in the embedding (else an
     IndexError deep in a stage). Added tokens beyond it (a pad token some conversions append) are harmless unless a
     text holds them; the texts' own ids are checked with the data."""
     rows = model.get_input_embeddings().num_embeddings
     vocab = getattr(tokenizer, "vocab_size", 0) or 0
-    special = {n: getattr(tokenizer, f"{n}_token_id", None) for n in ("bos", "eos")}
+    used = {"eos": any(s.name in ("recover", "compare") for s in stages),  # training joins documents with EOS
+            "bos": any(s.name == "evaluate" and s.config.bos for s in stages)}
+    special = {n: getattr(tokenizer, f"{n}_token_id", None) for n in used if used[n]}
     beyond = {n: i for n, i in special.items() if isinstance(i, int) and i >= rows}
     if vocab > rows or beyond:
         what = (f"has {vocab:,} tokens" if vocab > rows

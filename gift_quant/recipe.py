@@ -188,8 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         name = getattr(e, "name", "SIGINT")
-        print(f"error: interrupted by {name}; results.json says 'interrupted' and a rerun of the same command resumes",
-              file=sys.stderr)
+        print(f"error: interrupted by {name}; a rerun of the same command resumes", file=sys.stderr)
         return 128 + getattr(e, "signum", signal.SIGINT)
     except Exception as e:  # noqa: BLE001 (user_message decides: one line for what a user can act on)
         message = user_message(e)
