@@ -5,7 +5,6 @@ lost. Malformed inputs refused before any work are in ``test_malformed.py``."""
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
@@ -341,22 +340,34 @@ def test_dry_run_refuses_a_stage_estimated_at_months(tmp_path, capsys):
     assert "stages.3.recover: estimated at" in err and "days" in err
 
 
-@pytest.mark.parametrize("make", ["safetensors", "torch", "oserror"])
-def test_disk_errors_of_every_writer_are_one_line(make, tmp_path):
+def _write_past_a_size_limit(writer) -> BaseException:
+    """The exception ``writer`` raises when a file-size limit stops it (the real error of each library)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, hard))  # Python ignores SIGXFSZ: writes fail with EFBIG
+    try:
+        writer()
+    except Exception as err:  # noqa: BLE001
+        return err
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    raise AssertionError("the write did not fail")
+
+
+@pytest.mark.parametrize("writer", ["safetensors", "torch", "python"])
+def test_disk_errors_of_every_writer_are_one_line(writer, tmp_path):
+    from safetensors.torch import save_file
+
     from gift_quant.recipe import user_message
 
-    if make == "safetensors":
-        from safetensors import SafetensorError
-
-        err = SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
-                              "\"No space left on device\" })")
-    elif make == "torch":
-        err = RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0\nmore")
-    else:
-        err = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "x"))
-    message = user_message(err)
+    big = torch.zeros(100_000)
+    write = {"safetensors": lambda: save_file({"x": big}, tmp_path / "x.safetensors"),
+             "torch": lambda: torch.save({"x": big}, tmp_path / "x.pt"),
+             "python": lambda: (tmp_path / "x.bin").write_bytes(bytes(100_000))}[writer]
+    message = user_message(_write_past_a_size_limit(write))
     assert message is not None and "\n" not in message
-    assert ("disk full" in message) or ("No space left" in message)
+    assert "disk full or file-size limit" in message or "File too large" in message, message
 
 
 def test_a_finite_loss_beyond_exps_range_is_an_infinite_perplexity():
@@ -369,3 +380,18 @@ def test_a_finite_loss_beyond_exps_range_is_an_infinite_perplexity():
     ids = torch.arange(64).remainder(128)[None]
     result = perplexity(model, ids, seq_len=32, progress=False)
     assert result.value == float("inf") and math.isfinite(result.nll_sum) and result.nll_sum / result.tokens > 710
+
+
+def test_a_rerun_with_fewer_shards_removes_the_old_ones_and_keeps_the_users_files(tiny_run):
+    from gift_quant import load_quantized
+
+    rc, out = tiny_run(recipe("max_shard_size: 1KB"))
+    folder = out / "packed"
+    many = sorted(p.name for p in folder.glob("model-*.safetensors"))
+    assert rc == 0 and len(many) > 10
+    (folder / "README.md").write_text("my model card")
+    assert tiny_run(recipe())[0] == 0
+    assert not list(folder.glob("model-*.safetensors")) and (folder / "model.safetensors").is_file()
+    assert (folder / "README.md").read_text() == "my model card"
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*owned_files(folder), MANIFEST, "README.md"])
+    load_quantized(folder, dtype=torch.float32)
