@@ -1,7 +1,8 @@
 """One run per output folder: a second run into a folder in use is refused with the holder's pid.
 
 The lock is an advisory ``flock`` on the output folder itself (taking it writes nothing, so a run refused later by
-preflight leaves the folder untouched); the holder records its pid in ``.gift_quant.lock`` once it starts writing.
+preflight leaves the folder untouched); the holder records its pid in ``.gift_quant.lock`` once it starts writing
+and removes it when it ends.
 The kernel releases the lock when its process dies however it dies, so a stale lock (a dead pid in the file) is
 simply taken over.
 """
@@ -34,8 +35,13 @@ def output_lock(folder: Path) -> Iterator[None]:
                             f"for it to end or choose another --output-dir") from None
         except OSError as err:  # a file system without locks (some network mounts): run, but say so
             log.warning("cannot lock %s (%s); make sure no other run writes there", folder, err.strerror)
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
         yield
     finally:
+        _forget_holder(folder)
         os.close(fd)
 
 
@@ -43,6 +49,17 @@ def record_holder(folder: Path) -> None:
     from .io_utils import write_text
 
     write_text(Path(folder) / LOCK, f"{os.getpid()}\n")
+
+
+def _forget_holder(folder: Path) -> None:
+    """The pid file goes with its run (the lock is the folder's flock, so removing it races with no one); a killed
+    run leaves it behind, and the next run overwrites it."""
+    path = Path(folder) / LOCK
+    try:
+        if path.read_text().strip() == str(os.getpid()):
+            path.unlink()
+    except OSError:
+        pass
 
 
 def _holder(folder: Path) -> str:

@@ -3,10 +3,13 @@
 The recipe itself (stage order, values, regexes) is checked when it is parsed (``config.py``). Here, in order:
 
 1. before the model loads: the output folder can be written, local text files exist, export targets are safe;
-2. with the model: its architecture is in the table, its weights are finite, the quantize targets match linears
-   whose widths the group size divides and whose widths hold the salient columns asked for, rotation would preserve
-   it, a BOS evaluation has a BOS token;
-3. with the data: every text decodes as UTF-8 and is long enough for what each stage asks of it.
+2. with the model (whose weights ``models.load_model`` found complete): its architecture is in the table, its
+   weights are finite, its tokenizer fits the embedding, the quantize targets match linears whose widths the group
+   size divides and whose widths hold the salient columns asked for, rotation would preserve it, a BOS evaluation
+   has a BOS token, ``kd_top_k`` fits the vocabulary, a float16 export can hold the weights;
+3. with the data: every text decodes as UTF-8, the tokenizer encodes it within the embedding, and it is long enough
+   for what each stage asks of it;
+4. no stage is estimated at more than ``estimate.MAX_STAGE_DAYS`` (a typo'd budget or grid, not a plan).
 
 Each problem is a ``UserError`` naming the stage, the setting and what to change.
 """
