@@ -11,8 +11,9 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -129,14 +130,26 @@ def _run_stages(state: RunState) -> None:
             log.info("stage %s done in %.1f s", stage.name, time.perf_counter() - start)
             state.save()
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM from a scheduler (recipe.py turns it into Interrupted)
-        _save_quietly(state, "interrupted", f"stopped by {getattr(err, 'name', 'SIGINT')} during "
-                                            f"{state.stage.name if state.stage else 'setup'}; rerun to resume")
+        with _signals_held():  # a second Ctrl-C must not cut the status write short
+            _save_quietly(state, "interrupted", f"stopped by {getattr(err, 'name', 'SIGINT')} during "
+                                                f"{state.stage.name if state.stage else 'setup'}; rerun to resume")
         raise
     except BaseException as err:
         _save_quietly(state, "failed", " ".join(str(err).split()) or type(err).__name__)
         raise
     state.position = len(state.recipe.stages)
     state.save("complete")
+
+
+@contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM wait (they are delivered afterwards) while the block runs."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _save_quietly(state: RunState, status: str, error: str) -> None:
