@@ -186,7 +186,7 @@ def check_tensors(model: nn.Module, headers: dict, qc: dict) -> None:
     """The checkpoint holds exactly the model's tensors (tied copies may be absent), with the model's shapes and
     the stored dtypes the config promises."""
     targets = model.state_dict()
-    headers = {k: v for k, v in headers.items() if k not in guard_keys(qc["modules"])}  # present since the guard
+    headers = {k: v for k, v in headers.items() if k not in guard_keys(qc["modules"])}  # older exports lack them
     ties = getattr(model, "all_tied_weights_keys", None) or {}
     optional = set(ties) if getattr(model.config, "tie_word_embeddings", False) and ties else set()
     missing = sorted(set(targets) - set(headers) - optional)

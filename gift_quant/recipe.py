@@ -54,31 +54,33 @@ def parse_yaml(text: str, where: str) -> Any:
 
 
 class _Shape:
-    """Depth and number of values of a YAML document as its aliases expand it, counted once per shared node (so
+    """Depth and number of values of a YAML document as its aliases expand it, measured once per shared node (so
     an alias bomb is measured, not walked); a node that contains itself is refused."""
 
     def __init__(self, where: str) -> None:
         self.where, self.seen, self.open = where, {}, set()
 
-    def measure(self, node: Any, level: int = 0) -> int:
+    def measure(self, node: Any, level: int = 0) -> tuple[int, int]:
+        """(values, height) below ``node``, refusing more than MAX_VALUES values or MAX_DEPTH levels."""
         if not isinstance(node, (dict, list)):
-            return 1
-        if level > MAX_DEPTH:
+            return 1, 0
+        if id(node) not in self.seen:
+            if id(node) in self.open:
+                raise UserError(f"{self.where}: a YAML alias refers to the node that contains it; not a recipe")
+            self.open.add(id(node))
+            count, height = 1, 0
+            for child in (node.values() if isinstance(node, dict) else node):
+                n, h = self.measure(child, level + 1)
+                count, height = count + n, max(height, h + 1)
+                if count > MAX_VALUES:
+                    raise UserError(f"{self.where}: expands to more than {MAX_VALUES:,} values (YAML aliases?); not "
+                                    f"a recipe")
+            self.open.discard(id(node))
+            self.seen[id(node)] = count, height
+        count, height = self.seen[id(node)]
+        if level + height > MAX_DEPTH:  # an alias may put a shallow anchor deep down
             raise UserError(f"{self.where}: nested more than {MAX_DEPTH} levels deep; not a recipe")
-        if id(node) in self.seen:
-            return self.seen[id(node)]
-        if id(node) in self.open:
-            raise UserError(f"{self.where}: a YAML alias refers to the node that contains it; not a recipe")
-        self.open.add(id(node))
-        count = 1
-        for child in (node.values() if isinstance(node, dict) else node):
-            count += self.measure(child, level + 1)
-            if count > MAX_VALUES:
-                raise UserError(f"{self.where}: expands to more than {MAX_VALUES:,} values (YAML aliases?); not a "
-                                f"recipe")
-        self.open.discard(id(node))
-        self.seen[id(node)] = count
-        return count
+        return count, height
 
 
 def load_recipe(path: Path, overrides: list[str] = ()) -> Recipe:

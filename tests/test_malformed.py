@@ -190,6 +190,8 @@ CASES = {
     "alias_bomb_in_targets": (GOOD.replace("bits: 3}", f"bits: 3, targets: {INLINE_BOMB}}}"), [],
                               "expands to more than"),
     "alias_bomb_in_set": (GOOD, ["--set", f"stages.quantize.targets={INLINE_BOMB}"], "expands to more than"),
+    "alias_nests_deep": ("a: &a " + "[" * 20 + "x" + "]" * 20 + "\nb: " + "[" * 20 + "*a" + "]" * 20 + "\n" + GOOD, [],
+                         "nested more than 32 levels"),
     "alias_refers_to_itself": ("x: &a [1, *a]\n" + GOOD, [], "refers to the node that contains it"),
     "negative_seed": (GOOD.replace("seq_len: 32}", "seq_len: 32, seed: -1}", 1), [], "seed"),
     "seed_beyond_32_bits": (GOOD.replace("seq_len: 32}", "seq_len: 32, seed: 4294967296}", 1), [], "seed"),
