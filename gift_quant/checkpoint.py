@@ -40,6 +40,18 @@ PACKED_DTYPES = {
     "scales": torch.float16, "salient_weight": torch.float16,
 }
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# Without gift_quant imported, transformers skips the unknown quant_method with a mere warning and would fill plain
+# nn.Linear layers with random weights. A one-byte tensor under each quantized linear's ``weight`` name cannot fill
+# an nn.Linear weight, so such a load fails (size mismatch) instead; the gift_sw quantizer ignores these tensors.
+GUARD_SUFFIX = "weight"
+
+
+def guard_keys(modules) -> set[str]:
+    return {f"{name}.{GUARD_SUFFIX}" for name in modules}
+
+
+def guard_tensors(modules) -> dict[str, torch.Tensor]:
+    return {key: torch.zeros(1, dtype=torch.int8) for key in sorted(guard_keys(modules))}
 # load_quantized(verify_checksums=False) reaches the quantizer, which from_pretrained builds, through this.
 VERIFY_CHECKSUMS: contextvars.ContextVar[bool] = contextvars.ContextVar("gift_quant_verify_checksums", default=True)
 
@@ -174,6 +186,7 @@ def check_tensors(model: nn.Module, headers: dict, qc: dict) -> None:
     """The checkpoint holds exactly the model's tensors (tied copies may be absent), with the model's shapes and
     the stored dtypes the config promises."""
     targets = model.state_dict()
+    headers = {k: v for k, v in headers.items() if k not in guard_keys(qc["modules"])}  # older exports lack them
     ties = getattr(model, "all_tied_weights_keys", None) or {}
     optional = set(ties) if getattr(model.config, "tie_word_embeddings", False) and ties else set()
     missing = sorted(set(targets) - set(headers) - optional)

@@ -18,6 +18,7 @@ from .method_specs import METHOD_SPECS
 from .method_specs import names as method_names
 
 PositiveInt = Annotated[int, Field(gt=0)]
+Seed = Annotated[int, Field(ge=0, lt=2**32)]  # what numpy's and torch's seeding take (the Trainer seeds both)
 
 
 def _compiles(pattern: str) -> str:
@@ -29,6 +30,8 @@ def _compiles(pattern: str) -> str:
 
 
 Regex = Annotated[str, AfterValidator(_compiles)]
+# A path as a shell would read it: `~` is the home folder, not a folder named "~" in the working directory.
+UserPath = Annotated[Path, AfterValidator(lambda p: p.expanduser())]
 
 
 class Strict(BaseModel):
@@ -51,7 +54,7 @@ class ModelConfig(Strict):
 
 class DataConfig(Strict):
     # Folder holding wikitext2_test.raw and c4_sample.jsonl; $GIFT_QUANT_DATA when unset; the Hub otherwise.
-    dir: Path | None = None
+    dir: UserPath | None = None
 
 
 class TextSource(Strict):
@@ -75,7 +78,7 @@ class CalibrateConfig(TextSource):
     dataset: str = "c4"
     num_samples: PositiveInt = 128
     seq_len: PositiveInt = 2048
-    seed: int = 0
+    seed: Seed = 0
     true_sequential: bool = True  # q/k/v -> o -> gate/up -> down inside a layer (the architecture table's groups)
     batch_size: PositiveInt = 8  # windows per forward during the layer-by-layer pass
 
@@ -114,7 +117,7 @@ class QuantizeConfig(Strict):
     group_size: int = Field(default=-1, ge=-1)  # -1: per output channel
     sym: bool = True
     mse: bool = False  # clip search for scales
-    grid: PositiveInt = 100
+    grid: Annotated[int, Field(gt=0, le=10_000)] = 100  # clip candidates; GPTQ uses 100
     max_shrink: float = Field(default=0.8, gt=0, lt=1)
     norm: float = Field(default=2.4, gt=0)
     percdamp: float = Field(default=0.01, gt=0, le=1)
@@ -135,7 +138,7 @@ class QuantizeConfig(Strict):
 
 class RotateConfig(Strict):
     mode: Literal["hadamard", "random"] = "hadamard"
-    seed: int = 0
+    seed: Seed = 0
     rotate_heads: bool = False
     online_down_hadamard: bool = False
 
@@ -210,7 +213,7 @@ class RecoverConfig(TextSource, NoiseSettings, FrozenSettings, BudgetSettings):
     eval_windows: PositiveInt = 4
     eval_seq_len: PositiveInt = 512
     save_steps: PositiveInt | None = None  # None: every quarter of max_steps (and always at the end)
-    seed: int = 0
+    seed: Seed = 0
     resume: bool = True  # continue from the last checkpoint when the run's fingerprint matches
 
     @model_validator(mode="after")
@@ -238,7 +241,7 @@ class CompareConfig(RecoverConfig):
     methods: list[str] = ["gift_sw", "salient_ft", "ste", "lora"]
     variants: dict[str, dict[str, Any]] = {}
     learning_rates: dict[str, Annotated[float, Field(gt=0)]] = {}  # per-entry override of learning_rate
-    seeds: list[int] = Field(default=[0], min_length=1)
+    seeds: list[Seed] = Field(default=[0], min_length=1)
     lr_sweep: list[Annotated[float, Field(gt=0)]] = []  # candidates; each method's best on held-out text wins
     sweep_fraction: float = Field(default=0.25, gt=0, le=1)  # of the budget, for each sweep run
     heldout_windows: PositiveInt = 8  # windows of seq_len from training-text documents that training never reads
@@ -295,7 +298,7 @@ class ReconstructConfig(NoiseSettings, FrozenSettings):
     # it (GPTQ convention: it learns to undo their error) or the full-precision stream
     max_minutes: float | None = Field(default=None, gt=0)  # whole stage; split evenly over the blocks
     budget_clock: Literal["wall", "process"] = "wall"  # process: CPU seconds of this process (all its threads)
-    seed: int = 0
+    seed: Seed = 0
     resume: bool = True  # continue after the last finished block when the fingerprint matches
 
     @model_validator(mode="after")
@@ -310,8 +313,21 @@ class ExportConfig(Strict):
     format: Literal["packed", "dense"] = "packed"
     dtype: Literal["float16", "bfloat16"] = "float16"
     max_shard_size: str = "2GB"
-    path: Path | None = None  # default: <output_dir>/<format>
+    path: UserPath | None = None  # default: <output_dir>/<format>
     verify: Literal["float32", "float16", "bfloat16"] | None = None  # reload in this dtype and re-measure perplexity
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _shard_size(cls, v: str) -> str:
+        from huggingface_hub.serialization._base import parse_size_to_int  # what the writer parses it with
+
+        try:
+            size = parse_size_to_int(v)
+        except ValueError:
+            size = 0
+        if size <= 0:
+            raise ValueError(f"'{v}' is not a size such as 500MB or 2GB (units KB, MB, GB, TB)")
+        return v
 
 
 class ZeroShotConfig(Strict):
@@ -320,7 +336,7 @@ class ZeroShotConfig(Strict):
     tasks: list[str] = Field(min_length=1)  # lm-eval task names, e.g. [piqa, arc_easy, hellaswag, winogrande]
     limit: PositiveInt | None = None  # documents per task (None = all)
     batch_size: PositiveInt = 1
-    task_dir: Path | None = None  # extra folder of task YAMLs (lm-eval's include_path), e.g. a local file task
+    task_dir: UserPath | None = None  # extra folder of task YAMLs (lm-eval's include_path), e.g. a local file task
     model: Literal["memory", "export"] = "memory"  # the run's model, or the last export reloaded from disk
     label: str | None = None
 
@@ -348,8 +364,8 @@ class Stage(BaseModel):
 class Recipe(Strict):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
-    output_dir: Path | None = None  # default: outputs/<recipe file stem>
-    seed: int = 0
+    output_dir: UserPath | None = None  # default: outputs/<recipe file stem>
+    seed: Seed = 0
     stages: list[Stage]
 
     @field_validator("output_dir")

@@ -115,9 +115,20 @@ def _read_hub(name: str, source: TextSource) -> list[str]:
     return [t for t in texts if t.strip()] if name == "wikitext2" else texts
 
 
+def encode(tokenizer, text: str, **kwargs):
+    """``tokenizer(text)``, with the tokenizers library's bare ``Exception`` (a tokenizer without an unknown token
+    meeting a character outside its vocabulary) turned into one line."""
+    try:
+        return tokenizer(text, **kwargs)
+    except Exception as e:  # noqa: BLE001 (tokenizers raises plain Exception)
+        raise UserError(f"the tokenizer cannot encode the text: {' '.join(str(e).split())} (it has no unknown token "
+                        f"for characters outside its vocabulary; use the model's own tokenizer or clean the text)"
+                        ) from e
+
+
 def evaluation_ids(tokenizer, docs: list[str]) -> torch.Tensor:
     """GPTQ protocol: documents joined with blank lines, tokenized once. Shape (1, N)."""
-    return tokenizer("\n\n".join(docs), return_tensors="pt").input_ids
+    return encode(tokenizer, "\n\n".join(docs), return_tensors="pt").input_ids
 
 
 def calibration_windows(tokenizer, docs: list[str], num_samples: int, seq_len: int, seed: int) -> torch.Tensor:
@@ -127,10 +138,10 @@ def calibration_windows(tokenizer, docs: list[str], num_samples: int, seq_len: i
     Reproducible for a given seed. Shape (num_samples, seq_len).
     """
     rng = random.Random(seed)
-    encoded = [tokenizer(d).input_ids for d in docs]
+    encoded = [encode(tokenizer, d).input_ids for d in docs]
     long_docs = [ids for ids in encoded if len(ids) > seq_len]
     if not long_docs:
-        sep = tokenizer("\n\n").input_ids
+        sep = encode(tokenizer, "\n\n").input_ids
         stream = [t for ids in encoded for t in ids + sep]
         if len(stream) <= seq_len:
             raise UserError(f"calibration text has {len(stream)} tokens, fewer than one window of {seq_len}")
@@ -150,7 +161,7 @@ def packed_sequences(tokenizer, docs: list[str], seq_len: int, max_sequences: in
     stream: list[int] = []
     limit = None if max_sequences is None else max_sequences * seq_len
     for d in docs:
-        stream.extend(tokenizer(d).input_ids + eos)
+        stream.extend(encode(tokenizer, d).input_ids + eos)
         if limit is not None and len(stream) >= limit:
             break
     n = len(stream) // seq_len if limit is None else min(len(stream) // seq_len, max_sequences)

@@ -7,3 +7,11 @@ class UserError(Exception):
 
 class NonFiniteError(UserError):
     """NaN or Inf where numbers must be finite: in the model, or produced by a stage; the message names where."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM (what schedulers send before killing): the run stops, says so, and a rerun resumes."""
+
+    def __init__(self, signum: int, name: str) -> None:
+        super().__init__(name)
+        self.signum, self.name = signum, name

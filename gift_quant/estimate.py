@@ -543,3 +543,30 @@ def report(recipe: Recipe) -> str:
     head = (f"memory and time estimate (from {source}: {shape.params / 1e9:.2f}B parameters, {shape.layers} layers; "
             f"{'one GPU, assumed A100/H100-class rates' if cuda else 'one CPU thread, rates measured on SmolLM2'}):")
     return head + "\n" + render(estimate(recipe, shape), cuda)
+
+
+MAX_STAGE_DAYS = 30  # no recipe of ours comes near (Llama-2 compare: 7 h); beyond this a setting is out of proportion
+
+
+def check_bounds(recipe: Recipe, config: dict | None = None) -> None:
+    """Refuse (UserError, with the estimate) a recipe one of whose stages would run for more than MAX_STAGE_DAYS:
+    a typo'd max_steps or grid, not a plan. ``config``: the model's config (else looked up as --dry-run does);
+    without one nothing is checked here (preflight checks again with the loaded model's)."""
+    from .errors import UserError
+
+    if config is None:
+        config, _ = find_config(recipe.model.name)
+    try:
+        shape = Shape.from_config(config) if config is not None else None
+    except (KeyError, TypeError, ValueError):
+        shape = None
+    if shape is None:
+        return
+    cuda = recipe.model.device.startswith("cuda") or recipe.model.device == "auto"
+    for i, row in enumerate(estimate(recipe, shape)):
+        days = row.seconds / 86400
+        if days > MAX_STAGE_DAYS:
+            where = "one GPU" if cuda else "one CPU thread"
+            raise UserError(f"stages.{i}.{row.stage}: estimated at {days:.3g} days on {where} (more than "
+                            f"{MAX_STAGE_DAYS}); check its budget and sizes (max_steps, max_tokens, num_samples, grid, "
+                            f"seeds) — --dry-run shows every stage's estimate")

@@ -10,6 +10,7 @@ from the two protocols are never compared with each other.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass
 
@@ -72,7 +73,12 @@ def perplexity(model, input_ids: torch.Tensor, seq_len: int = 2048, max_windows:
         where = first_non_finite(model, windows[:1].to(device))
         raise NonFiniteError(f"perplexity is not finite: {where or 'the logits'} produced NaN or Inf")
     tokens = n * (seq_len - 1)
-    return Perplexity(math.exp(nll / tokens), nll, tokens, n, seq_len, time.perf_counter() - start)
+    return Perplexity(ppl_of(nll / tokens), nll, tokens, n, seq_len, time.perf_counter() - start)
+
+
+def ppl_of(mean_nll: float) -> float:
+    """exp of a mean NLL; inf past float's range (a finite loss above ~709.8 nats), not an OverflowError."""
+    return math.exp(mean_nll) if mean_nll < math.log(sys.float_info.max) else math.inf
 
 
 @torch.no_grad()

@@ -21,16 +21,18 @@ from torch import nn
 from gift_quant.checkpoint import (
     FORMAT_VERSION,
     INDEX,
-    MANIFEST,
     PACKED_DTYPES,
     PACKED_SUFFIXES,
     QUANT_METHOD,
+    guard_keys,
+    guard_tensors,
     tensor_headers,
     write_manifest,
 )
 from gift_quant.errors import UserError
-from gift_quant.io_utils import atomic_dir, check_replaceable
+from gift_quant.io_utils import check_replaceable
 from gift_quant.layers import quantized_modules
+from gift_quant.ownership import is_export, staged_export
 from gift_quant.packing import PackedLinear
 from gift_quant.quantized import QuantizedWeight
 
@@ -69,6 +71,7 @@ def export_packed(
     for name, m in modules.items():
         packed = PackedLinear.from_quantized(records[name], getattr(m, "bias", None), dtype)
         tensors.update({f"{name}.{k}": v for k, v in packed.state_dict().items()})
+    tensors.update(guard_tensors(modules))  # loading without gift_quant fails instead of returning random weights
     config = copy.deepcopy(model.config)
     config.quantization_config = _quantization_config(records, quant_info, dtype)
     files = _write_folder(model, config, tokenizer, tensors, Path(out_dir), max_shard_size, dtype, tied)
@@ -189,7 +192,7 @@ def _write_folder(
     if getattr(config, "tie_word_embeddings", False) and not tied:
         # The weights were not actually shared (e.g. a quantized lm_head): loading must not re-tie them.
         config.tie_word_embeddings = False
-    with atomic_dir(out_dir, ours=is_export, what="gift_quant export") as tmp:
+    with staged_export(out_dir) as tmp:  # the user's files beside an earlier export stay
         _write_tensors(tmp, tensors, max_shard_size)
         config.save_pretrained(tmp)
         if tokenizer is not None:
@@ -213,19 +216,21 @@ def _write_tensors(folder: Path, tensors: dict[str, torch.Tensor], max_shard_siz
         (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def is_export(folder: Path) -> bool:
-    """Whether ``folder`` holds an earlier gift_quant export (the only kind of folder an export may replace)."""
-    return (Path(folder) / MANIFEST).is_file()
-
-
 def check_export_target(path: Path, output_dir: Path) -> None:
     """Refuse, before any work, an export path whose replacement could lose data: one that holds the working
     directory or the run's output folder, a file, or a folder that is not an earlier export."""
+    from gift_quant.ownership import RUN_ENTRIES
+
+    if Path(path).expanduser().is_symlink():  # replaced through the link, or a link to nowhere: never what was meant
+        raise UserError(f"export path {path} is a symbolic link; give the folder itself")
     target = Path(path).expanduser().resolve()
-    for inside, what in ((Path.cwd().resolve(), "the working directory"),
-                         (Path(output_dir).expanduser().resolve(), "the output folder")):
+    out = Path(output_dir).expanduser().resolve()
+    for inside, what in ((Path.cwd().resolve(), "the working directory"), (out, "the output folder")):
         if target == inside or target in inside.parents:
             raise UserError(f"export path {path} contains {what}; export into a new subfolder instead")
+    if target.is_relative_to(out) and target.relative_to(out).parts[0] in RUN_ENTRIES:
+        raise UserError(f"export path {path} lies in {out / target.relative_to(out).parts[0]}, which the run writes "
+                        f"itself; export into a new subfolder of the output folder")
     check_replaceable(target, is_export, "gift_quant export")
 
 
@@ -248,6 +253,7 @@ def size_report(model_or_path: nn.Module | str | Path) -> dict:
     else:
         shapes = {k: (dt, shape) for k, (_, dt, shape) in tensor_headers(Path(model_or_path)).items()}
     quantized = sorted({k.rsplit(".", 1)[0] for k in shapes if k.endswith(".qweight")})
+    shapes = {k: v for k, v in shapes.items() if k not in guard_keys(quantized)}
     parts = {s: 0 for s in PACKED_SUFFIXES}
     n_weights = 0
     for name in quantized:

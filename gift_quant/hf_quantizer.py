@@ -12,6 +12,7 @@ rotations and builds the fast kernels (:mod:`gift_quant.kernels`).
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,8 @@ class GiftSWHfQuantizer(HfQuantizer):
         headers = ckpt.tensor_headers(folder)
         ckpt.install_packed_linears(model, qc, headers, dtype or model.dtype)
         ckpt.check_tensors(model, headers, qc)
+        guards = {rf"^{re.escape(k)}$" for k in ckpt.guard_keys(qc["modules"])}  # see checkpoint.GUARD_SUFFIX
+        model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | guards
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
         from gift_quant.packing import set_kernel

@@ -22,6 +22,8 @@ from typing import Any, Callable, Iterator
 from .errors import UserError
 
 PARTIAL_MARK = ".gift_quant_partial"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once (os.umask can only be read by setting it)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -29,6 +31,7 @@ def write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would make results private; ordinary files follow the umask
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)

@@ -43,14 +43,27 @@ def load_model(cfg: ModelConfig):
     source, kwargs = _resolve_source(cfg)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.revision, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, revision=cfg.revision, dtype=dtype, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(source, revision=cfg.revision, dtype=dtype,
+                                                           output_loading_info=True, **kwargs)
     except Exception as e:  # noqa: BLE001 (transformers and safetensors raise many types for a bad model folder)
         raise UserError(
             f"cannot load model '{cfg.name}': {str(e).splitlines()[0]} — give a local folder, a .gguf file, "
             f"'{DEFAULT_MODEL}', or a Hub id with network access") from e
+    check_complete(cfg.name, info)
     model.eval()
     model.config.use_cache = False  # layer-by-layer work must never share a KV cache
     return model, tokenizer
+
+
+def check_complete(name: str, info: dict) -> None:
+    """Refuse a checkpoint that does not hold every tensor of its config (missing tensors, fewer layers than the
+    config says, absent biases): transformers fills those with random values and only logs a report."""
+    absent = sorted(info.get("missing_keys") or ()) + sorted(info.get("mismatched_keys") or ())
+    if absent:
+        names = [k if isinstance(k, str) else k[0] for k in absent]
+        raise UserError(f"model '{name}' is incomplete: its weights lack {len(names)} tensor(s) its config needs "
+                        f"({', '.join(names[:3])}{', …' if len(names) > 3 else ''}); transformers would fill them "
+                        f"with random values. Check the folder's safetensors files and config.json")
 
 
 def _resolve_source(cfg: ModelConfig) -> tuple[str, dict]:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
 import time
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -20,6 +22,7 @@ import yaml
 from . import distributed
 from .config import Recipe, Strict
 from .io_utils import write_text
+from .lock import output_lock, record_holder
 from .preflight import preflight
 from .state import RunState
 
@@ -81,32 +84,37 @@ def plan(recipe: Recipe, output_dir: Path) -> str:
 def clear_stale_exports(state: RunState) -> None:
     """Remove earlier exports inside the output folder that this run will write again: a run that fails before its
     export must not leave an old checkpoint beside its new results."""
-    import shutil
-
-    from .export import is_export
+    from .ownership import is_export, remove_export
 
     for stage in state.recipe.stages:
         if stage.name == "export":
             path = Path(stage.config.path or state.output_dir / stage.config.format)
             inside = path.resolve().is_relative_to(state.output_dir.resolve())
-            if inside and path.is_dir() and is_export(path):
+            if inside and path.is_dir() and not path.is_symlink() and is_export(path):
                 log.info("removing the earlier export %s (this run writes it again)", path)
-                shutil.rmtree(path)
+                remove_export(path)  # its own files only: the user's files beside it stay
 
 
 def run(recipe: Recipe, output_dir: Path) -> RunState:
     """Execute the stages in order; results.json and report.md are rewritten after every stage and say whether the
-    run is running, complete or failed (with the one-line error)."""
+    run is running, complete, interrupted or failed (with the one-line error). One run at a time per output folder."""
     state = RunState(recipe=recipe, output_dir=output_dir)
     distributed.setup(recipe.model.device)
     try:
-        preflight(state)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        if distributed.is_main():
-            clear_stale_exports(state)
-            write_text(output_dir / "recipe.resolved.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-        state.save()
-        _run_stages(state)
+        with ExitStack() as held:
+            locked = distributed.is_main() and output_dir.is_dir()
+            if locked:  # an existing folder is claimed before the model loads, so a second run is refused at once
+                held.enter_context(output_lock(output_dir))
+            preflight(state)
+            output_dir.mkdir(parents=True, exist_ok=True)
+            if distributed.is_main() and not locked:
+                held.enter_context(output_lock(output_dir))
+            if distributed.is_main():
+                record_holder(output_dir)
+                clear_stale_exports(state)
+                write_text(output_dir / "recipe.resolved.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+            state.save()
+            _run_stages(state)
     finally:
         distributed.teardown()
     return state
@@ -121,8 +129,32 @@ def _run_stages(state: RunState) -> None:
             run_stage(state, stage.name, stage.config)
             log.info("stage %s done in %.1f s", stage.name, time.perf_counter() - start)
             state.save()
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM from a scheduler (recipe.py turns it into Interrupted)
+        with _signals_held():  # a second Ctrl-C must not cut the status write short
+            _save_quietly(state, "interrupted", f"stopped by {getattr(err, 'name', 'SIGINT')} during "
+                                                f"{state.stage.name if state.stage else 'setup'}; rerun to resume")
+        raise
     except BaseException as err:
-        state.save("failed", " ".join(str(err).split()) or type(err).__name__)
+        _save_quietly(state, "failed", " ".join(str(err).split()) or type(err).__name__)
         raise
     state.position = len(state.recipe.stages)
     state.save("complete")
+
+
+@contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM wait (they are delivered afterwards) while the block runs."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _save_quietly(state: RunState, status: str, error: str) -> None:
+    """Record how the run ended; when that write fails too (a full disk), the original error is the one to report."""
+    try:
+        state.save(status, error)
+    except OSError as err:
+        log.warning("could not record status '%s' in %s: %s", status, state.output_dir, err)

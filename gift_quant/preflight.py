@@ -3,10 +3,13 @@
 The recipe itself (stage order, values, regexes) is checked when it is parsed (``config.py``). Here, in order:
 
 1. before the model loads: the output folder can be written, local text files exist, export targets are safe;
-2. with the model: its architecture is in the table, its weights are finite, the quantize targets match linears
-   whose widths the group size divides and whose widths hold the salient columns asked for, rotation would preserve
-   it, a BOS evaluation has a BOS token;
-3. with the data: every text decodes as UTF-8 and is long enough for what each stage asks of it.
+2. with the model (whose weights ``models.load_model`` found complete): its architecture is in the table, its
+   weights are finite, its tokenizer fits the embedding, the quantize targets match linears whose widths the group
+   size divides and whose widths hold the salient columns asked for, rotation would preserve it, a BOS evaluation
+   has a BOS token, ``kd_top_k`` fits the vocabulary, a float16 export can hold the weights;
+3. with the data: every text decodes as UTF-8, the tokenizer encodes it within the embedding, and it is long enough
+   for what each stage asks of it;
+4. no stage is estimated at more than ``estimate.MAX_STAGE_DAYS`` (a typo'd budget or grid, not a plan).
 
 Each problem is a ``UserError`` naming the stage, the setting and what to change.
 """
@@ -80,7 +83,10 @@ def _with_model(state) -> None:
 
     architecture(state.model)
     check_finite(state.model)
+    _tokenizer_fits(state.model, state.tokenizer, state.recipe.stages)
     stages = state.recipe.stages
+    head = state.model.get_output_embeddings()
+    vocab = head.out_features if head is not None else state.model.config.vocab_size
     for i, stage in enumerate(stages):
         if stage.name == "quantize":
             _quantize_fits(state.model, stages, i)
@@ -88,6 +94,37 @@ def _with_model(state) -> None:
             check_rotatable(state.model)
         elif stage.name == "evaluate" and stage.config.bos:
             bos_token_id(state.tokenizer)
+        elif stage.name in ("recover", "compare") and "kd" in stage.config.loss and stage.config.kd_top_k > vocab:
+            raise UserError(f"stages.{i}.{stage.name}: kd_top_k {stage.config.kd_top_k} is more than the model's "
+                            f"{vocab} output tokens; choose at most {vocab}")
+        elif stage.name == "export" and stage.config.dtype == "float16":
+            _fits_float16(state.model, f"stages.{i}.export")
+
+
+def _tokenizer_fits(model, tokenizer, stages) -> None:
+    """The tokenizer's vocabulary and the special tokens the stages add have rows in the embedding (else an
+    IndexError deep in a stage). Added tokens beyond it (a pad token some conversions append) are harmless unless a
+    text holds them; the texts' own ids are checked with the data."""
+    rows = model.get_input_embeddings().num_embeddings
+    vocab = getattr(tokenizer, "vocab_size", 0) or 0
+    used = {"eos": any(s.name in ("recover", "compare") for s in stages),  # training joins documents with EOS
+            "bos": any(s.name == "evaluate" and s.config.bos for s in stages)}
+    special = {n: getattr(tokenizer, f"{n}_token_id", None) for n in used if used[n]}
+    beyond = {n: i for n, i in special.items() if isinstance(i, int) and i >= rows}
+    if vocab > rows or beyond:
+        what = (f"has {vocab:,} tokens" if vocab > rows
+                else f"has its {', '.join(beyond)} token at id {max(beyond.values())}")
+        raise UserError(f"the tokenizer {what} but the model's embedding only {rows:,} rows; the model folder mixes a "
+                        f"tokenizer and weights of different models")
+
+
+def _fits_float16(model, where: str) -> None:
+    """The export stores float16: a weight beyond its range would only be found after every stage ran."""
+    limit = torch.finfo(torch.float16).max
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and t.numel() and t.abs().max().item() > limit:
+            raise UserError(f"{where}: {name} holds values beyond float16's range (|x| up to "
+                            f"{t.abs().max().item():.3g} > {limit:.0f}); export with dtype: bfloat16")
 
 
 def _tokens(state, source: TextSource) -> int:
@@ -97,6 +134,13 @@ def _tokens(state, source: TextSource) -> int:
 
 
 def _enough(state, where: str, source: TextSource, needed: int, what: str) -> None:
+    from .evaluate import eval_ids
+
+    ids = eval_ids(state, source)
+    rows = state.model.get_input_embeddings().num_embeddings
+    if ids.numel() and int(ids.max()) >= rows:
+        raise UserError(f"{where}: the tokenizer turns '{source.dataset}' into token id {int(ids.max()):,} but the "
+                        f"model's embedding has {rows:,} rows; use the model's own tokenizer")
     have = _tokens(state, source)
     if have < needed:
         raise UserError(f"{where}: '{source.dataset}' has {have:,} tokens, fewer than {what} ({needed:,}); use a "
@@ -132,6 +176,9 @@ def _with_data(state) -> None:
 
 def preflight(state) -> None:
     """All checks above, in order; the model and the texts it loads stay in the state for the stages."""
+    from .estimate import check_bounds
+
     _before_model(state)
     _with_model(state)
     _with_data(state)
+    check_bounds(state.recipe, state.model.config.to_dict())  # a stage estimated at months: a typo, not a plan

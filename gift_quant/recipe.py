@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from .config import Recipe, parse_recipe
-from .errors import UserError
+from .errors import Interrupted, UserError
 
 EXIT_USER_ERROR = 2
 
@@ -34,6 +36,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 MAX_DEPTH = 32  # recipes are a few levels deep; far deeper nesting is a mistake (and could exhaust the stack)
+MAX_VALUES = 100_000  # a recipe holds hundreds of values; YAML aliases can make billions out of a few lines
 
 
 def parse_yaml(text: str, where: str) -> Any:
@@ -46,16 +49,38 @@ def parse_yaml(text: str, where: str) -> Any:
         raise UserError(f"{where}: invalid YAML{at}: {getattr(e, 'problem', None) or e}") from None
     except RecursionError:
         raise UserError(f"{where}: nested too deeply to be a recipe") from None
-    if _depth(data) > MAX_DEPTH:
-        raise UserError(f"{where}: nested more than {MAX_DEPTH} levels deep; not a recipe")
+    _Shape(where).measure(data)
     return data
 
 
-def _depth(node: Any, level: int = 0) -> int:
-    if level > MAX_DEPTH:
-        return level
-    children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
-    return max((_depth(c, level + 1) for c in children), default=level)
+class _Shape:
+    """Depth and number of values of a YAML document as its aliases expand it, measured once per shared node (so
+    an alias bomb is measured, not walked); a node that contains itself is refused."""
+
+    def __init__(self, where: str) -> None:
+        self.where, self.seen, self.open = where, {}, set()
+
+    def measure(self, node: Any, level: int = 0) -> tuple[int, int]:
+        """(values, height) below ``node``, refusing more than MAX_VALUES values or MAX_DEPTH levels."""
+        if not isinstance(node, (dict, list)):
+            return 1, 0
+        if id(node) not in self.seen:
+            if id(node) in self.open:
+                raise UserError(f"{self.where}: a YAML alias refers to the node that contains it; not a recipe")
+            self.open.add(id(node))
+            count, height = 1, 0
+            for child in (node.values() if isinstance(node, dict) else node):
+                n, h = self.measure(child, level + 1)
+                count, height = count + n, max(height, h + 1)
+                if count > MAX_VALUES:
+                    raise UserError(f"{self.where}: expands to more than {MAX_VALUES:,} values (YAML aliases?); not "
+                                    f"a recipe")
+            self.open.discard(id(node))
+            self.seen[id(node)] = count, height
+        count, height = self.seen[id(node)]
+        if level + height > MAX_DEPTH:  # an alias may put a shallow anchor deep down
+            raise UserError(f"{self.where}: nested more than {MAX_DEPTH} levels deep; not a recipe")
+        return count, height
 
 
 def load_recipe(path: Path, overrides: list[str] = ()) -> Recipe:
@@ -140,11 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    previous = _on_signals()
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         if args.output_dir is not None and str(args.output_dir).strip() in ("", "."):
             raise UserError("--output-dir must name a folder of its own (not empty, not the working directory)")
-        output_dir = args.output_dir or recipe.output_dir or Path("outputs") / args.recipe.stem
+        output_dir = (args.output_dir or recipe.output_dir or Path("outputs") / args.recipe.stem).expanduser()
+        from .estimate import check_bounds
         from .pipeline import plan, run
 
         print(plan(recipe, output_dir))
@@ -152,18 +179,49 @@ def main(argv: list[str] | None = None) -> int:
             from .estimate import report
 
             print(report(recipe))
+            check_bounds(recipe)  # a run checks with the loaded model's config, after the more specific checks
             return 0
         state = run(recipe, output_dir)
         print((output_dir / "report.md").read_text())
         print(f"results: {output_dir / 'results.json'}")
         del state
         return 0
-    except (UserError, MemoryError, OSError, RuntimeError) as e:
+    except KeyboardInterrupt as e:
+        if args.debug:
+            raise
+        name = getattr(e, "name", "SIGINT")
+        print(f"error: interrupted by {name}; a rerun of the same command resumes", file=sys.stderr)
+        return 128 + getattr(e, "signum", signal.SIGINT)
+    except Exception as e:  # noqa: BLE001 (user_message decides: one line for what a user can act on)
         message = user_message(e)
         if args.debug or message is None:
             raise
         print(f"error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
+    finally:
+        _restore_signals(previous)
+
+
+def _on_signals() -> dict:
+    """SIGTERM (what schedulers send) and SIGINT stop the run through an exception, so that every ``finally`` runs
+    and the run is recorded as interrupted; returns the handlers to restore."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def stop(signum, frame):
+        raise Interrupted(signum, signal.Signals(signum).name)
+
+    return {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _restore_signals(previous: dict) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+# Messages of the libraries' writers when the disk is full or a file-size limit is hit (they are not OSError).
+_WRITE_FAILURES = ("inline_container.cc", "PytorchStreamWriter", "No space left", "File too large",
+                   "Disk quota exceeded")
 
 
 def user_message(err: BaseException) -> str | None:
@@ -174,6 +232,9 @@ def user_message(err: BaseException) -> str | None:
         return "out of memory: lower batch_size, num_samples, seq_len or max_windows (--debug shows where)"
     if isinstance(err, OSError):  # a full disk, a permission, a file removed while the run used it
         return f"{err.strerror or err}{f': {err.filename}' if err.filename else ''}"
+    if type(err).__name__ == "SafetensorError" or any(m in str(err) for m in _WRITE_FAILURES):
+        return (f"cannot write a file (disk full or file-size limit?): {' '.join(str(err).split())[:300]}; free "
+                f"space and rerun, finished stages resume")
     return None
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from .architectures import block_norm_weights, target_linears
 from .config import KEEPS_FROZEN_PART, EvaluateConfig, QuantizeConfig, RecoverConfig
-from .data import check_not_eval_text, load_documents, packed_sequences, source_label
+from .data import check_not_eval_text, encode, load_documents, packed_sequences, source_label
 from .errors import UserError
 from .evaluate import eval_ids
 from .fingerprint import fingerprint
@@ -89,11 +89,11 @@ def heldout_blocks(state, cfg: CompareConfig) -> torch.Tensor:
     start, have = len(docs), 0
     while start > 0 and have <= needed:
         start -= 1
-        have += len(state.tokenizer(docs[start]).input_ids) + 1
+        have += len(encode(state.tokenizer, docs[start]).input_ids) + 1
     used = training_blocks(state, cfg).numel()  # every entry of a comparison reads the same text
     consumed, read = 0, 0
     while read < used and consumed < len(docs):
-        read += len(state.tokenizer(docs[consumed]).input_ids) + 1
+        read += len(encode(state.tokenizer, docs[consumed]).input_ids) + 1
         consumed += 1
     if have <= needed or consumed > start:
         raise UserError(f"the training text cannot hold out {cfg.heldout_windows} windows of {cfg.seq_len} tokens "

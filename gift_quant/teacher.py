@@ -37,11 +37,23 @@ def teacher_model(state):
 
         log.info("loading the full-precision teacher")
         model, _ = load_model(state.recipe.model)
+        check_same_weights(state, model)
         if state.rotation is not None:
             fields = RotateSpec.__dataclass_fields__
             rotate_model(model, RotateSpec(**{k: v for k, v in state.rotation.items() if k in fields}))
         state.teacher = model.requires_grad_(False).eval()
     return state.teacher
+
+
+def check_same_weights(state, model) -> None:
+    """The teacher is the model the run started from, read again: weights replaced on disk meanwhile would teach
+    (and be cached under the first weights' digest for every later run) something else."""
+    from .errors import UserError
+    from .models import weights_digest
+
+    if weights_digest(model) != state.weights_digest:
+        raise UserError(f"the weights of model '{state.recipe.model.name}' changed on disk since this run loaded "
+                        f"them; rerun once the model folder stays unchanged")
 
 
 def fp_weights(state):

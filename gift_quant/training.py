@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 from .config import RecoverConfig
 from .distributed import rank, world_size
 from .errors import UserError
+from .evaluate import ppl_of
 from .io_utils import file_sha256
 from .memory import PeakMemory
 
@@ -442,6 +443,6 @@ def train(model: nn.Module, data: TokenBlocks, eval_data: torch.Tensor | None, c
     points = {e["step"]: e for e in trainer.state.log_history if "eval_loss" in e}
     report.curve = [{"step": s, "tokens": int(e.get("num_input_tokens_seen", s * tokens_per_step)),
                      "minutes": e.get("minutes", 0.0), "cpu_minutes": e.get("cpu_minutes", 0.0),
-                     "ppl": math.exp(e["eval_loss"])}
+                     "ppl": ppl_of(e["eval_loss"])}
                     for s, e in sorted(points.items())]
     return report

@@ -130,7 +130,8 @@ def test_folder_layout_and_config(exported, quantized):
     tensors = read_tensors(out)
     q = "model.layers.1.mlp.down_proj"  # in_features 80: 3-bit rows padded to 96 codes = 9 words
     assert {k.removeprefix(q + ".") for k in tensors if k.startswith(q + ".")} == {
-        "qweight", "qzeros", "scales", "g_idx", "salient_idx", "salient_weight"}
+        "qweight", "qzeros", "scales", "g_idx", "salient_idx", "salient_weight", "weight"}
+    assert tensors[f"{q}.weight"].shape == (1,)  # the guard: plain nn.Linear cannot take it (checkpoint.GUARD_SUFFIX)
     assert tensors[f"{q}.qweight"].shape == (9, 64) and tensors[f"{q}.scales"].shape == (5, 64)
     assert tensors["model.norm.weight"].dtype == torch.float16
     assert "lm_head.weight" not in tensors  # tied to the embeddings, saved once (HF convention)

@@ -51,10 +51,13 @@ def workspace(tmp_path_factory) -> Path:
     (ws / "numbers.jsonl").write_text('{"text": 42}\n')
     (ws / "broken.jsonl").write_text('{"text": "fine"}\n{"text": \n')
     (ws / "short.txt").write_text("too short")
+    (ws / "cafe.txt").write_text(words.replace("cat", "café") * 3)  # UTF-8, with a character off ASCII
     (ws / "notes.txt").write_text("keep me")
     (ws / "precious").mkdir()
     (ws / "precious" / "thesis.tex").write_text("years of work")
     (ws / "a_file").write_text("not a folder")
+    (ws / "link").symlink_to(ws / "precious")  # export paths that are links: to a folder, to nothing
+    (ws / "dangling").symlink_to(ws / "nowhere")
     return ws
 
 
@@ -98,6 +101,58 @@ def _gpt2(folder: Path) -> None:
     char_hf_tokenizer().save_pretrained(folder)
 
 
+def _missing_tensor(folder: Path) -> None:
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.0.self_attn.q_proj.weight"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def _edit_config(folder: Path, **changes) -> None:
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, **changes}))
+
+
+def _big_tokenizer(folder: Path) -> None:
+    """A character tokenizer whose ids start at 100: 203 tokens for an embedding of 128 rows."""
+    import string
+
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: 100 + i for i, c in enumerate(string.printable)}
+    vocab.update({"</s>": 200, "<unk>": 201, "<s>": 202})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>").save_pretrained(folder)
+
+
+def _huge_norm(folder: Path) -> None:
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.norm.weight"][0] = 1e6  # finite, but beyond float16
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def _tokenizer_without_unk(folder: Path) -> None:
+    """A tokenizer (WordLevel) with no unknown token: a character outside its vocabulary cannot be encoded."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {w: i for i, w in enumerate("the cat sat on mat and dog ran far away home . </s>".split())}
+    tok = Tokenizer(models.WordLevel(vocab=words))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    for p in folder.glob("tok*"):
+        p.unlink()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>").save_pretrained(folder)
+
+
+VARIANTS = {"garbage": _garbage, "truncated": _truncated, "nan": _nan, "gpt2": _gpt2,
+            "missing_tensor": _missing_tensor, "more_layers": lambda f: _edit_config(f, num_hidden_layers=3),
+            "qwen2_without_biases": lambda f: _edit_config(f, model_type="qwen2", architectures=["Qwen2ForCausalLM"]),
+            "big_tokenizer": _big_tokenizer, "huge_norm": _huge_norm, "no_unk": _tokenizer_without_unk}
+# An alias bomb: 9 levels of ten references to the level below (10^9 values once expanded), a few lines of YAML.
+BOMB = "".join(f"b{i}: &b{i} [{', '.join([f'*b{i - 1}' if i else 'x'] * 10)}]\n" for i in range(9))
+INLINE_BOMB = "[" + ", ".join(f"&c{i} [{', '.join([f'*c{i - 1}' if i else 'x'] * 10)}]" for i in range(9)) + "]"
+KD = "max_steps: 1, loss: kd, kd_top_k: 1000,"
+
 # case: (recipe edit or None, extra argv, expected words in the message)
 CASES = {
     # the recipe file
@@ -129,7 +184,30 @@ CASES = {
     "set_bad_yaml": (GOOD, ["--set", "stages.quantize.bits=[3"], "invalid YAML"),
     "set_unknown_stage": (GOOD, ["--set", "stages.quantise.bits=3"], "no stage named 'quantise'"),
     "set_without_value": (GOOD, ["--set", "stages.quantize.bits"], "expected key.path=value"),
+    "alias_bomb": (BOMB + GOOD, [], "expands to more than"),
+    "alias_bomb_in_an_unknown_key": (GOOD.replace("stages:", BOMB.replace("b0:", "bomb_key:") + "stages:"), [],
+                                     "expands to more than"),
+    "alias_bomb_in_targets": (GOOD.replace("bits: 3}", f"bits: 3, targets: {INLINE_BOMB}}}"), [],
+                              "expands to more than"),
+    "alias_bomb_in_set": (GOOD, ["--set", f"stages.quantize.targets={INLINE_BOMB}"], "expands to more than"),
+    "alias_nests_deep": ("a: &a " + "[" * 20 + "x" + "]" * 20 + "\nb: " + "[" * 20 + "*a" + "]" * 20 + "\n" + GOOD, [],
+                         "nested more than 32 levels"),
+    "alias_refers_to_itself": ("x: &a [1, *a]\n" + GOOD, [], "refers to the node that contains it"),
+    "negative_seed": (GOOD.replace("seq_len: 32}", "seq_len: 32, seed: -1}", 1), [], "seed"),
+    "seed_beyond_32_bits": (GOOD.replace("seq_len: 32}", "seq_len: 32, seed: 4294967296}", 1), [], "seed"),
+    "absurd_grid": (GOOD.replace("bits: 3}", "bits: 3, mse: true, grid: 1000000000}"), [], "grid"),
+    "absurd_max_steps": (GOOD.replace("max_steps: 1,", "max_steps: 1000000000000,"), [], "estimated at"),
+    "kd_top_k_above_vocab": (GOOD.replace("max_steps: 1,", KD), [], "kd_top_k 1000 is more than"),
+    "unparseable_shard_size": (GOOD.replace("export: {}", "export: {max_shard_size: lots}"), [], "not a size"),
     # the model
+    "model_missing_a_tensor": (GOOD.replace("MODEL", "VARIANT:missing_tensor"), [], "is incomplete"),
+    "model_config_has_more_layers": (GOOD.replace("MODEL", "VARIANT:more_layers"), [], "is incomplete"),
+    "model_config_type_with_biases": (GOOD.replace("MODEL", "VARIANT:qwen2_without_biases"), [], "is incomplete"),
+    "tokenizer_larger_than_embedding": (GOOD.replace("MODEL", "VARIANT:big_tokenizer"), [],
+                                        "but the model's embedding only 128 rows"),
+    "tokenizer_without_unknown_token": (GOOD.replace("MODEL", "VARIANT:no_unk").replace("EVAL", "WS/cafe.txt", 1),
+                                        [], "cannot encode the text"),
+    "weights_beyond_float16": (GOOD.replace("MODEL", "VARIANT:huge_norm"), [], "beyond float16"),
     "model_missing": (GOOD.replace("MODEL", "./no_such_model"), [], "model folder not found"),
     "model_is_a_file": (GOOD.replace("MODEL", "NOTES"), [], "neither a folder nor a .gguf"),
     "model_garbage": (GOOD.replace("MODEL", "VARIANT:garbage"), [], "cannot load model"),
@@ -163,6 +241,10 @@ CASES = {
     "export_over_a_user_folder": (GOOD.replace("export: {}", "export: {path: WS/precious}"), [],
                                   "not a previous gift_quant export"),
     "export_over_a_file": (GOOD.replace("export: {}", "export: {path: WS/notes.txt}"), [], "not a folder"),
+    "export_through_a_link": (GOOD.replace("export: {}", "export: {path: WS/link}"), [], "symbolic link"),
+    "export_to_a_dangling_link": (GOOD.replace("export: {}", "export: {path: WS/dangling}"), [], "symbolic link"),
+    "export_into_the_runs_own_files": (GOOD.replace("export: {}", "export: {path: OUT/quantize/x}"), [],
+                                       "which the run writes"),
 }
 
 
@@ -179,8 +261,7 @@ def recipe_path(ws: Path, text: str) -> Path:
         return path
     if "VARIANT:" in text:
         name = text.split("VARIANT:")[1].split("}")[0]
-        folder = variant_model(ws, name, {"garbage": _garbage, "truncated": _truncated, "nan": _nan,
-                                          "gpt2": _gpt2}[name])
+        folder = variant_model(ws, name, VARIANTS[name])
         text = text.replace(f"VARIANT:{name}", str(folder))
     text = (text.replace("MODEL", str(ws / "model")).replace("TRAIN", str(ws / "train.jsonl"))
             .replace("EVAL", str(ws / "eval.txt")).replace("NOTES", str(ws / "notes.txt"))

@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gift_quant.checkpoint import INDEX  # noqa: E402
+from gift_quant.checkpoint import INDEX, guard_keys  # noqa: E402
 from gift_quant.hf_quantizer import load_quantized  # noqa: E402
 from gift_quant.bitpack import unpack_zeros  # noqa: E402
 
@@ -83,9 +83,10 @@ def gptq_view(folder: Path, qc: dict, tmp: Path) -> Path:
     }
     (view / "config.json").write_text(json.dumps(config, indent=2))
     weight_map = {}
+    guards = guard_keys(names)  # only there to stop a load without gift_quant
     for name in shard_names(folder):
         with safe_open(folder / name, "pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys() if not k.endswith(GIFT_ONLY)}
+            tensors = {k: f.get_tensor(k) for k in f.keys() if not k.endswith(GIFT_ONLY) and k not in guards}
         save_file(tensors, view / name, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, name))
     if (folder / INDEX).is_file():
