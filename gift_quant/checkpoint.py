@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from gift_quant import embedding
 from gift_quant.errors import UserError
 from gift_quant.io_utils import PARTIAL_MARK, file_sha256
 from gift_quant.packing import PackedLinear
@@ -196,6 +197,7 @@ def check_tensors(model: nn.Module, headers: dict, qc: dict) -> None:
                               f"unexpected {unexpected[:3]}")
     stored = DTYPES[qc["dtype"]]
     packed = {f"{n}.{s}": PACKED_DTYPES[s] for n in qc["modules"] for s in PACKED_SUFFIXES}
+    packed.update(embedding.stored_dtypes(qc))
     for key, (_, dt, shape) in headers.items():
         target = targets[key]
         want = packed.get(key, stored if target.is_floating_point() else target.dtype)

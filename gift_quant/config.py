@@ -315,6 +315,10 @@ class ExportConfig(Strict):
     max_shard_size: str = "2GB"
     path: UserPath | None = None  # default: <output_dir>/<format>
     verify: Literal["float32", "float16", "bfloat16"] | None = None  # reload in this dtype and re-measure perplexity
+    # Packed format: the input embedding and lm_head (tied: stored once) as int8 per row (absmax scale), int4 in
+    # groups of embedding_group_size columns, or a float dtype. On a small model the embedding is most of the file.
+    embedding: Literal["int8", "int4", "float16", "bfloat16"] = "int8"
+    embedding_group_size: PositiveInt = 32
 
     @field_validator("max_shard_size")
     @classmethod

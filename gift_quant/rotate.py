@@ -324,7 +324,8 @@ def restore_online_modules(model: nn.Module, record: dict) -> None:
     n, mode, seed = record["intermediate_size"], record["mode"], record["down_seed"]
     if rotation_kind(n, mode) != record["down_matrix"]:
         raise ValueError(f"cannot rebuild the {record['down_matrix']} down rotation of size {n}")
-    down = _down_rotation(n, mode, seed, model.get_input_embeddings().weight.device)
+    emb = model.get_input_embeddings()  # a plain or a quantized embedding (weight, or qweight and scales)
+    down = _down_rotation(n, mode, seed, next(t.device for t in (*emb.parameters(), *emb.buffers())))
     arch = architecture(model)
     for layer in decoder_layers(model):
         _install_online_rotation(layer, arch, down)

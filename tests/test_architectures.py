@@ -9,6 +9,7 @@ elsewhere. Adding an architecture: one entry in ``gift_quant.architectures.ARCHI
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -18,6 +19,7 @@ from torch import nn
 from conftest import tiny_causal_lm
 from gift_quant.architectures import ARCHITECTURES, architecture, decoder_layers, target_linears
 from gift_quant.calibrate import capture_layer0_inputs, run_layer
+from gift_quant.embedding import dequantize_rows, quantize_rows
 from gift_quant.errors import UserError
 from gift_quant.hf_quantizer import load_quantized
 from gift_quant.layers import MixedPrecisionLinear
@@ -201,7 +203,9 @@ def test_rotation_preserves_the_function(model_type, options):
 
 def as_stored(model: nn.Module) -> nn.Module:
     """``model`` rounded as the packed format stores it (every float tensor in fp16, the quantized linears' scales
-    and salient columns included): what a reload must reproduce exactly."""
+    and salient columns included; the embedding and an untied lm_head on the export stage's default int8 grid,
+    quantized from their unrounded values): what a reload must reproduce exactly."""
+    tables = with_stored_embedding(model)
     mixed = {n: m for n, m in model.named_modules() if isinstance(m, MixedPrecisionLinear)}
     for name, m in mixed.items():
         qw = m.to_quantized_weight()
@@ -211,8 +215,21 @@ def as_stored(model: nn.Module) -> nn.Module:
         setattr(model.get_submodule(parent), child, as_mixed_precision(qw, bias))
     with torch.no_grad():
         for p in model.parameters():
-            p.copy_(p.half().float())
+            if not any(p is t for t in tables):
+                p.copy_(p.half().float())
     return model.eval()
+
+
+@torch.no_grad()
+def with_stored_embedding(model: nn.Module) -> list[torch.Tensor]:
+    """Put the embedding and an untied lm_head on the int8 grid the export stage stores by default (in place);
+    returns those weights."""
+    tables = [model.get_input_embeddings().weight]
+    if model.get_output_embeddings().weight is not tables[0]:
+        tables.append(model.get_output_embeddings().weight)
+    for w in tables:
+        w.copy_(dequantize_rows(*quantize_rows(w, "int8"), "int8", w.shape[1]))
+    return tables
 
 
 @pytest.mark.parametrize("model_type", ALL)
@@ -232,8 +249,14 @@ def test_pipeline_and_packed_reload_on_every_architecture(model_type, tiny_run):
     assert len(quantized) == 2 * len(ARCHITECTURES[model_type].linears)
     reloaded = load_quantized(out / "packed", dtype=torch.float32, kernel="reference")  # the bit-exact path
     assert reloaded.gift_quant_config["modules"] == quantized
+    assert type(reloaded.get_input_embeddings()).__name__ == "QuantizedEmbedding"  # the export stage's int8 default
     x = ids()
-    in_memory, from_file = logits(model, x), logits(reloaded, x)
+    # The embedding's int8 grid (tested in test_embedding.py) is applied to the in-memory model; the fp16 storage of
+    # everything else is what the tolerance measures.
+    int8_embedding = copy.deepcopy(model)
+    with_stored_embedding(int8_embedding)
+    in_memory = logits(int8_embedding, x)
+    from_file = logits(reloaded, x)
     # Storing scales, salient columns and every other tensor in fp16 moves the logits by 1.5e-4 (llama) to 8.6e-4
     # (gemma3_text) of their range on these models: a property of the format, not of the architecture.
     assert ((from_file - in_memory).abs().max() / in_memory.abs().max()).item() < 2e-3
