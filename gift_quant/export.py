@@ -280,7 +280,8 @@ def size_report(model_or_path: nn.Module | str | Path, embedding: str | None = N
         shapes = {k: (dt, shape) for k, (_, dt, shape) in tensor_headers(Path(model_or_path)).items()}
         emb_names, record = _folder_embedding_names(Path(model_or_path), shapes)
     quantized = sorted({k.rsplit(".", 1)[0] for k in shapes if k.endswith(".qzeros")})
-    shapes = {k: v for k, v in shapes.items() if k not in guard_keys(quantized)}
+    components = component_bytes(shapes, quantized, emb_names)  # the guards' bytes count as "other": they are stored
+    shapes = {k: v for k, v in shapes.items() if k not in guard_keys(quantized)}  # but are no model weight
     parts = {s: 0 for s in PACKED_SUFFIXES}
     n_weights = 0
     for name in quantized:
@@ -288,7 +289,6 @@ def size_report(model_or_path: nn.Module | str | Path, embedding: str | None = N
             dt, shape = shapes[f"{name}.{s}"]
             parts[s] += _nbytes(dt, shape)
         n_weights += shapes[f"{name}.g_idx"][1][0] * shapes[f"{name}.scales"][1][1]  # in · out
-    components = component_bytes(shapes, quantized, emb_names)
     packed_keys = {f"{n}.{s}" for n in quantized for s in PACKED_SUFFIXES}
     other = {k: v for k, v in shapes.items() if k not in packed_keys}
     fp16_elements = n_weights + sum(_numel(shape) for _, shape in other.values())
@@ -354,6 +354,7 @@ def _model_shapes(model: nn.Module, embedding: str | None, group_size: int | Non
                                                                                    getattr(m, "bias", None))
         for k, t in packed.state_dict().items():
             shapes[f"{name}.{k}"] = (PACKED_DTYPES.get(k, torch.float16), tuple(t.shape))
+    shapes.update({k: (t.dtype, tuple(t.shape)) for k, t in guard_tensors(modules).items()})
     emb_name, _, head_name, head = emb_q.find_embeddings(model)
     names = {emb_name: "embedding"}
     if head_name and not (record["tied"] if record else f"{head_name}.weight" not in shapes):
