@@ -94,7 +94,8 @@ def _with_model(state) -> None:
             check_rotatable(state.model)
         elif stage.name == "evaluate" and stage.config.bos:
             bos_token_id(state.tokenizer)
-        elif stage.name in ("recover", "compare") and "kd" in stage.config.loss and (stage.config.kd_top_k or 0) > vocab:
+        elif (stage.name in ("recover", "compare") and "kd" in stage.config.loss
+              and (stage.config.kd_top_k or 0) > vocab):
             raise UserError(f"stages.{i}.{stage.name}: kd_top_k {stage.config.kd_top_k} is more than the model's "
                             f"{vocab} output tokens; choose at most {vocab}")
         elif stage.name == "export" and stage.config.dtype == "float16":
