@@ -96,6 +96,16 @@ def dequantize_rows(qweight: torch.Tensor, scales: torch.Tensor, fmt: str, hidde
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _register_rows(module: nn.Module, rows: int, width: int, fmt: str, group_size: int | None,
+                   device: torch.device | str | None) -> None:
+    """Empty ``qweight`` (rows, codes of ``width`` values: int8, or two 4-bit codes a byte) and fp16 ``scales``
+    buffers, for the checkpoint's tensors to load into."""
+    stored = width if fmt == "int8" else -(-width // 2)
+    module.register_buffer("qweight", torch.zeros(rows, stored, dtype=STORED_DTYPES[fmt], device=device))
+    groups = n_groups(width, fmt, group_size)
+    module.register_buffer("scales", torch.zeros(rows, groups, dtype=torch.float16, device=device))
+
+
 class QuantizedEmbedding(PinnedDtype):
     """Drop-in for ``nn.Embedding`` (and Gemma's scaled subclass): rows gathered as codes, then dequantized into
     ``dtype`` (the model's compute dtype, which follows ``model.to(dtype)``; the fp16 scales stay fp16)."""
@@ -110,10 +120,7 @@ class QuantizedEmbedding(PinnedDtype):
         self.fmt, self.group_size, self.padding_idx = fmt, group_size, padding_idx
         self.scalar_embed_scale = embed_scale  # Gemma multiplies the rows by sqrt(hidden)
         self.dtype = dtype
-        width = embedding_dim if fmt == "int8" else -(-embedding_dim // 2)
-        self.register_buffer("qweight", torch.zeros(num_embeddings, width, dtype=STORED_DTYPES[fmt], device=device))
-        groups = n_groups(embedding_dim, fmt, group_size)
-        self.register_buffer("scales", torch.zeros(num_embeddings, groups, dtype=torch.float16, device=device))
+        _register_rows(self, num_embeddings, embedding_dim, fmt, group_size, device)
 
     @classmethod
     def from_embedding(cls, emb: nn.Module, fmt: str, group_size: int | None = None,
@@ -175,10 +182,7 @@ class QuantizedLMHead(PinnedDtype):
         self.fmt, self.group_size = fmt, group_size
         self.__dict__["tied_to"] = tied_to  # plain attribute: not a submodule
         if tied_to is None:
-            width = in_features if fmt == "int8" else -(-in_features // 2)
-            self.register_buffer("qweight", torch.zeros(out_features, width, dtype=STORED_DTYPES[fmt], device=device))
-            groups = n_groups(in_features, fmt, group_size)
-            self.register_buffer("scales", torch.zeros(out_features, groups, dtype=torch.float16, device=device))
+            _register_rows(self, out_features, in_features, fmt, group_size, device)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: str, group_size: int | None = None,

@@ -103,6 +103,18 @@ def _mark(folder: Path) -> None:
     (folder / PARTIAL_MARK).write_text(f"{os.getpid()}\n")
 
 
+def new_sibling(path: Path, ours: Callable[[Path], bool], what: str) -> Path:
+    """A new marked temporary folder beside ``path`` to build its replacement in, after checking that ``path`` may
+    be replaced and removing partial folders that killed runs left beside it."""
+    check_replaceable(path, ours, what)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary shared folder
+    _mark(tmp)
+    return tmp
+
+
 @contextmanager
 def atomic_dir(path: Path, ours: Callable[[Path], bool] = lambda p: False, what: str = "output folder"
                ) -> Iterator[Path]:
@@ -112,14 +124,9 @@ def atomic_dir(path: Path, ours: Callable[[Path], bool] = lambda p: False, what:
     again after the work); anything else raises UserError and is left untouched.
     """
     path = Path(path)
-    check_replaceable(path, ours, what)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(path)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary shared folder
+    tmp = new_sibling(path, ours, what)
     old = None
     try:
-        _mark(tmp)
         yield tmp
         check_replaceable(path, ours, what)
         if path.exists():

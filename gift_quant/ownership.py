@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 from .checkpoint import MANIFEST
 from .errors import UserError
-from .io_utils import PARTIAL_MARK, _mark, check_replaceable, remove_stale_partials, write_text
+from .io_utils import PARTIAL_MARK, check_replaceable, new_sibling, write_text
 
 WHAT = "gift_quant export"
 # What a run writes in its output folder besides its exports: an export path may not lie in (or be) one of these.
@@ -114,13 +113,8 @@ def staged_export(path: Path) -> Iterator[Path]:
     failure it is removed and ``path`` is untouched. ``path`` may hold only an earlier export (and the user's files
     beside it) or nothing."""
     path = Path(path)
-    check_replaceable(path, is_export, WHAT)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(path)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary shared folder
+    tmp = new_sibling(path, is_export, WHAT)
     try:
-        _mark(tmp)
         yield tmp
         check_replaceable(path, is_export, WHAT)
         install_export(tmp, path)
