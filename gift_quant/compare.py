@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .config import KEEPS_FROZEN_PART, CompareConfig, EvaluateConfig, RecoverConfig
+from .config import CompareConfig, EvaluateConfig, RecoverConfig, entry_method, method_config
 from .data import load_documents, packed_sequences, source_label
 from .distributed import is_main
 from .errors import UserError
@@ -37,25 +37,6 @@ log = logging.getLogger(__name__)
 
 # Stages after which the model still computes the full-precision function (rotation is exact in fp).
 FP_STAGES = {"model", "calibrate", "select", "rotate"}
-BUDGET_FIELDS = ("max_steps", "max_tokens", "max_minutes")
-
-
-def method_config(cfg: CompareConfig, method: str, learning_rate: float, seed: int, fraction: float = 1.0
-                  ) -> RecoverConfig:
-    """The recover settings of one run: the shared ones, this entry's method (and its variant's settings), learning
-    rate and seed, the budget scaled by ``fraction`` (learning-rate sweeps), and evaluation at least 4 times."""
-    shared = cfg.model_dump(include=set(RecoverConfig.model_fields) - {"method", "order"})
-    variant = dict(cfg.variants.get(method, {"method": method}))
-    method = variant.pop("method")
-    shared.update(variant)
-    for key in BUDGET_FIELDS:
-        if shared[key] is not None and fraction < 1:
-            shared[key] = max(1, round(shared[key] * fraction)) if key != "max_minutes" else shared[key] * fraction
-    steps = shared["max_steps"]
-    shared.update(method=method, learning_rate=learning_rate, seed=seed,
-                  frozen=cfg.frozen if method in KEEPS_FROZEN_PART else "dense",
-                  eval_steps=cfg.eval_steps or (max(1, steps // 4) if steps and not cfg.eval_minutes else None))
-    return RecoverConfig.model_validate(shared)
 
 
 def _model_states(results: list[dict[str, Any]], last_stage: str) -> tuple[list[tuple[str, dict]], str]:
@@ -161,7 +142,7 @@ def _mean_curve(runs: list[dict[str, Any]]) -> list[dict[str, float]]:
 
 def registered_method(cfg: CompareConfig, name: str) -> RecoveryMethod:
     """The registered recovery method behind an entry of ``methods``: the method itself or the one a variant names."""
-    return METHODS[cfg.variants.get(name, {}).get("method", name)]
+    return METHODS[entry_method(cfg, name)]
 
 
 def _trains(cfg: CompareConfig, name: str) -> str:

@@ -277,6 +277,33 @@ class CompareConfig(RecoverConfig):
         return self
 
 
+BUDGET_FIELDS = ("max_steps", "max_tokens", "max_minutes")
+
+
+def entry_method(cfg: CompareConfig, name: str) -> str:
+    """The recovery method behind an entry of a comparison's ``methods``: the method itself or the one a variant
+    names."""
+    return cfg.variants.get(name, {}).get("method", name)
+
+
+def method_config(cfg: CompareConfig, method: str, learning_rate: float, seed: int, fraction: float = 1.0
+                  ) -> RecoverConfig:
+    """The recover settings of one run: the shared ones, this entry's method (and its variant's settings), learning
+    rate and seed, the budget scaled by ``fraction`` (learning-rate sweeps), and evaluation at least 4 times."""
+    shared = cfg.model_dump(include=set(RecoverConfig.model_fields) - {"method", "order"})
+    variant = dict(cfg.variants.get(method, {"method": method}))
+    method = variant.pop("method")
+    shared.update(variant)
+    for key in BUDGET_FIELDS:
+        if shared[key] is not None and fraction < 1:
+            shared[key] = max(1, round(shared[key] * fraction)) if key != "max_minutes" else shared[key] * fraction
+    steps = shared["max_steps"]
+    shared.update(method=method, learning_rate=learning_rate, seed=seed,
+                  frozen=cfg.frozen if method in KEEPS_FROZEN_PART else "dense",
+                  eval_steps=cfg.eval_steps or (max(1, steps // 4) if steps and not cfg.eval_minutes else None))
+    return RecoverConfig.model_validate(shared)
+
+
 class ReconstructConfig(NoiseSettings, FrozenSettings):
     """Block-wise reconstruction after quantization: each decoder block in order trains its method's tensors to
     reproduce the full-precision block's output on the calibration windows (MSE); the next block then reads the

@@ -419,10 +419,10 @@ def _teacher_pass(ctx: Context, cfg: RecoverConfig, steps: int | None) -> tuple[
 
 
 def compare(ctx: Context, cfg) -> StageEstimate:
-    from .compare import method_config, registered_method
+    from .config import entry_method, method_config
 
     start = ctx.form
-    trained = [m for m in cfg.methods if not registered_method(cfg, m).trains_nothing]
+    trained = [m for m in cfg.methods if not METHOD_SPECS[entry_method(cfg, m)].trains_nothing]
     runs = []
     for method in trained or cfg.methods[:1]:  # `none` trains nothing: its row is the starting perplexity
         ctx.form = start

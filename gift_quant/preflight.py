@@ -20,8 +20,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
-
 from .config import TextSource
 from .errors import UserError
 
@@ -121,6 +119,8 @@ def _tokenizer_fits(model, tokenizer, stages) -> None:
 
 def _fits_float16(model, where: str) -> None:
     """The export stores float16: a weight beyond its range would only be found after every stage ran."""
+    import torch
+
     limit = torch.finfo(torch.float16).max
     for name, t in model.state_dict().items():
         if t.is_floating_point() and t.numel() and t.abs().max().item() > limit:

@@ -203,3 +203,18 @@ def test_set_with_bad_yaml_is_one_line(tmp_path, capsys):
     assert main([str(path), "--dry-run", "--set", "stages.evaluate.seq_len=[1,"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--set stages.evaluate.seq_len: invalid YAML" in err, err
+
+
+@pytest.mark.parametrize("recipe", ["smollm2_3bit.yaml", "smollm2_3bit_compare.yaml", "llama2_3bit.yaml"])
+def test_dry_run_imports_no_torch(recipe: str) -> None:
+    # Planning a run must stay cheap: validation, preflight's recipe checks and the estimate are torch-free.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys\nfrom gift_quant.recipe import main\n"
+            f"rc = main([{str(root / 'recipes' / recipe)!r}, '--dry-run'])\n"
+            "print('torch' in sys.modules, rc)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False 0", out.stdout[-2000:] + out.stderr[-2000:]
