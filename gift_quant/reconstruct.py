@@ -136,8 +136,7 @@ def _windows(state, cfg: ReconstructConfig) -> torch.Tensor:
     if cfg.num_samples is None or cfg.num_samples == calib.windows.shape[0]:
         return calib.windows
     docs = load_documents(calib.config, state.recipe.data.dir)
-    c = calib.config
-    return calibration_windows(state.tokenizer, docs, cfg.num_samples, c.seq_len, c.seed)
+    return calibration_windows(state.tokenizer, docs, cfg.num_samples, calib.config.seq_len, calib.config.seed)
 
 
 def _train_one(model: nn.Module, block: nn.Module, index: int, inputs: list[Chunk], targets: list[Chunk],

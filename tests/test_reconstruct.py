@@ -227,3 +227,18 @@ def test_block_ap_resumes_after_a_kill_mid_block_with_the_same_codes(tiny_run, t
     resumed = quantized_modules(run(tiny_run, tmp_path, "killed", METHOD="block_ap").model)
     for name, m in whole.items():
         assert torch.equal(m.to_quantized_weight().codes, resumed[name].to_quantized_weight().codes), name
+
+
+def test_own_calibration_size_extends_the_calibrate_stages_windows_and_fp_inputs_run(tiny_run, tmp_path):
+    import json
+
+    import gift_quant.reconstruct as reconstruct
+    from gift_quant.config import ReconstructConfig
+
+    state = run(tiny_run, tmp_path, "out", METHOD="salient_ft, num_samples: 12, inputs: fp")
+    windows = reconstruct._windows(state, ReconstructConfig(num_samples=12))
+    assert windows.shape == (12, 64) and torch.equal(windows[:8], state.calibration.windows)
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
+    (row,) = [r for r in rows if r["stage"] == "reconstruct"]
+    assert "12 calibration windows" in row["note"] and "(fp inputs)" in row["note"]
+    assert row["metric"] == "block_mse_ratio" and row["value"] < 1
