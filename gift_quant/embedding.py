@@ -205,7 +205,19 @@ class QuantizedLMHead(PinnedDtype):
         return dequantize_rows(qweight, scales, self.fmt, self.in_features, self.group_size, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized(x.dtype))
+        return F.linear(x, self._cached(x.dtype))
+
+    def _cached(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dequantized weight, built once per dtype and kept until its tensors change: dequantizing
+        vocabulary × hidden values at every decoding step made generation 4× slower than an fp16 lm_head. It costs
+        the memory of an unquantized lm_head in ``dtype``; the file keeps the quantized size."""
+        qweight, scales = self.tensors()
+        key = (dtype, qweight.device, qweight.data_ptr(), qweight._version, scales.data_ptr(), scales._version)
+        cache = self.__dict__.get("_weight_cache")
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                cache = self.__dict__["_weight_cache"] = (key, self.dequantized(dtype))
+        return cache[1]
 
     def check(self) -> None:
         if not self.tied:

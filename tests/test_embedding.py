@@ -268,3 +268,16 @@ def test_sizes_are_compared_with_the_source_gguf(tiny_run, tmp_path):
     assert size["source"] == str(gguf) and size["source_bytes"] == 100_000
     assert size["size_ratio_vs_source"] == round(size["bytes"] / 100_000, 4)
     assert "× the source GGUF source.gguf" in (out / "report.md").read_text()
+
+
+def test_lm_head_dequantizes_once_and_again_only_when_its_tensors_change():
+    # Decoding calls the lm_head once per token: its dequantized weight is kept, and rebuilt after an in-place change.
+    lin = torch.nn.Linear(24, 40, bias=False)
+    head = QuantizedLMHead.from_linear(lin, "int8")
+    x = torch.randn(3, 24, dtype=torch.float64)
+    first = head(x)
+    torch.testing.assert_close(first, x @ head.dequantized(torch.float64).T, rtol=0, atol=0)
+    assert head._cached(torch.float64) is head._cached(torch.float64)
+    with torch.no_grad():
+        head.qweight.neg_()
+    torch.testing.assert_close(head(x), -first, rtol=0, atol=1e-12)
