@@ -316,7 +316,8 @@ class ReconstructConfig(NoiseSettings, FrozenSettings):
     train_norms: bool = False  # the block's RMSNorm weights train too (exported as ordinary fp tensors)
     learning_rate: float = Field(default=1e-4, gt=0)  # salient columns (and norms)
     scales_learning_rate: float | None = Field(default=None, gt=0)  # scales and zero points; None: learning_rate
-    codes_learning_rate: float = Field(default=1e-2, gt=0)  # block_ap's latent codes, in code units (0.5 flips one)
+    codes_learning_rate: float = Field(default=0.03, gt=0)  # block_ap's latent codes, in code units (0.5 flips one;
+    # on SmolLM2 at 3 bits 0.01 moved no code in 64 steps, 0.1 diverged: docs/results.md)
     epochs: PositiveInt = 2  # passes over the calibration windows per block
     batch_size: PositiveInt = 4  # calibration windows per step
     num_samples: PositiveInt | None = None  # windows to train on; None: the calibrate stage's (more are drawn with
