@@ -413,12 +413,11 @@ def export_stage(state, cfg) -> None:
     start = time.perf_counter()
     if cfg.format == "packed":
         try:
-            export_packed(model, state.tokenizer, path, quant_info=_quant_info(state),
-                          max_shard_size=cfg.max_shard_size, dtype=dtype, embedding=cfg.embedding,
-                          embedding_group_size=cfg.embedding_group_size)
+            size = export_packed(model, state.tokenizer, path, quant_info=_quant_info(state),
+                                 max_shard_size=cfg.max_shard_size, dtype=dtype, embedding=cfg.embedding,
+                                 embedding_group_size=cfg.embedding_group_size)  # with the folder's size report
         except ValueError as e:  # a value the format's fp16 cannot hold, a malformed shard size
             raise UserError(f"export: {e}") from e
-        size = size_report(path)
         state.record("export", "bits_per_weight", round(size["bits_per_weight"], 4), path=str(path),
                      checkpoint_mb=round(size["checkpoint_bytes"] / 2**20, 2), fp16_mb=round(size["fp16_bytes"] / 2**20, 2),
                      size_ratio_vs_fp16=round(size["ratio"], 4), seconds=round(time.perf_counter() - start, 1),
