@@ -108,16 +108,40 @@ def _train_copy(state, base, mcfg: RecoverConfig, out_dir: Path, ids: torch.Tens
 
 
 def pick_learning_rate(state, base, cfg: CompareConfig, method: str, ids, heldout) -> tuple[float, list[dict]]:
-    """The candidate of ``lr_sweep`` with the lowest held-out perplexity after a shortened run (first seed)."""
-    trials = []
-    for lr in cfg.lr_sweep:
+    """The candidate with the lowest held-out perplexity after a shortened run (first seed). A pick at an edge of the
+    candidates extends the sweep past that edge, one log-step at a time (the edge's ratio to its neighbour), up to
+    ``lr_sweep_extend`` extra runs, so the rate reported is an interior minimum or is flagged as an edge."""
+    trials: dict[float, dict] = {}
+
+    def trial(lr: float) -> None:
         mcfg = method_config(cfg, method, lr, cfg.seeds[0], cfg.sweep_fraction)
         report, ppl = _train_copy(state, base, mcfg, state.output_dir / "compare" / method / f"sweep-lr{lr:g}", ids,
                                   cfg, heldout)
-        trials.append({"learning_rate": lr, "heldout_ppl": ppl, "tokens": report.tokens})
+        trials[lr] = {"learning_rate": lr, "heldout_ppl": ppl, "tokens": report.tokens}
         log.info("compare: %s lr %g -> held-out ppl %.3f", method, lr, ppl)
-    best = min(trials, key=lambda t: t["heldout_ppl"])
-    return best["learning_rate"], trials
+
+    for lr in cfg.sweep_for(method):
+        trial(lr)
+    for _ in range(cfg.lr_sweep_extend):
+        beyond = _beyond_edge(trials)
+        if beyond is None:
+            break
+        trial(beyond)
+    ordered = [trials[lr] for lr in sorted(trials)]
+    return min(ordered, key=lambda t: t["heldout_ppl"])["learning_rate"], ordered
+
+
+def _beyond_edge(trials: dict[float, dict]) -> float | None:
+    """The next log-spaced candidate past the best rate when it is the lowest or highest tried; None when interior."""
+    rates = sorted(trials)
+    if len(rates) < 2:
+        return None
+    best = min(rates, key=lambda lr: trials[lr]["heldout_ppl"])
+    if best == rates[0]:
+        return float(f"{rates[0] ** 2 / rates[1]:.2g}")
+    if best == rates[-1]:
+        return float(f"{rates[-1] ** 2 / rates[-2]:.2g}")
+    return None
 
 
 def _mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -157,7 +181,7 @@ def run_entry(state, base, cfg: CompareConfig, method: str, ids, heldout, start:
     """One method: its learning rate (given or swept), a run per seed, and the statistics over seeds."""
     sweep: list[dict] = []
     registered = registered_method(cfg, method)
-    if cfg.lr_sweep and not registered.trains_nothing:
+    if cfg.sweep_for(method) and not registered.trains_nothing:
         lr, sweep = pick_learning_rate(state, base, cfg, method, ids, heldout)
     else:
         lr = cfg.learning_rates.get(method, cfg.learning_rate)
@@ -204,7 +228,7 @@ def compare_stage(state, cfg: CompareConfig) -> dict[str, Any]:
             base.to("cpu")
     if fp is None:
         fp = _measure_fp(state, ids, cfg)
-    heldout = heldout_blocks(state, cfg) if cfg.lr_sweep else None
+    heldout = heldout_blocks(state, cfg) if cfg.sweeping else None
 
     entries = []
     for method in cfg.methods:
@@ -345,12 +369,14 @@ def render_markdown(summary: dict[str, Any]) -> str:
             f"{verdict} |")
     sweeps = [m for m in methods if m["lr_sweep"]]
     if sweeps:
-        lines += ["", "Learning-rate sweep (held-out perplexity, first seed, shortened run):", "",
-                  "| method | " + " | ".join(f"lr {x['learning_rate']:g}" for x in sweeps[0]["lr_sweep"]) + " |",
-                  "|---|" + "---:|" * len(sweeps[0]["lr_sweep"])]
-        lines += [f"| {m['method']} | " + " | ".join(
-            f"**{x['heldout_ppl']:.2f}**" if x["learning_rate"] == m["learning_rate"] else f"{x['heldout_ppl']:.2f}"
-            for x in m["lr_sweep"]) + " |" for m in sweeps]
+        rates = sorted({x["learning_rate"] for m in sweeps for x in m["lr_sweep"]})
+        lines += ["", "Learning-rate sweep (held-out perplexity, first seed, shortened run; bold: the pick):", "",
+                  "| method | " + " | ".join(f"lr {lr:g}" for lr in rates) + " |", "|---|" + "---:|" * len(rates)]
+        for m in sweeps:
+            ppl = {x["learning_rate"]: x["heldout_ppl"] for x in m["lr_sweep"]}
+            cells = ["–" if lr not in ppl else f"**{ppl[lr]:.2f}**" if lr == m["learning_rate"] else f"{ppl[lr]:.2f}"
+                     for lr in rates]
+            lines.append(f"| {m['method']} | " + " | ".join(cells) + " |")
         edge = [m["method"] for m in sweeps if _at_sweep_edge(m)]
         if edge:
             lines += ["", f"Picked at the edge of the sweep (a better rate may lie outside it): {', '.join(edge)}."]
@@ -374,7 +400,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
 
 def _at_sweep_edge(m: dict[str, Any]) -> bool:
     rates = [x["learning_rate"] for x in m["lr_sweep"]]
-    return len(rates) > 2 and m["learning_rate"] in (min(rates), max(rates))
+    return len(rates) > 1 and m["learning_rate"] in (min(rates), max(rates))
 
 
 def _equal_cpu_lines(summary: dict[str, Any]) -> list[str]:

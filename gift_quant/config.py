@@ -12,7 +12,8 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, field_validator,
+                      model_validator)
 
 from .method_specs import METHOD_SPECS
 from .method_specs import names as method_names
@@ -243,10 +244,25 @@ class CompareConfig(RecoverConfig):
     learning_rates: dict[str, Annotated[float, Field(gt=0)]] = {}  # per-entry override of learning_rate
     seeds: list[Seed] = Field(default=[0], min_length=1)
     lr_sweep: list[Annotated[float, Field(gt=0)]] = []  # candidates; each method's best on held-out text wins
+    lr_sweeps: dict[str, list[Annotated[float, Field(gt=0)]]] = {}  # per-entry candidates, instead of lr_sweep
+    lr_sweep_extend: NonNegativeInt = 2  # extra log-steps past an edge pick, so picks end inside the sweep
     sweep_fraction: float = Field(default=0.25, gt=0, le=1)  # of the budget, for each sweep run
     heldout_windows: PositiveInt = 8  # windows of seq_len from training-text documents that training never reads
     final_seq_len: PositiveInt = 2048  # before/after perplexity; match the evaluate stages to reuse their rows
     final_windows: PositiveInt | None = 16  # None = the whole text
+
+    def sweep_for(self, entry: str) -> list[float]:
+        """The learning rates ``entry`` tries before its seeds run (empty: it runs at its configured rate)."""
+        return list(self.lr_sweeps.get(entry, self.lr_sweep))
+
+    @property
+    def sweeping(self) -> bool:
+        return bool(self.lr_sweep or self.lr_sweeps)
+
+    @property
+    def most_sweep_runs(self) -> int:
+        """Shortened runs of the longest sweep, its extensions past an edge included (an upper bound)."""
+        return max(len(self.sweep_for(m)) for m in self.methods) + (self.lr_sweep_extend if self.sweeping else 0)
 
     @model_validator(mode="after")
     def _methods(self) -> "CompareConfig":
@@ -257,10 +273,10 @@ class CompareConfig(RecoverConfig):
             raise ValueError("methods must be a non-empty list without repeats")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError("seeds must not repeat")
-        if self.lr_sweep and self.learning_rates:
-            raise ValueError("give either lr_sweep (each method picks its own) or learning_rates, not both")
+        if (self.lr_sweep or self.lr_sweeps) and self.learning_rates:
+            raise ValueError("give either lr_sweep / lr_sweeps (each method picks its own) or learning_rates, not both")
         known = set(get_args(RecoverMethod)) | set(self.variants)
-        unknown = [m for m in [*self.methods, *self.learning_rates] if m not in known]
+        unknown = [m for m in [*self.methods, *self.learning_rates, *self.lr_sweeps] if m not in known]
         if unknown:
             raise ValueError(f"'{unknown[0]}' is neither a recovery method ({', '.join(get_args(RecoverMethod))}) "
                              f"nor defined in variants")

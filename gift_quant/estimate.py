@@ -435,14 +435,15 @@ def compare(ctx: Context, cfg) -> StageEstimate:
     worst = max(runs, key=lambda r: r.peak)
     device = {**worst.parts, "the quantized model copies start from": model_bytes(ctx)}
     device.pop("runtime", None)
-    # every seed's full run, plus the lr sweep's shortened runs (first seed) for each method; after each run its
-    # perplexity: on the final windows, or for a sweep run on the held-out training text
-    repeats = len(cfg.seeds) + (len(cfg.lr_sweep) * cfg.sweep_fraction if cfg.lr_sweep else 0)
+    # every seed's full run, plus the lr sweep's shortened runs (first seed, the longest sweep with its extensions
+    # past an edge: an upper bound) for each method; after each run its perplexity: on the final windows, or for a
+    # sweep run on the held-out training text
+    repeats = len(cfg.seeds) + cfg.most_sweep_runs * cfg.sweep_fraction
     final = _forward_seconds(ctx, (cfg.final_windows or WIKITEXT2_TOKENS // cfg.final_seq_len) * cfg.final_seq_len,
                              cfg.final_seq_len)
-    heldout = _forward_seconds(ctx, cfg.heldout_windows * cfg.seq_len, cfg.seq_len) if cfg.lr_sweep else 0.0
+    heldout = _forward_seconds(ctx, cfg.heldout_windows * cfg.seq_len, cfg.seq_len) if cfg.sweeping else 0.0
     seconds = (repeats * sum(r.seconds for r in runs) if trained else 0.0) + teacher_seconds
-    seconds += len(trained) * (len(cfg.seeds) * final + len(cfg.lr_sweep) * heldout)
+    seconds += len(trained) * (len(cfg.seeds) * final + cfg.most_sweep_runs * heldout)
     host = {"the quantized model copies start from": device.pop("the quantized model copies start from")} \
         if ctx.cuda else {}
     if ctx.cuda and cfg.loss != "lm":

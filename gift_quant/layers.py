@@ -267,40 +267,23 @@ def pack_frozen(model: nn.Module) -> int:
     return len(dense)
 
 
-def project_into_cells(weight: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
-    """``weight`` moved to the nearest point whose rounding on the record's grid gives the record's code.
-
-    A weight whose own code already is the record's stays exactly as it is; one GPTQ moved to another code (error
-    compensation) goes to that code's cell edge, just inside. Edge codes (0 and maxq) have open cells.
-    """
-    w = weight.detach().to(torch.float32)
-    g = qw.g_idx.long()
-    s, z = qw.scales[:, g], qw.zeros[:, g]
-    codes = qw.codes.to(torch.float32)
-    half = 0.5 * s * (1 - 1e-3)  # strictly inside: rounding at the exact midpoint could go either way
-    centre = s * (codes - z)
-    low = torch.where(codes == 0, torch.full_like(w, -math.inf), centre - half)
-    high = torch.where(codes == 2**qw.bits - 1, torch.full_like(w, math.inf), centre + half)
-    own = quantize(w, s, z, 2**qw.bits - 1)
-    return torch.where(own == codes, w, torch.clamp(w, low, high))
-
-
 class STELinear(QuantizedLinearBase):
     """QAT baseline: latent weights ``weight`` (every column trainable) forwarded through the record's grid.
 
     Non-salient columns: ``s·(clamp(round_ste(w/s) + z, 0, maxq) − z)`` — straight-through inside the grid's range, no
     gradient beyond it; with ``learn_scales`` the step sizes train too, with LSQ's gradient scale 1/√(n·maxq).
-    Salient columns are used and trained as they are. The latent weights start from ``fp_weight`` (the weights before
-    quantization) projected into the record's cells, so the first forward equals the quantized model's and codes flip
-    once a weight crosses a cell edge; without ``fp_weight`` they start on the grid values (the centres of their
-    codes' cells).
+    Salient columns are used and trained as they are. By default the latent weights start on the grid values, the
+    centres of their codes' cells: step 0 is exactly the quantized model and a code flips only once its weight has
+    moved half a step (a start inside the cells' edges, as when the GPTQ-compensated codes are imposed on the weights
+    before quantization, lets the first step undo GPTQ's error compensation). ``start`` gives other latents (QAT from
+    the weights before quantization, with a record that is their own round-to-nearest).
     """
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype = torch.float32,
-                 fp_weight: torch.Tensor | None = None, learn_scales: bool = False) -> None:
+                 learn_scales: bool = False, start: torch.Tensor | None = None) -> None:
         super().__init__()
         self._init_record(qw)
-        start = qw.dequantize(torch.float32) if fp_weight is None else project_into_cells(fp_weight, qw)
+        start = qw.dequantize(torch.float32) if start is None else start.detach().to(torch.float32).clone()
         start[:, self.salient_idx] = qw.salient_weight.to(torch.float32)
         self.weight = nn.Parameter(start.to(dtype))
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype).clone())

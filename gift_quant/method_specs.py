@@ -6,8 +6,9 @@ stages and the export read these specs; ``methods.py`` gives each spec its behav
 | gift_sw     | salient columns (+ scales with ``train_scales``)                        | yes   | yes      | yes     |
 | salient_ft  | salient columns (+ scales with ``train_scales``)                        | no    | yes      | yes     |
 | scales_only | quantization scales (+ zero points if asymmetric), codes fixed          | no    | yes      | yes     |
-| ste         | latent weights through the fixed grid (straight-through)                | no    | no       | yes     |
-| ste_lsq     | latent weights and step sizes (LSQ)                                     | no    | no       | yes     |
+| ste         | latent weights from their GPTQ codes' cell centres, fixed grid (straight-through) | no | no  | yes     |
+| ste_lsq     | the same and the step sizes (LSQ)                                       | no    | no       | yes     |
+| qat_fp      | latent weights from the fp weights on their RTN grid, step sizes (LLM-QAT-style QAT) | no | no | yes  |
 | block_ap    | every weight from its code's cell centre, step sizes, zero points, salient columns (EfficientQAT's Block-AP in ``reconstruct``) | no | no | yes |
 | lora        | LoRA adapters beside the frozen quantized linears (peft)                | no    | no       | no      |
 | none        | nothing: the quantized model as it is (a comparison row)                | no    | no       | yes     |
@@ -43,10 +44,12 @@ METHOD_SPECS: dict[str, MethodSpec] = {s.name: s for s in (
                packable=True),
     MethodSpec("salient_ft", "salient columns", salient=True, packable=True),
     MethodSpec("scales_only", "quantization scales (codes fixed)", learns_scales=True, packable=True),
-    MethodSpec("ste", "latent weights (straight-through)", latent_bytes=8, blockwise=False,
-               needs_fp_weights=True),
-    MethodSpec("ste_lsq", "latent weights and step sizes (LSQ)", latent_bytes=12,
-               learns_scales=True, blockwise=False, needs_fp_weights=True),
+    MethodSpec("ste", "latent weights from their codes' cell centres (straight-through)", latent_bytes=8,
+               blockwise=False),
+    MethodSpec("ste_lsq", "latent weights from their codes' cell centres and step sizes (LSQ)", latent_bytes=12,
+               learns_scales=True, blockwise=False),
+    MethodSpec("qat_fp", "latent weights from the fp weights on their RTN grid, step sizes (LSQ; LLM-QAT-style "
+               "QAT, step 0 is RTN)", latent_bytes=12, learns_scales=True, blockwise=False, needs_fp_weights=True),
     MethodSpec("block_ap", "every weight through the quantizer from its code's cell centre, step sizes (and zero "
                "points), salient columns", latent_bytes=12, learns_scales=True),
     MethodSpec("lora", "LoRA adapters (rank matched to gift_sw's parameter count); unmerged, so not exportable",

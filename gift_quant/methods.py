@@ -21,6 +21,7 @@ from .config import RecoverMethod
 from .method_specs import METHOD_SPECS, MethodSpec
 from .layers import CodeLatentLinear, MixedPrecisionLinear, STELinear, mixed_linears, swap_module
 from .noise import NO_NOISE, NoiseSpec
+from .quantizer import QuantSpec, rtn
 
 FpWeights = Callable[[str], torch.Tensor]  # module name -> the full-precision weight it was quantized from
 
@@ -113,17 +114,21 @@ class ScalesOnly(RecoveryMethod):
 
 
 class STE(RecoveryMethod):
+    """Latent weights through the quantized model's fixed grid, from the centres of their codes' cells (step 0 is the
+    quantized model)."""
+
     name = "ste"
     learn_scales = False
 
     def _prepare(self, model, layers, setup, fp_weights):
         for name, m in layers.items():
-            fp = fp_weights(name) if fp_weights is not None else None
-            if fp is not None and tuple(fp.shape) != (m.out_features, m.in_features):
-                raise ValueError(f"{name}: the full-precision weight has shape {tuple(fp.shape)}, the quantized "
-                                 f"linear {(m.out_features, m.in_features)}")
-            ste = STELinear(m.to_quantized_weight(), m.bias, m.dtype, fp_weight=fp, learn_scales=self.learn_scales)
+            record, start = self._start(name, m, fp_weights)
+            ste = STELinear(record, m.bias, m.dtype, learn_scales=self.learn_scales, start=start)
             swap_module(model, name, ste.to(m.scales.device))
+
+    def _start(self, name: str, m: MixedPrecisionLinear, fp_weights: FpWeights | None):
+        """The record the latents train on and where they start (None: its cells' centres)."""
+        return m.to_quantized_weight(), None
 
     def finish(self, model, dtype):
         return {**_back_to_mixed(model, STELinear, dtype), **super().finish(model, dtype)}
@@ -143,6 +148,25 @@ def _back_to_mixed(model: nn.Module, kind: type, dtype: torch.dtype) -> dict[str
 
 class STELSQ(STE):
     name, learn_scales = "ste_lsq", True
+
+
+class QATFromFP(STE):
+    """Classic QAT in LLM-QAT's manner: the latents are the weights before quantization, on their own round-to-nearest
+    grid (min-max step sizes per group, trained with LSQ); GPTQ's codes and error compensation are not used, so step 0
+    is the RTN model, not the GPTQ one. The salient columns start from their fp values too."""
+
+    name, learn_scales = "qat_fp", True
+
+    def _start(self, name, m, fp_weights):
+        if fp_weights is None:
+            raise ValueError("qat_fp starts from the weights before quantization; none were given")
+        fp = fp_weights(name)
+        if tuple(fp.shape) != (m.out_features, m.in_features):
+            raise ValueError(f"{name}: the full-precision weight has shape {tuple(fp.shape)}, the quantized "
+                             f"linear {(m.out_features, m.in_features)}")
+        qw = m.to_quantized_weight()
+        spec = QuantSpec(bits=qw.bits, group_size=qw.group_size, sym=qw.sym)
+        return rtn(fp.to(qw.scales.device), spec, qw.salient_idx), fp
 
 
 class BlockAP(RecoveryMethod):
@@ -210,6 +234,6 @@ def lora_rank(model: nn.Module) -> int:
 
 
 METHODS: dict[str, RecoveryMethod] = {m.name: m for m in (GiftSW(), SalientFT(), ScalesOnly(), STE(), STELSQ(),
-                                                           BlockAP(), LoRA(), NoRecovery())}
+                                                           QATFromFP(), BlockAP(), LoRA(), NoRecovery())}
 # The recipe's names (config.RecoverMethod, kept torch-free for --dry-run) and this registry must agree.
 assert set(METHODS) == set(typing.get_args(RecoverMethod)), "config.RecoverMethod and METHODS differ"

@@ -171,7 +171,7 @@ def _with_data(state) -> None:
             if stage.name == "compare":
                 _enough(state, where, EvaluateConfig(dataset=cfg.eval_dataset), cfg.final_seq_len,
                         f"one final window of {cfg.final_seq_len}")
-                if cfg.lr_sweep:
+                if cfg.sweeping:
                     heldout_blocks(state, cfg)
 
 

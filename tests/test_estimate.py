@@ -181,15 +181,21 @@ def test_compare_counts_every_seed_the_sweep_and_one_teacher_pass():
 
     # one seed's run as the stage makes it (its perplexity curve included)
     one = {m: recover(ctx(), method_config(CompareConfig(**cfg), m, 1e-4, 0)).seconds for m in cfg["methods"]}
-    lm = compare(ctx(), CompareConfig(seeds=[0, 1, 2], lr_sweep=[1e-4, 3e-4], sweep_fraction=0.5, **cfg))
+    lm = compare(ctx(), CompareConfig(seeds=[0, 1, 2], lr_sweep=[1e-4, 3e-4], sweep_fraction=0.5, lr_sweep_extend=0,
+                                      **cfg))
     # after each run its perplexity: 3 seeds × 16 × 2048 final tokens and 2 sweep runs × 8 × 1024 held-out tokens
     # per method, ≈ 2 FLOPs per parameter and token
     evals = 2 * (3 * 16 * 2048 + 2 * 8 * 1024) * 2 * 6.7e9 / ctx().rates.matmul
     assert lm.seconds - (3 + 2 * 0.5) * sum(one.values()) == pytest.approx(evals, rel=0.1)
     with_none = compare(ctx(), CompareConfig(seeds=[0, 1, 2], lr_sweep=[1e-4, 3e-4], sweep_fraction=0.5,
-                                             **{**cfg, "methods": ["none", *cfg["methods"]]}))
+                                             lr_sweep_extend=0, **{**cfg, "methods": ["none", *cfg["methods"]]}))
     assert with_none.seconds == lm.seconds  # `none` trains and measures nothing
-    kd = compare(ctx(), CompareConfig(seeds=[0, 1, 2], lr_sweep=[1e-4, 3e-4], sweep_fraction=0.5, loss="kd", **cfg))
+    kd = compare(ctx(), CompareConfig(seeds=[0, 1, 2], lr_sweep=[1e-4, 3e-4], sweep_fraction=0.5, lr_sweep_extend=0,
+                                      loss="kd", **cfg))
+    # the sweep's extensions past an edge are counted as if all were needed (an upper bound)
+    extended = compare(ctx(), CompareConfig(seeds=[0, 1, 2], lr_sweep=[1e-4, 3e-4], sweep_fraction=0.5, **cfg))
+    assert extended.seconds - (3 + 4 * 0.5) * sum(one.values()) == pytest.approx(
+        2 * (3 * 16 * 2048 + 4 * 8 * 1024) * 2 * 6.7e9 / ctx().rates.matmul, rel=0.1)
     run = dict(method="gift_sw", max_steps=100, batch_size=4, seq_len=1024)
     teacher = recover(ctx(), RecoverConfig(loss="kd", **run)).seconds - recover(ctx(), RecoverConfig(**run)).seconds
     assert kd.seconds == pytest.approx(lm.seconds + teacher, rel=1e-6)

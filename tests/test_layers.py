@@ -25,7 +25,9 @@ from gift_quant.layers import (
 from gift_quant.noise import draw
 from gift_quant.packing import packed_rows
 from gift_quant.quantized import QuantizedWeight
-from gift_quant.quantizer import QuantSpec, find_params, rtn
+from gift_quant.gptq import GPTQ
+from gift_quant.methods import METHODS, Training
+from gift_quant.quantizer import QuantSpec, find_params, quantize, rtn
 
 OUT, IN, K = 24, 40, 5  # distinct sizes so an out × in tensor is recognisable by its shape
 # float32 forward vs float64 reference: sums of IN products of O(1) values, each rounding ≤ 2^-24 relative.
@@ -512,41 +514,71 @@ def test_ste_to_quantized_weight_requantizes_with_the_fixed_grid() -> None:
     torch.testing.assert_close(rec.dequantize(), ste.effective_weight().detach(), atol=1e-6, rtol=0)
 
 
-def test_ste_latent_weights_start_from_the_fp_weights_inside_the_codes_cells() -> None:
-    """Latent weights = the weights before quantization, projected into the quantized codes' cells: the first
-    forward equals the quantized model, and a weight whose own code is the record's keeps its exact fp value."""
-    g = torch.Generator().manual_seed(30)
+def gptq_record(bits: int = 3, seed: int = 30) -> tuple[torch.Tensor, QuantizedWeight]:
+    """fp weights and their GPTQ record on correlated inputs, where error compensation moves many codes off RTN's."""
+    g = torch.Generator().manual_seed(seed)
     fp = torch.randn(OUT, IN, generator=g)
-    qw = rtn(fp, QuantSpec(bits=3, group_size=8), salient_idx=torch.tensor([1, 9]))
-    own = qw.codes.clone()
-    qw.codes[:3, 10:20] = (qw.codes[:3, 10:20].long() + 1).clamp(max=6).to(torch.uint8)  # as GPTQ moves some codes
-    moved = qw.codes != own
-    assert moved.sum() > 10
-    ste = STELinear(qw, None, fp_weight=fp)
-    assert torch.equal(ste.to_quantized_weight().codes, qw.codes)  # nothing flipped yet
-    assert ste.flipped_codes() == 0
-    mp = MixedPrecisionLinear.from_quantized(qw, None).eval()
+    mix = torch.randn(IN, IN, generator=g) / math.sqrt(IN) + torch.eye(IN)
+    gptq = GPTQ(IN)
+    gptq.add_batch(torch.randn(512, IN, generator=g) @ mix)
+    return fp, gptq.quantize(fp, QuantSpec(bits=bits, group_size=8), salient_idx=torch.tensor([1, 9])).weight
+
+
+def test_ste_starts_at_its_gptq_codes_cell_centres_and_a_sub_margin_step_flips_nothing() -> None:
+    """Step 0 is the GPTQ model, and no code flips until a latent weight has moved half a step: an Adam step smaller
+    than that margin keeps every code GPTQ chose, including the many it moved away from the fp weights' own."""
+    fp, qw = gptq_record()
+    spec = QuantSpec(bits=3, group_size=8)
+    s = qw.step_per_weight()
+    own = quantize(fp, s, qw.zeros[:, qw.g_idx.long()], spec.maxq)
+    moved = own != qw.codes
+    moved[:, qw.salient_idx] = False
+    assert moved.float().mean() > 0.05  # GPTQ's error compensation really moved codes
+    for learn_scales in (False, True):
+        ste = STELinear(qw, None, learn_scales=learn_scales).train()
+        assert torch.equal(ste.weight.detach(), qw.dequantize())  # latents at the cells' centres
+        x = torch.randn(4, IN)
+        mp = MixedPrecisionLinear.from_quantized(qw, None).eval()
+        torch.testing.assert_close(ste(x), mp(x), atol=ATOL32, rtol=0)  # step 0 is the quantized model
+        lr = 0.4 * float(s.min())  # Adam moves every weight by at most ~lr per step: less than half the smallest Δ
+        opt = torch.optim.Adam([ste.weight], lr=lr)
+        for _ in range(1):
+            ste(torch.randn(32, IN)).square().mean().backward()
+            opt.step()
+        assert (ste.weight.detach() - qw.dequantize()).abs().max() > 0  # it did move
+        assert ste.flipped_codes() == 0
+        assert torch.equal(ste.to_quantized_weight().codes, qw.codes)
+
+
+def test_qat_from_fp_starts_from_the_fp_weights_on_their_rtn_grid() -> None:
+    """LLM-QAT-style QAT: latents are the weights before quantization, the grid their own RTN (not GPTQ's), so the
+    first forward equals the RTN model and the fp salient columns are the fp weights'."""
+    fp, qw = gptq_record(seed=31)
+    layer = MixedPrecisionLinear.from_quantized(qw, None)
+    model = nn.Sequential(layer)
+    n = METHODS["qat_fp"].prepare(model, Training(), fp_weights=lambda name: fp)
+    ste = model[0]
+    assert isinstance(ste, STELinear) and n == OUT * IN + ste.scales.numel()
+    ref = rtn(fp, QuantSpec(bits=3, group_size=8), qw.salient_idx)
+    assert torch.equal(ste.weight.detach(), fp)
+    assert torch.equal(ste.scales.detach(), ref.scales)
     x = torch.randn(4, IN)
-    torch.testing.assert_close(ste(x), mp(x), atol=ATOL32, rtol=0)
-    same = ~moved
-    same[:, qw.salient_idx] = False
-    assert torch.equal(ste.weight.detach()[same], fp[same])  # untouched where RTN's code is the record's
-    w = ste.weight.detach()
-    s = qw.scales[:, qw.g_idx.long()]
-    centre = s * (qw.codes.float() - qw.zeros[:, qw.g_idx.long()])
-    assert ((w - centre).abs()[moved] < 0.5 * s[moved]).all()  # inside the moved codes' cells ...
-    assert ((w - fp).abs()[moved] <= 0.5 * s[moved] * 1e-2 + (fp - centre).abs()[moved] - 0.5 * s[moved]).all()
+    torch.testing.assert_close(ste(x), x @ ref.dequantize().T, atol=ATOL32, rtol=0)
+    assert torch.equal(ste.to_quantized_weight().codes, ref.codes)
+    with pytest.raises(ValueError, match="full-precision weight has shape"):
+        METHODS["qat_fp"].prepare(nn.Sequential(MixedPrecisionLinear.from_quantized(qw, None)), Training(),
+                                  fp_weights=lambda name: fp[:, :-1])
 
 
 def test_ste_flips_codes_at_a_sensible_learning_rate() -> None:
-    """QAT changes codes: a few Adam steps at lr 1e-2 · Δ-scale on a regression target move latent weights across
-    cell edges (the degenerate grid-centre start could not flip one code at lr 5e-5 in 40 steps)."""
+    """QAT changes codes: from the cells' centres a code flips once its weight has moved half a step, so Adam at a
+    learning rate of a few percent of Δ (here Δ ≈ 0.9) moves codes within 20 steps on a regression target."""
     torch.manual_seed(0)
     fp = torch.randn(OUT, IN)
     qw = rtn(fp, QuantSpec(bits=3), salient_idx=torch.tensor([2]))
-    ste = STELinear(qw, None, fp_weight=fp).train()
+    ste = STELinear(qw, None).train()
     target = nn.Linear(IN, OUT, bias=False)
-    opt = torch.optim.Adam(ste.parameters(), lr=1e-2)
+    opt = torch.optim.Adam(ste.parameters(), lr=5e-2)
     for _ in range(20):
         x = torch.randn(32, IN)
         loss = (ste(x) - target(x).detach()).square().mean()

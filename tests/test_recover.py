@@ -540,7 +540,19 @@ def test_a_rate_picked_at_the_edge_of_the_sweep_is_flagged() -> None:
     assert _at_sweep_edge({"learning_rate": 3e-4, "lr_sweep": sweep})
     assert _at_sweep_edge({"learning_rate": 3e-5, "lr_sweep": sweep})
     assert not _at_sweep_edge({"learning_rate": 1e-4, "lr_sweep": sweep})
-    assert not _at_sweep_edge({"learning_rate": 1e-4, "lr_sweep": sweep[:2]})  # two rates have no inside
+    assert _at_sweep_edge({"learning_rate": 1e-4, "lr_sweep": sweep[:2]})  # two rates have no inside
+
+
+def test_a_pick_at_an_edge_extends_the_sweep_one_log_step_past_it() -> None:
+    from gift_quant.compare import _beyond_edge
+
+    def trials(**ppl):
+        return {float(k[2:].replace("_", "-")): {"heldout_ppl": v} for k, v in ppl.items()}
+
+    assert _beyond_edge(trials(lr3e_5=10.0, lr1e_4=11.0, lr3e_4=12.0)) == 9e-6  # 3e-5² / 1e-4
+    assert _beyond_edge(trials(lr3e_5=12.0, lr1e_4=11.0, lr3e_4=10.0)) == 9e-4
+    assert _beyond_edge(trials(lr3e_5=12.0, lr1e_4=10.0, lr3e_4=11.0)) is None  # interior: done
+    assert _beyond_edge(trials(lr1e_4=10.0)) is None  # one rate: nothing to extend along
 
 
 def test_config_rules() -> None:
@@ -686,7 +698,11 @@ def test_compare_over_seeds_with_a_learning_rate_sweep(tiny_run) -> None:
         assert m["ppl_after_std"] == pytest.approx(float(torch.tensor(afters, dtype=torch.float64).std()))  # n − 1
         assert len(set(afters)) > 1  # seeds really differ (data order, noise, initialisation)
         sweep = {t["learning_rate"]: t["heldout_ppl"] for t in m["lr_sweep"]}
-        assert set(sweep) == {1e-4, 1e-2} and m["learning_rate"] == min(sweep, key=sweep.get)
+        assert {1e-4, 1e-2} <= set(sweep) and m["learning_rate"] == min(sweep, key=sweep.get)
+        # a pick at an edge extended the sweep past it (at most lr_sweep_extend = 2 log-steps of 100×)
+        extra = sorted(set(sweep) - {1e-4, 1e-2})
+        assert extra in ([], [1e-6], [1e-8, 1e-6], [1.0], [1.0, 100.0]) and list(sweep) == sorted(sweep)
+        assert extra == [] or len(extra) == 2 or m["learning_rate"] not in (min(sweep), max(sweep))
         assert all(t["tokens"] == 2 * 32 for t in m["lr_sweep"])  # half the budget
     assert by["ste"]["codes_flipped"] is not None and by["ste"]["codes_total"] > 0
     assert by["none"]["ppl_after"] == by["none"]["ppl_before"] and by["none"]["ppl_after_std"] == 0
@@ -726,3 +742,20 @@ def test_train_norms_adds_the_norm_weights(tmp_path: Path, texts) -> None:
     assert len(norms) == 2 * 2 + 1 and report.trainable_params == expected_trainable(model, "salient_ft") + 5 * 64
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert set(norms) <= changed and all(k.endswith(("salient_weight", "norm.weight")) for k in changed)
+
+
+def test_qat_fp_trains_from_the_fp_weights_and_finishes_quantized(tmp_path: Path, texts) -> None:
+    """LLM-QAT-style QAT reads the teacher's weights: step 0 is the fp weights' RTN model (not the GPTQ/RTN record
+    handed in, whose salient columns differ), it moves codes, and it ends as ordinary quantized linears."""
+    fp = tiny_fp()
+    model = quantized(fp)
+    cfg = recover_cfg(texts, method="qat_fp", learning_rate=5e-2, max_steps=4)
+    state = run_state(tmp_path, model, [Stage(name="recover", config=cfg)])
+    state.teacher = fp
+    from gift_quant.recover import run_method
+
+    report = run_method(state, model, cfg, tmp_path / "qat")
+    assert report.trainable_params == sum(m.out_features * m.in_features + m.scales.numel()
+                                          for m in mixed_linears(quantized(fp)).values())
+    assert 0 < report.codes_flipped < report.codes_total
+    assert not any(isinstance(m, STELinear) for m in model.modules()) and len(mixed_linears(model)) == 14
