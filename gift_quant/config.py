@@ -155,7 +155,7 @@ class NoiseSettings(Strict):
 
     noise: Literal["gaussian", "uniform", "none"] = "gaussian"
     noise_scale: float = Field(default=0.5, ge=0)
-    noise_bits: Literal[2, 3, 4, 8] | None = None  # None: the layer's own grid (before quantization: quantize's)
+    noise_bits: Literal[2, 3, 4, 5, 6, 7, 8] | None = None  # None: the layer's own grid (before: quantize's)
     noise_source: Literal["fresh", "pool"] = "fresh"  # pool: windows of 2^24 fixed i.i.d. draws (no drawing cost)
 
 

@@ -20,7 +20,7 @@ from typing import Callable, Literal
 import torch
 import torch.nn.functional as F
 
-from gift_quant.quantizer import SUPPORTED_BITS, QuantSpec, group_params
+from gift_quant.quantizer import GRID_BITS, GridSpec, group_params
 
 NoiseKind = Literal["gaussian", "uniform", "none"]
 NoiseSource = Literal["fresh", "pool"]
@@ -42,8 +42,8 @@ class NoiseSpec:
             raise ValueError(f"noise kind must be gaussian, uniform or none, got {self.kind!r}")
         if not self.scale >= 0:
             raise ValueError(f"noise scale must be >= 0, got {self.scale}")
-        if self.bits is not None and self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"noise bits must be None or one of {SUPPORTED_BITS}, got {self.bits}")
+        if self.bits is not None and self.bits not in GRID_BITS:
+            raise ValueError(f"noise bits must be None or one of {GRID_BITS}, got {self.bits}")
         if self.source not in ("fresh", "pool"):
             raise ValueError(f"noise source must be fresh or pool, got {self.source!r}")
 
@@ -57,7 +57,7 @@ NO_NOISE = NoiseSpec(kind="none")
 
 def noise_step(weight: torch.Tensor, salient_idx: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """Δ (out, n_groups) of a ``bits``-bit symmetric MSE-clipped grid on the non-salient columns of ``weight``."""
-    spec = QuantSpec(bits=bits, group_size=group_size, sym=True, mse=True, norm=2.0)
+    spec = GridSpec(bits=bits, group_size=group_size, sym=True, mse=True, norm=2.0)
     scales, _ = group_params(weight.detach().float(), spec, salient_idx)
     return scales.float()
 

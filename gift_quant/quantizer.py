@@ -23,7 +23,8 @@ from torch import Tensor
 
 from gift_quant.quantized import QuantizedWeight
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_BITS = (2, 3, 4, 8)  # what the quantize stage stores and packs
+GRID_BITS = tuple(range(2, 9))  # what a grid that is only measured may have (the GIFT-SW noise's Δ)
 
 
 @dataclass(frozen=True)
@@ -38,9 +39,11 @@ class QuantSpec:
     max_shrink: float = 0.8
     norm: float = 2.4
 
+    allowed_bits = SUPPORTED_BITS
+
     def __post_init__(self) -> None:
-        if self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
+        if self.bits not in self.allowed_bits:
+            raise ValueError(f"bits must be one of {self.allowed_bits}, got {self.bits}")
         if self.group_size != -1 and self.group_size < 1:
             raise ValueError(f"group_size must be -1 (per output channel) or a positive integer, got {self.group_size}")
         if self.grid < 1 or not 0.0 < self.max_shrink <= 1.0 or self.norm <= 0:
@@ -70,6 +73,12 @@ class QuantSpec:
         """g_idx (in,) int32 for groups of consecutive original columns: column j is in group j // group_size."""
         width = self.columns_per_group(in_features)
         return (torch.arange(in_features, device=device) // width).to(torch.int32)
+
+
+class GridSpec(QuantSpec):
+    """A grid that is measured, never stored (e.g. the step of a 5-bit grid for GIFT-SW's noise): any width."""
+
+    allowed_bits = GRID_BITS
 
 
 def compute_dtype(t: Tensor) -> torch.dtype:

@@ -27,7 +27,7 @@ from gift_quant.packing import packed_rows
 from gift_quant.quantized import QuantizedWeight
 from gift_quant.gptq import GPTQ
 from gift_quant.methods import METHODS, Training
-from gift_quant.quantizer import QuantSpec, find_params, quantize, rtn
+from gift_quant.quantizer import GridSpec, QuantSpec, find_params, quantize, rtn
 
 OUT, IN, K = 24, 40, 5  # distinct sizes so an out × in tensor is recognisable by its shape
 # float32 forward vs float64 reference: sums of IN products of O(1) values, each rounding ≤ 2^-24 relative.
@@ -375,20 +375,21 @@ def symmetric_grid_error(w: torch.Tensor, step: torch.Tensor, bits: int) -> torc
     return ((step * (q - half) - w) ** 2).sum(1)
 
 
-def test_noise_bits_uses_a_4bit_mse_grid_on_nonsalient_columns() -> None:
+@pytest.mark.parametrize("bits", [4, 5])  # 5: a grid only measured for σ (GIFT-SW's noise levels), never stored
+def test_noise_bits_uses_an_mse_grid_of_that_width_on_nonsalient_columns(bits: int) -> None:
     torch.manual_seed(0)
     qw = rtn_record(bits=2, k=K, seed=11)  # a coarse 2-bit record: its own Δ is far larger than a 4-bit one
-    layer = MixedPrecisionLinear.from_quantized(qw, None, noise=NoiseSpec(scale=0.5, bits=4))
+    layer = MixedPrecisionLinear.from_quantized(qw, None, noise=NoiseSpec(scale=0.5, bits=bits))
     nonsalient = ~torch.isin(torch.arange(IN), qw.salient_idx)
     w_ns = qw.quantized_part()[:, nonsalient].double()
-    ref_scale, _ = find_params(w_ns.float(), QuantSpec(bits=4, sym=True, mse=True, norm=2.0))
+    ref_scale, _ = find_params(w_ns.float(), GridSpec(bits=bits, sym=True, mse=True, norm=2.0))
     ref_step = ref_scale.reshape(-1).double()
-    # independent properties of an MSE-clipped 4-bit symmetric grid: Δ no larger than absmax's (clipping only
-    # shrinks), and rounding error no worse than with the absmax step.
-    absmax_step = 2 * w_ns.abs().amax(1) / 15
+    # independent properties of an MSE-clipped symmetric grid: Δ no larger than absmax's (clipping only shrinks),
+    # and rounding error no worse than with the absmax step.
+    absmax_step = 2 * w_ns.abs().amax(1) / (2**bits - 1)
     assert (ref_step <= absmax_step * (1 + 1e-6)).all()
-    mse_err = symmetric_grid_error(w_ns, ref_step[:, None], 4)
-    assert (mse_err <= symmetric_grid_error(w_ns, absmax_step[:, None], 4) * (1 + 1e-6)).all()
+    mse_err = symmetric_grid_error(w_ns, ref_step[:, None], bits)
+    assert (mse_err <= symmetric_grid_error(w_ns, absmax_step[:, None], bits) * (1 + 1e-6)).all()
     assert (ref_step < 0.5 * qw.scales[:, 0].double()).all()
     draws = sample_noise(layer, N_DRAWS)
     assert torch.count_nonzero(draws[:, :, ~nonsalient]) == 0
