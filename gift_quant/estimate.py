@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .budget import step_budget
 from .config import Recipe, RecoverConfig, SelectConfig
 from .method_specs import METHOD_SPECS
 
@@ -362,12 +363,6 @@ def training_parts(ctx: Context, cfg: RecoverConfig, tokens: int) -> tuple[dict[
     return parts, form
 
 
-def _train_steps(cfg: RecoverConfig, world: int = 1) -> int | None:
-    per_step = cfg.batch_size * cfg.gradient_accumulation_steps * cfg.seq_len * world
-    limits = ([cfg.max_steps] if cfg.max_steps else []) + ([-(-cfg.max_tokens // per_step)] if cfg.max_tokens else [])
-    return min(limits) if limits else None
-
-
 def _curve_seconds(ctx: Context, cfg: RecoverConfig, steps: int | None) -> float:
     """The perplexity curve during training: at the start, every eval_steps, and at each eval_minutes mark."""
     if cfg.eval_steps is None and not cfg.eval_minutes:
@@ -386,7 +381,7 @@ def recover(ctx: Context, cfg: RecoverConfig, stage: str = "recover", teacher_ti
     backward = 2 if spec.latent or spec.adapters else 1  # frozen weights: the input gradient only
     per_micro = tokens * (1 + backward) * forward_flops(s, cfg.seq_len) / ctx.rates.matmul
     per_micro += 2 * _weight_passes(ctx, form, noisy) + (per_micro / 3 if cfg.gradient_checkpointing else 0)
-    steps = _train_steps(cfg)
+    steps = step_budget(cfg)
     seconds = steps * cfg.gradient_accumulation_steps * per_micro if steps else 60 * (cfg.max_minutes or 0)
     if noisy and cfg.noise_bits:  # set_noise's MSE grid at noise_bits for every linear, once
         seconds += 100 * GRID_PASSES * s.layers * s.block_weights * ctx.rates.weight_pass
@@ -431,7 +426,7 @@ def compare(ctx: Context, cfg) -> StageEstimate:
     ctx.form = start
     first = method_config(cfg, cfg.methods[0], cfg.learning_rate, cfg.seeds[0])
     # one teacher pass, shared by every method and seed
-    teacher_seconds = _teacher_pass(ctx, first, _train_steps(first))[1] if cfg.loss != "lm" else 0.0
+    teacher_seconds = _teacher_pass(ctx, first, step_budget(first))[1] if cfg.loss != "lm" else 0.0
     worst = max(runs, key=lambda r: r.peak)
     device = {**worst.parts, "the quantized model copies start from": model_bytes(ctx)}
     device.pop("runtime", None)

@@ -16,7 +16,6 @@ import ctypes.util
 from typing import Any, Callable
 
 import torch
-from torch import nn
 
 KERNELS = ("auto", "reference")
 FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .architectures import block_norm_weights
 from .config import RecoverMethod
 from .method_specs import METHOD_SPECS, MethodSpec
 from .layers import CodeLatentLinear, MixedPrecisionLinear, STELinear, mixed_linears, swap_module
@@ -220,6 +221,30 @@ class LoRA(RecoveryMethod):
                             target_modules=[f"{name}.base" for name in layers])
         set_seed(setup.seed)  # LoRA's A matrices are random
         inject_adapter_in_model(config, model)
+
+
+def setup_of(cfg, device: torch.device, dtype: torch.dtype, noise_bits: int | None = None) -> Training:
+    """What a recover, compare or reconstruct entry ``cfg`` gives its method; ``noise_bits`` is the grid the noise
+    falls back to when ``cfg.noise_bits`` is unset (before quantization: the quantize stage's)."""
+    noise = NoiseSpec(kind=cfg.noise, scale=cfg.noise_scale, bits=cfg.noise_bits or noise_bits, source=cfg.noise_source)
+    return Training(noise=noise, train_scales=cfg.train_scales and METHOD_SPECS[cfg.method].salient,
+                    lora_rank=getattr(cfg, "lora_rank", None), lora_alpha=getattr(cfg, "lora_alpha", None),
+                    seed=cfg.seed, master_fp32=device.type == "cuda" and dtype != torch.float32)
+
+
+def make_trainable(model: nn.Module, part: nn.Module, cfg, device: torch.device, dtype: torch.dtype,
+                   fp_weights: FpWeights | None = None) -> int:
+    """``cfg.method``'s trainable form of ``part`` (the whole ``model``, or one decoder block of it), with the norms
+    there when ``cfg.train_norms``; returns the trainable count."""
+    setup = setup_of(cfg, device, dtype)
+    count = METHODS[cfg.method].prepare(part, setup, fp_weights)
+    if cfg.train_norms:
+        for weight in block_norm_weights(model, None if part is model else part).values():
+            weight.requires_grad_(True)
+            if setup.master_fp32:
+                weight.data = weight.data.float()
+            count += weight.numel()
+    return count
 
 
 def gift_params(model: nn.Module) -> int:

@@ -151,7 +151,7 @@ def _enough(state, where: str, source: TextSource, needed: int, what: str) -> No
 def _with_data(state) -> None:
     from .config import EvaluateConfig
     from .data import check_not_eval_text
-    from .recover import heldout_blocks
+    from .compare import heldout_blocks
 
     for i, stage in enumerate(state.recipe.stages):
         cfg, where = stage.config, f"stages.{i}.{stage.name}"

@@ -28,7 +28,7 @@ from .fingerprint import fingerprint
 from .errors import NonFiniteError, UserError
 from .gptq import GPTQ
 from .io_utils import write_csv
-from .layers import MixedPrecisionLinear, NoiseSpec, replace_linears
+from .layers import MixedPrecisionLinear, replace_linears
 from .quantized import QuantizedWeight
 from .quantizer import QuantSpec, rtn
 from .saliency import ChannelNorms

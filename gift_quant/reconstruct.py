@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import random
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -35,42 +34,21 @@ from .distributed import is_main
 from .fingerprint import fingerprint
 from .io_utils import write_csv
 from .layers import mixed_linears, pack_frozen
-from .methods import METHODS, Training
+from .methods import METHODS, make_trainable
 from .models import check_finite
-from .noise import NoiseSpec
 from .teacher import teacher_model
-from .training import BudgetClock, budget_spent, cosine_by_progress
+from .budget import BudgetClock, budget_spent, cosine_by_progress
+from .training import SCALE_SUFFIXES, param_groups
 
 log = logging.getLogger(__name__)
 
 LOG_FIELDS = ["layer", "trainable", "mse_start", "mse_end", "codes_changed", "steps", "seconds", "cpu_seconds"]
 
 
-def _trainable(model: nn.Module, block: nn.Module, cfg: ReconstructConfig, device: torch.device) -> int:
-    """Put one block in the method's trainable form (+ its norms); returns the trainable count."""
-    setup = Training(noise=NoiseSpec(kind=cfg.noise, scale=cfg.noise_scale, bits=cfg.noise_bits,
-                                     source=cfg.noise_source),
-                     train_scales=cfg.train_scales and METHODS[cfg.method].spec.salient, seed=cfg.seed,
-                     master_fp32=device.type == "cuda")
-    count = METHODS[cfg.method].prepare(block, setup)
-    if cfg.train_norms:
-        for weight in block_norm_weights(model, block).values():
-            weight.requires_grad_(True)
-            count += weight.numel()
-    return count
-
-
 def _optimizer(block: nn.Module, cfg: ReconstructConfig) -> torch.optim.Optimizer:
     """AdamW with one rate per kind of tensor: grid (scales, zero points), latent codes (code units), the rest."""
-    rates = {".scales": cfg.scales_learning_rate or cfg.learning_rate, ".zeros": cfg.scales_learning_rate or
-             cfg.learning_rate, ".latent": cfg.codes_learning_rate}
-    groups: dict[float, list[nn.Parameter]] = {}
-    for name, p in block.named_parameters():
-        if p.requires_grad:
-            lr = next((r for suffix, r in rates.items() if name.endswith(suffix)), cfg.learning_rate)
-            groups.setdefault(lr, []).append(p)
-    return torch.optim.AdamW([{"params": ps, "lr": lr} for lr, ps in groups.items()], lr=cfg.learning_rate,
-                             weight_decay=0.0)
+    rates = {SCALE_SUFFIXES: cfg.scales_learning_rate or cfg.learning_rate, ".latent": cfg.codes_learning_rate}
+    return torch.optim.AdamW(param_groups(block, cfg.learning_rate, rates), lr=cfg.learning_rate, weight_decay=0.0)
 
 
 def _mse(block: nn.Module, inputs: list[Chunk], targets: list[Chunk]) -> float:
@@ -142,7 +120,7 @@ def _windows(state, cfg: ReconstructConfig) -> torch.Tensor:
 def _train_one(model: nn.Module, block: nn.Module, index: int, inputs: list[Chunk], targets: list[Chunk],
                cfg: ReconstructConfig, device: torch.device, share: float | None, progress: tqdm) -> dict:
     """Train one block in its method's form, end it in evaluation form; its log row."""
-    trainable = _trainable(model, block, cfg, device)
+    trainable = make_trainable(model, block, cfg, device, _dtype(block))
     t0, cpu0 = time.perf_counter(), time.process_time()
     before = _mse(block.eval(), inputs, targets)
     steps = train_block(block, inputs, targets, cfg, share, cfg.seed * 100003 + index, progress)

@@ -16,23 +16,24 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from .architectures import block_norm_weights, target_linears
+from .architectures import target_linears
 from .config import KEEPS_FROZEN_PART, EvaluateConfig, QuantizeConfig, RecoverConfig
-from .data import check_not_eval_text, encode, load_documents, packed_sequences, source_label
+from .data import check_not_eval_text, load_documents, packed_sequences, source_label
 from .errors import UserError
 from .evaluate import eval_ids
 from .fingerprint import fingerprint
 from .layers import MixedPrecisionLinear, mixed_linears, pack_frozen, swap_module
-from .methods import METHODS, Training
+from .methods import METHODS, make_trainable, setup_of
 from .models import check_finite
-from .noise import NO_NOISE, NoiseSpec
+from .noise import NO_NOISE
 from .quantizer import QuantSpec, rtn
 from .saliency import ChannelNorms
 from .select import choose_salient
 from .state import Recovery
 from .teacher import fp_weights, teacher_model, teacher_topk
 from .distributed import world_size
-from .training import TokenBlocks, TrainReport, step_budget, train
+from .budget import step_budget
+from .training import TokenBlocks, TrainReport, train
 
 log = logging.getLogger(__name__)
 
@@ -81,26 +82,6 @@ def training_data(state, cfg: RecoverConfig) -> TokenBlocks:
     return TokenBlocks(blocks, teacher)
 
 
-def heldout_blocks(state, cfg: CompareConfig) -> torch.Tensor:
-    """``heldout_windows`` windows of ``seq_len`` from the last documents of the training text, refused when they
-    would overlap the documents training reads (the learning-rate sweep must not score on training data)."""
-    docs = load_documents(cfg, state.recipe.data.dir)
-    needed = cfg.heldout_windows * cfg.seq_len
-    start, have = len(docs), 0
-    while start > 0 and have <= needed:
-        start -= 1
-        have += len(encode(state.tokenizer, docs[start]).input_ids) + 1
-    used = training_blocks(state, cfg).numel()  # every entry of a comparison reads the same text
-    consumed, read = 0, 0
-    while read < used and consumed < len(docs):
-        read += len(encode(state.tokenizer, docs[consumed]).input_ids) + 1
-        consumed += 1
-    if have <= needed or consumed > start:
-        raise UserError(f"the training text cannot hold out {cfg.heldout_windows} windows of {cfg.seq_len} tokens "
-                        f"beside the {used} tokens training reads; lower heldout_windows or the budget")
-    return packed_sequences(state.tokenizer, docs[start:], cfg.seq_len, max_sequences=cfg.heldout_windows)
-
-
 def eval_blocks(state, cfg: RecoverConfig) -> torch.Tensor:
     """The first ``eval_windows`` windows of ``eval_seq_len`` tokens of the evaluation text (GPTQ protocol)."""
     ids = eval_ids(state, EvaluateConfig(dataset=cfg.eval_dataset)).view(-1)
@@ -121,16 +102,6 @@ def training_fingerprint(state, cfg: RecoverConfig, train_data: torch.Tensor) ->
 # ---------------------------------------------------------------- one method
 
 
-def noise_of(cfg: RecoverConfig, bits: int | None = None) -> NoiseSpec:
-    return NoiseSpec(kind=cfg.noise, scale=cfg.noise_scale, bits=cfg.noise_bits or bits, source=cfg.noise_source)
-
-
-def setup_of(cfg: RecoverConfig, device: torch.device, dtype: torch.dtype, noise_bits: int | None = None) -> Training:
-    return Training(noise=noise_of(cfg, noise_bits), train_scales=cfg.train_scales, lora_rank=cfg.lora_rank,
-                    lora_alpha=cfg.lora_alpha, seed=cfg.seed,
-                    master_fp32=device.type == "cuda" and dtype != torch.float32)
-
-
 def run_method(state, model: nn.Module, cfg: RecoverConfig, out_dir: Path,
                callbacks: Iterable[Any] = ()) -> TrainReport:
     """Prepare, train and finish ``cfg.method`` on the quantized ``model`` (in place)."""
@@ -142,14 +113,7 @@ def run_method(state, model: nn.Module, cfg: RecoverConfig, out_dir: Path,
     device = state.device
     if cfg.frozen == "packed" and cfg.method in KEEPS_FROZEN_PART:
         pack_frozen(model)  # before prepare: the optimizer must see the packed layers' parameters
-    trainable = method.prepare(model, setup_of(cfg, device, dtype),
-                               fp_weights(state) if method.needs_fp_weights else None)
-    if cfg.train_norms:
-        setup = setup_of(cfg, device, dtype)
-        for weight in block_norm_weights(model).values():
-            weight.requires_grad_(True)
-            weight.data = weight.data.float() if setup.master_fp32 else weight.data
-            trainable += weight.numel()
+    trainable = make_trainable(model, model, cfg, device, dtype, fp_weights(state) if method.needs_fp_weights else None)
     data = training_data(state, cfg)
     evaluating = cfg.eval_steps is not None or bool(cfg.eval_minutes)
     report = train(model, data, eval_blocks(state, cfg) if evaluating else None, cfg, out_dir, device,

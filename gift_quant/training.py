@@ -14,15 +14,15 @@ import logging
 import math
 import re
 import shutil
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from .budget import BudgetClock, RunTime, budget_spent, cosine_by_progress, step_budget
 from .config import RecoverConfig
 from .distributed import rank, world_size
 from .errors import UserError
@@ -81,65 +81,6 @@ class TrainReport:
         return asdict(self)
 
 
-# ---------------------------------------------------------------- budgets
-
-
-def step_budget(cfg: RecoverConfig, world_size: int = 1) -> int | None:
-    """The step limit from max_steps and max_tokens (the smaller), or None when only a time budget is given."""
-    tokens_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * cfg.seq_len * world_size
-    limits = [cfg.max_steps] if cfg.max_steps else []
-    if cfg.max_tokens:
-        limits.append(max(1, math.ceil(cfg.max_tokens / tokens_per_step)))
-    return min(limits) if limits else None
-
-
-class BudgetClock:
-    """Training time on the budget's clock (wall or process CPU), counting only the training steps; the same steps'
-    process CPU time is kept as well, so that runs on a wall clock can still be compared at equal CPU seconds."""
-
-    def __init__(self, clock: str, offset: float = 0.0, now=None, cpu_offset: float = 0.0) -> None:
-        self._now = now or (time.perf_counter if clock == "wall" else time.process_time)
-        self.spent, self._since = offset, None
-        self.cpu_spent, self._cpu_since = cpu_offset, None
-
-    def start(self) -> None:
-        self._since, self._cpu_since = self._now(), time.process_time()
-
-    def stop(self) -> None:
-        if self._since is not None:
-            self.spent += self._now() - self._since
-            self.cpu_spent += time.process_time() - self._cpu_since
-            self._since = self._cpu_since = None
-
-    @property
-    def minutes(self) -> float:
-        running = self._now() - self._since if self._since is not None else 0.0
-        return (self.spent + running) / 60
-
-    @property
-    def cpu_minutes(self) -> float:
-        running = time.process_time() - self._cpu_since if self._cpu_since is not None else 0.0
-        return (self.cpu_spent + running) / 60
-
-
-class RunTime:
-    """Wall and process CPU time of a run, evaluations included, carried across resumes by the checkpoint (a
-    checkpoint from before these were saved carries its steps' times instead)."""
-
-    def __init__(self, saved: dict[str, float]) -> None:
-        self.saved_wall = saved.get("run_seconds", saved.get("seconds", 0.0))
-        self.saved_cpu = saved.get("run_cpu_seconds", saved.get("cpu_seconds", 0.0))
-        self._wall, self._cpu = time.perf_counter(), time.process_time()
-
-    @property
-    def seconds(self) -> float:
-        return self.saved_wall + time.perf_counter() - self._wall
-
-    @property
-    def cpu_seconds(self) -> float:
-        return self.saved_cpu + time.process_time() - self._cpu
-
-
 def _budget_callback(clock: BudgetClock, cfg: RecoverConfig, evaluate: bool):
     from transformers import TrainerCallback
 
@@ -165,32 +106,25 @@ def _budget_callback(clock: BudgetClock, cfg: RecoverConfig, evaluate: bool):
     return Budget()
 
 
+def param_groups(model: nn.Module, lr: float, rates: dict[str | tuple[str, ...], float], decay: set[str] = frozenset(),
+                 weight_decay: float = 0.0) -> list[dict[str, Any]]:
+    """The optimizer's groups of ``model``'s trainable tensors: a name ending in a suffix of ``rates`` trains at that
+    rate (the grid's step sizes, block_ap's latent codes), without weight decay; the rest at ``lr``, with
+    ``weight_decay`` on the names in ``decay``. Empty groups are left out."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    rest = [(n, p) for n, p in named if not any(n.endswith(sfx) for sfx in rates)]
+    groups = [{"params": [p for n, p in rest if n in decay], "lr": lr, "weight_decay": weight_decay},
+              {"params": [p for n, p in rest if n not in decay], "lr": lr, "weight_decay": 0.0}]
+    groups += [{"params": [p for n, p in named if n.endswith(sfx)], "lr": rate, "weight_decay": 0.0}
+               for sfx, rate in rates.items()]
+    return [g for g in groups if g["params"]]
+
+
 def micro_batch_seed(seed: int, step: int, index: int) -> int:
     """The RNG seed of micro-batch ``index`` (in the global batch: accumulation step × processes + rank) of
     optimizer step ``step``; accelerate deals batch i·N + r of the shuffled data to rank r, so data and seed agree."""
     digest = hashlib.blake2b(f"{seed}/{step}/{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
-
-
-def cosine_by_progress(warmup: float, progress) -> Any:
-    """HF's cosine-with-warmup shape on a progress in [0, 1] instead of a step count."""
-
-    def factor(step: int) -> float:
-        p = min(1.0, progress(step))
-        if p < warmup:
-            return p / warmup
-        return 0.5 * (1.0 + math.cos(math.pi * (p - warmup) / max(1e-12, 1.0 - warmup)))
-
-    return factor
-
-
-def budget_spent(clock: BudgetClock, minutes: float | None, steps: int | None) -> Callable[[int], float]:
-    """The fraction of a training budget spent after ``step`` steps: time and steps, whichever ends first."""
-
-    def fraction(step: int) -> float:
-        return max(clock.minutes / minutes if minutes else 0.0, step / steps if steps else 0.0)
-
-    return fraction
 
 
 # ---------------------------------------------------------------- the trainer
@@ -244,16 +178,12 @@ def _trainer_class():
 
         def create_optimizer(self, model=None):
             if self.optimizer is None:
-                named = [(n, p) for n, p in (model or self.model).named_parameters() if p.requires_grad]
-                decay = set(self.get_decay_parameter_names(model or self.model))
-                scales = [p for n, p in named if n.endswith(SCALE_SUFFIXES)]
-                rest = [(n, p) for n, p in named if not n.endswith(SCALE_SUFFIXES)]
-                groups = [{"params": [p for n, p in rest if n in decay], "weight_decay": self.args.weight_decay},
-                          {"params": [p for n, p in rest if n not in decay], "weight_decay": 0.0},
-                          {"params": scales, "weight_decay": 0.0,
-                           "lr": self.recover.scales_learning_rate or self.args.learning_rate}]
-                cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model or self.model)
-                self.optimizer = cls([g for g in groups if g["params"]], **kwargs)
+                model = model or self.model
+                groups = param_groups(model, self.args.learning_rate,
+                                      {SCALE_SUFFIXES: self.recover.scales_learning_rate or self.args.learning_rate},
+                                      set(self.get_decay_parameter_names(model)), self.args.weight_decay)
+                cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model)
+                self.optimizer = cls(groups, **kwargs)
             return self.optimizer
 
         def create_scheduler(self, num_training_steps: int, optimizer=None):

@@ -16,7 +16,7 @@ from gift_quant.layers import MixedPrecisionLinear, pack_frozen, replace_linears
 from gift_quant.methods import METHODS
 from gift_quant.models import find_linears
 from gift_quant.quantizer import QuantSpec, rtn
-from gift_quant.recover import setup_of
+from gift_quant.methods import setup_of
 
 TARGETS = [r"\.(q|k|v|o)_proj$", r"\.(gate|up|down)_proj$"]
 SHAPES = [dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2),

@@ -218,3 +218,16 @@ def test_dry_run_imports_no_torch(recipe: str) -> None:
             "print('torch' in sys.modules, rc)")
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "False 0", out.stdout[-2000:] + out.stderr[-2000:]
+
+
+def test_the_comparison_report_and_the_budget_import_no_torch() -> None:
+    # tools/render_comparison.py renders summaries with the report module alone; the estimate reads the budget module.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys\nimport gift_quant.comparison_report, gift_quant.budget, gift_quant.estimate\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr

@@ -27,7 +27,8 @@ from gift_quant.state import Calibration, RunState
 from gift_quant.quantizer import QuantSpec, rtn
 from gift_quant.layers import mixed_linears
 from gift_quant.methods import METHODS, gift_params, lora_rank
-from gift_quant.recover import recover_stage, setup_of, training_blocks
+from gift_quant.methods import setup_of
+from gift_quant.recover import recover_stage, training_blocks
 from gift_quant.training import TokenBlocks, prepare_output, write_checksums
 from gift_quant.training import train as train_blocks
 from gift_quant.saliency import quant_error
@@ -514,7 +515,7 @@ def _curve_run(cpu_per_step: float, ppl_per_step: float, offset: float = 0.0) ->
 
 
 def test_equal_cpu_view_reads_every_run_at_the_shortest_whole_run() -> None:
-    from gift_quant.compare import equal_cpu_view
+    from gift_quant.comparison_report import equal_cpu_view
 
     def entry(name, cpu_per_step, ppl_per_step):
         runs = [_curve_run(cpu_per_step, ppl_per_step, offset) for offset in (0.0, 0.2, 0.4)]
@@ -534,7 +535,7 @@ def test_equal_cpu_view_reads_every_run_at_the_shortest_whole_run() -> None:
 
 
 def test_a_rate_picked_at_the_edge_of_the_sweep_is_flagged() -> None:
-    from gift_quant.compare import _at_sweep_edge
+    from gift_quant.comparison_report import _at_sweep_edge
 
     sweep = [{"learning_rate": lr} for lr in (3e-5, 1e-4, 3e-4)]
     assert _at_sweep_edge({"learning_rate": 3e-4, "lr_sweep": sweep})
@@ -631,7 +632,7 @@ def test_pre_gift_sw_columns_survive_quantization(tiny_run, tmp_path: Path) -> N
 
 
 def test_token_budget_sets_the_steps(tmp_path: Path, texts) -> None:
-    from gift_quant.training import step_budget
+    from gift_quant.budget import step_budget
 
     cfg = recover_cfg(texts, max_steps=None, max_tokens=100)  # 2 × 2 × 16 = 64 tokens per step
     assert step_budget(cfg) == 2 and step_budget(cfg.model_copy(update={"max_steps": 1})) == 1

@@ -107,7 +107,7 @@ def worker(args: argparse.Namespace) -> dict:
     from gift_quant.layers import pack_frozen
     from gift_quant.memory import PeakMemory
     from gift_quant.methods import METHODS as REGISTRY
-    from gift_quant.recover import setup_of
+    from gift_quant.methods import setup_of
 
     device = torch.device(args.device)
     model = build_model(args)

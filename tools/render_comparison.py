@@ -22,7 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gift_quant.compare import write_outputs  # noqa: E402
+from gift_quant.comparison_report import write_outputs  # noqa: E402
 
 SHARED = ("model", "eval", "training", "device")
 
