@@ -2,8 +2,8 @@
 
 This module knows nothing about torch, so validating a recipe (``--dry-run``) is instant. A recipe is
 ``model`` + ``data`` + an ordered list of stages, each written in YAML as a one-key mapping
-(``- evaluate: {max_windows: 16}``) that maps to exactly one config class here and one stage function
-(``gift_quant.pipeline.STAGE_FUNCTIONS``).
+(``- evaluate: {max_windows: 16}``) that maps to exactly one config class here and one stage function (the stage
+table, ``gift_quant.stages.STAGES``, which also holds the rules between stages).
 """
 
 from __future__ import annotations
@@ -389,20 +389,6 @@ class ZeroShotConfig(Strict):
     label: str | None = None
 
 
-STAGE_CONFIGS: dict[str, type[Strict]] = {
-    "evaluate": EvaluateConfig,
-    "calibrate": CalibrateConfig,
-    "select": SelectConfig,
-    "rotate": RotateConfig,
-    "quantize": QuantizeConfig,
-    "recover": RecoverConfig,
-    "compare": CompareConfig,
-    "reconstruct": ReconstructConfig,
-    "export": ExportConfig,
-    "zero_shot": ZeroShotConfig,
-}
-
-
 class Stage(BaseModel):
     model_config = ConfigDict(frozen=True)
     name: str
@@ -425,6 +411,8 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _stage_order(self) -> "Recipe":
+        from .stages import check_stage_order  # the stage table reads this module's settings classes
+
         check_stage_order(self.stages)
         return self
 
@@ -435,47 +423,6 @@ class Recipe(Strict):
         return out
 
 
-def check_stage_order(stages: list[Stage]) -> None:
-    """The rules between stages, so that ``--dry-run`` catches a recipe that could only fail or mislead later."""
-    names = [s.name for s in stages]
-    for once in ("calibrate", "select", "rotate", "quantize"):
-        if names.count(once) > 1:
-            second = [i for i, n in enumerate(names) if n == once][1]
-            raise ValueError(f"stages.{second}.{once}: a recipe has at most one {once} stage")
-    q = names.index("quantize") if "quantize" in names else None
-    before = lambda name, i: name in names[:i]  # noqa: E731
-    for i, stage in enumerate(stages):
-        where, cfg = f"stages.{i}.{stage.name}", stage.config
-        pre_gift = stage.name == "recover" and cfg.order == "before"
-        if stage.name == "rotate" and q is not None and i > q:
-            raise ValueError(f"{where}: must come before the quantize stage (the quantized grid is not rotated)")
-        if stage.name == "select" and (q is None or i > q):
-            raise ValueError(f"{where}: must come before a quantize stage (it chooses the columns quantize keeps)")
-        if stage.name == "quantize":
-            fixed = any(s.name == "recover" and s.config.order == "before" for s in stages[:i])
-            if cfg.method == "gptq" and not before("calibrate", i):
-                raise ValueError(f"{where}: gptq needs calibration data: add a 'calibrate' stage before it")
-            if before("select", i) and not fixed and not before("calibrate", i):
-                raise ValueError(f"{where}: salient selection needs calibration data: add a 'calibrate' stage before "
-                                 f"it")
-        if pre_gift:
-            if q is None or i > q:
-                raise ValueError(f"{where}: order: before needs a quantize stage after it")
-            if not (before("calibrate", i) and before("select", i)):
-                raise ValueError(f"{where}: order: before needs calibrate and select stages before it")
-        elif stage.name in ("recover", "compare", "reconstruct", "export") and (q is None or i < q):
-            raise ValueError(f"{where}: needs the quantized model: put a quantize stage before it")
-        if stage.name == "reconstruct" and not before("calibrate", i):
-            raise ValueError(f"{where}: trains on the calibration windows: add a 'calibrate' stage before it")
-        if stage.name == "zero_shot" and cfg.model == "export" and not before("export", i):
-            raise ValueError(f"{where}: model: export needs an export stage before it")
-        if stage.name == "export":
-            lora = [s for s in stages[:i] if s.name == "recover" and s.config.method == "lora"]
-            if lora:
-                raise ValueError(f"{where}: LoRA recovery keeps unmerged adapters that the low-bit format cannot hold; "
-                                 f"export after another method, or drop the export stage")
-
-
 def parse_stage(index: int, item: Any) -> Stage:
     """One `- name: {settings}` entry; a bare `- name` means default settings."""
     if isinstance(item, str):
@@ -483,12 +430,14 @@ def parse_stage(index: int, item: Any) -> Stage:
     if not isinstance(item, dict) or len(item) != 1:
         raise ValueError(f"stages.{index}: must be a one-key mapping such as '- evaluate: {{}}'")
     ((name, body),) = item.items()
-    if name not in STAGE_CONFIGS:
-        raise ValueError(f"stages.{index}: unknown stage '{name}' (known: {', '.join(STAGE_CONFIGS)})")
+    from .stages import STAGES
+
+    if name not in STAGES:
+        raise ValueError(f"stages.{index}: unknown stage '{name}' (known: {', '.join(STAGES)})")
     if body is not None and not isinstance(body, dict):
         raise ValueError(f"stages.{index}.{name}: settings must be a mapping")
     try:
-        config = STAGE_CONFIGS[name].model_validate(body or {})
+        config = STAGES[name].config.model_validate(body or {})
     except ValidationError as err:
         raise ValueError(describe(err, f"stages.{index}.{name}")) from None
     return Stage(name=name, config=config)

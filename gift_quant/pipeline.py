@@ -1,8 +1,9 @@
-"""Runs a recipe: the stage registry, the runner, and the run's report.
+"""Runs a recipe: the runner and the run's report.
 
-A stage is a function ``stage(state: RunState, config) -> None`` living in the module named after it; the table below
-maps recipe names to them, so a new stage adds one line here and one config class in ``config.py``. The order of the
-stages and the rules between them are checked when the recipe is parsed (``config.Recipe``), what needs the model or
+A stage is a function ``stage(state: RunState, config) -> None`` living in the module named after it; the stage table
+(``stages.STAGES``) maps recipe names to them, their settings classes and their torchrun policy, so a new stage adds
+one line there and one config class in ``config.py``. The order of the stages and the rules between them are checked
+when the recipe is parsed (``stages.check_stage_order``), what needs the model or
 the data right after it loads (``preflight``), and the run's status is in ``results.json`` at every moment.
 """
 
@@ -24,42 +25,23 @@ from .config import Recipe, Strict
 from .io_utils import write_text
 from .lock import output_lock, record_holder
 from .preflight import preflight
+from .stages import STAGES
 from .state import RunState
 
 log = logging.getLogger(__name__)
 
-STAGE_FUNCTIONS: dict[str, str] = {
-    "evaluate": "gift_quant.evaluate:evaluate_stage",
-    "calibrate": "gift_quant.calibrate:calibrate_stage",
-    "select": "gift_quant.select:select_stage",
-    "rotate": "gift_quant.rotate:rotate_stage",
-    "quantize": "gift_quant.quantize:quantize_stage",
-    "recover": "gift_quant.recover:recover_stage",
-    "compare": "gift_quant.compare:compare_stage",
-    "reconstruct": "gift_quant.reconstruct:reconstruct_stage",
-    "export": "gift_quant.export:export_stage",
-    "zero_shot": "gift_quant.zero_shot:zero_shot_stage",
-}
-
-
-# Under torchrun (see distributed.py): stages whose results are saved run on rank 0 first and are then loaded from disk
-# by the other ranks; stages that write a checkpoint run on rank 0 alone.
-SAVED_BY_RANK0 = {"quantize", "reconstruct"}
-RANK0_ONLY = {"export"}
-
-
 def stage_function(name: str) -> Callable[[RunState, Strict], None]:
-    module, func = STAGE_FUNCTIONS[name].split(":")
+    module, func = STAGES[name].run.split(":")
     return getattr(importlib.import_module(module), func)
 
 
 def run_stage(state: RunState, name: str, config: Strict) -> None:
     """One stage on this process; with several processes, as ``distributed.py`` lays out."""
-    func = stage_function(name)
-    if not distributed.active() or name not in SAVED_BY_RANK0 | RANK0_ONLY:
+    func, ranks = stage_function(name), STAGES[name].ranks
+    if not distributed.active() or ranks == "all":
         func(state, config)
         return
-    if name in SAVED_BY_RANK0:
+    if ranks == "rank0_first":
         with distributed.rank0_first():  # the others resume from what rank 0 saved, whatever `resume` says
             func(state, config if distributed.is_main() else config.model_copy(update={"resume": True}))
     else:
