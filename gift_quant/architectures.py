@@ -6,82 +6,32 @@ norms feed attention and the MLP and how they scale, and what rotation needs. Ev
 :func:`architecture`, which refuses (one line) a model whose type is missing or whose modules disagree with it;
 the runner calls it before any stage (``pipeline.preflight``).
 
-Adding an architecture is one entry in ``ARCHITECTURES`` and one tiny config in ``tests/test_architectures.py``.
+Adding an architecture is one entry in ``architecture_table.ARCHITECTURES`` and one tiny config in
+``tests/test_architectures.py``.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Literal
 
 from torch import nn
 
+from .architecture_table import ARCHITECTURES, Architecture
 from .errors import UserError
 
 
-@dataclass(frozen=True)
-class Architecture:
-    """Names are relative to the causal LM (``layers``, ``final_norm``) or to one decoder block (the rest)."""
-
-    layers: str = "model.layers"  # the nn.ModuleList of decoder blocks
-    final_norm: str = "model.norm"
-    attn_in: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")  # read the attention norm
-    attn_out: str = "self_attn.o_proj"
-    mlp_in: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")  # gate first; a single fused linear holds [gate; up]
-    mlp_out: str = "mlp.down_proj"
-    mlp_act: str = "mlp.act_fn"  # down_proj(act(gate) * up)
-    attn_norm: str = "input_layernorm"  # feeds attention
-    mlp_norm: str = "post_attention_layernorm"  # feeds the MLP
-    extra_norms: tuple[str, ...] = ()  # norms on the attention / MLP outputs, before the residual add
-    norm: Literal["w", "1+w"] = "w"  # RMSNorm output: x / rms(x) · w, or · (1 + w)
-    tied_embeddings: bool = False  # the family's checkpoints usually share lm_head with the embeddings
-
-    @property
-    def groups(self) -> tuple[tuple[str, ...], ...]:
-        """The block's linears in true-sequential order: q/k/v (or qkv) → o → gate/up (or gate_up) → down."""
-        return self.attn_in, (self.attn_out,), self.mlp_in, (self.mlp_out,)
-
-    @property
-    def linears(self) -> tuple[str, ...]:
-        return tuple(n for g in self.groups for n in g)
-
-    @property
-    def value(self) -> str:
-        """The linear whose last num_key_value_heads · head_dim output rows are the value heads (v_proj, qkv_proj)."""
-        return self.attn_in[-1]
-
-    @property
-    def mlp(self) -> str:
-        return self.mlp_out.rpartition(".")[0]
-
-    @property
-    def norms(self) -> tuple[str, ...]:
-        return (self.attn_norm, self.mlp_norm, *self.extra_norms)
-
-    def rotation_refusal(self) -> str | None:
-        """Why fused rotations would change this architecture's function, or None when they are supported: a norm
-        scale can be folded into the next linears only when it multiplies by w and nothing normalises the branch
-        outputs (rms(h·Q) = rms(h) holds for the residual stream, not for a per-channel scale after it)."""
-        reasons = (["its norms multiply by (1 + w)"] if self.norm != "w" else []) + (
-            [f"it normalises the attention/MLP outputs ({', '.join(self.extra_norms)})"] if self.extra_norms else [])
-        return " and ".join(reasons) or None
-
-    def block_prefix(self, index: int) -> str:
-        return f"{self.layers}.{index}."
-
-    def missing(self, model: nn.Module) -> str | None:
-        """The first module this entry names that ``model`` lacks, as a full name (None when all are there)."""
-        layers = _submodule(model, self.layers)
-        if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-            return f"{self.layers} (a list of decoder blocks)"
-        if _submodule(model, self.final_norm) is None:
-            return self.final_norm
-        for i, block in enumerate(layers):
-            for name in (*self.linears, *self.norms, self.mlp_act):
-                if _submodule(block, name) is None:
-                    return self.block_prefix(i) + name
-        return None
+def _missing(arch: Architecture, model: nn.Module) -> str | None:
+    """The first module this entry names that ``model`` lacks, as a full name (None when all are there)."""
+    layers = _submodule(model, arch.layers)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        return f"{arch.layers} (a list of decoder blocks)"
+    if _submodule(model, arch.final_norm) is None:
+        return arch.final_norm
+    for i, block in enumerate(layers):
+        for name in (*arch.linears, *arch.norms, arch.mlp_act):
+            if _submodule(block, name) is None:
+                return arch.block_prefix(i) + name
+    return None
 
 
 def _submodule(module: nn.Module, name: str) -> nn.Module | None:
@@ -89,20 +39,6 @@ def _submodule(module: nn.Module, name: str) -> nn.Module | None:
         return module.get_submodule(name)
     except AttributeError:
         return None
-
-
-LLAMA = Architecture()
-GEMMA = Architecture(mlp_norm="pre_feedforward_layernorm", norm="1+w", tied_embeddings=True,
-                     extra_norms=("post_attention_layernorm", "post_feedforward_layernorm"))
-ARCHITECTURES: dict[str, Architecture] = {
-    "llama": Architecture(tied_embeddings=True),  # SmolLM2 and Llama-3.2 1B/3B tie; Llama-2 7B does not
-    "mistral": LLAMA,
-    "qwen2": Architecture(tied_embeddings=True),  # q/k/v biases; 0.5B-3B tie
-    "qwen3": Architecture(tied_embeddings=True),  # q_norm/k_norm act on q and k per head: rotation-neutral
-    "gemma2": GEMMA,
-    "gemma3_text": GEMMA,
-    "phi3": Architecture(attn_in=("self_attn.qkv_proj",), mlp_in=("mlp.gate_up_proj",), mlp_act="mlp.activation_fn"),
-}
 
 
 def architecture(model: nn.Module) -> Architecture:
@@ -113,7 +49,7 @@ def architecture(model: nn.Module) -> Architecture:
         raise UserError(f"model type '{model_type}' ({type(model).__name__}) is not in gift_quant's architecture "
                         f"table: its decoder-layer path and linear groups are unknown (supported: "
                         f"{', '.join(ARCHITECTURES)}; see 'Adding an architecture' in the README)")
-    missing = arch.missing(model)
+    missing = _missing(arch, model)
     if missing is not None:
         raise UserError(f"this {model_type} model ({type(model).__name__}) has no {missing}, which gift_quant's "
                         f"architecture table lists for '{model_type}'")

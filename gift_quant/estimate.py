@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .architecture_table import ARCHITECTURES, LLAMA as LLAMA_TABLE, Architecture
 from .budget import step_budget
 from .config import Recipe, RecoverConfig, SelectConfig
 from .method_specs import METHOD_SPECS
@@ -34,9 +35,19 @@ GB = 1e9
 GPU_MEMORY = 80 * GB  # the budget the docs tabulate against: one 80 GB GPU
 
 
+# What each linear of the architecture table maps (in, out) from the config's widths: hidden h, attention q = heads ·
+# head_dim, kv = kv_heads · head_dim, intermediate i; fused linears hold their parts' outputs stacked.
+_WIDTHS = {"q_proj": lambda s: (s.hidden, s.q), "k_proj": lambda s: (s.hidden, s.kv),
+           "v_proj": lambda s: (s.hidden, s.kv), "qkv_proj": lambda s: (s.hidden, s.q + 2 * s.kv),
+           "o_proj": lambda s: (s.q, s.hidden), "gate_proj": lambda s: (s.hidden, s.intermediate),
+           "up_proj": lambda s: (s.hidden, s.intermediate), "gate_up_proj": lambda s: (s.hidden, 2 * s.intermediate),
+           "down_proj": lambda s: (s.intermediate, s.hidden)}
+
+
 @dataclass(frozen=True)
 class Shape:
-    """What the estimates need from a decoder's config (Llama layout; fused q/k/v or gate/up count the same)."""
+    """What the estimates need from a decoder's config; which linears and norms a block holds is the architecture
+    table's entry for the config's ``model_type`` (Llama's when it has none)."""
 
     hidden: int
     layers: int
@@ -46,6 +57,7 @@ class Shape:
     head_dim: int
     vocab: int
     tied: bool
+    arch: Architecture = LLAMA_TABLE
 
     @classmethod
     def from_config(cls, c: dict[str, Any]) -> "Shape":
@@ -53,15 +65,25 @@ class Shape:
         return cls(hidden=c["hidden_size"], layers=c["num_hidden_layers"], intermediate=c["intermediate_size"],
                    heads=heads, kv_heads=c.get("num_key_value_heads") or heads,
                    head_dim=c.get("head_dim") or c["hidden_size"] // heads, vocab=c["vocab_size"],
-                   tied=bool(c.get("tie_word_embeddings", False)))
+                   tied=bool(c.get("tie_word_embeddings", False)),
+                   arch=ARCHITECTURES.get(c.get("model_type", "llama"), LLAMA_TABLE))
+
+    @property
+    def q(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv(self) -> int:
+        return self.kv_heads * self.head_dim
 
     def linears(self) -> list[tuple[str, int, int]]:
         """(module name in a block, in_features, out_features) in true-sequential order."""
-        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
-        return [("self_attn.q_proj", h, q), ("self_attn.k_proj", h, kv), ("self_attn.v_proj", h, kv),
-                ("self_attn.o_proj", q, h), ("mlp.gate_proj", h, i), ("mlp.up_proj", h, i), ("mlp.down_proj", i, h)]
+        return [(n, *_WIDTHS[n.rpartition(".")[2]](self)) for n in self.arch.linears]
 
-    GROUPS = ((0, 1, 2), (3,), (4, 5), (6,))  # linears reading the same input (one Hessian, copied)
+    @property
+    def GROUPS(self) -> tuple[tuple[int, ...], ...]:  # noqa: N802  linears reading the same input (one Hessian, copied)
+        index = {n: k for k, n in enumerate(self.arch.linears)}
+        return tuple(tuple(index[n] for n in g) for g in self.arch.groups)
 
     @property
     def block_weights(self) -> int:
@@ -70,7 +92,8 @@ class Shape:
     @property
     def other_params(self) -> int:
         """Embeddings, lm_head (unless tied) and norms: what stays in the model's dtype."""
-        return self.vocab * self.hidden * (1 if self.tied else 2) + (2 * self.layers + 1) * self.hidden
+        norms = len(self.arch.norms) * self.layers + 1
+        return self.vocab * self.hidden * (1 if self.tied else 2) + norms * self.hidden
 
     @property
     def params(self) -> int:

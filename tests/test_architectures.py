@@ -261,3 +261,17 @@ def test_pipeline_and_packed_reload_on_every_architecture(model_type, tiny_run):
     # (gemma3_text) of their range on these models: a property of the format, not of the architecture.
     assert ((from_file - in_memory).abs().max() / in_memory.abs().max()).item() < 2e-3
     assert torch.equal(from_file, logits(as_stored(model), x))
+
+
+@pytest.mark.parametrize("model_type", ALL)
+def test_the_estimate_counts_every_parameter_of_each_architecture(model_type):
+    """--dry-run's shapes come from the same table: from a config alone they give the model's exact parameter count
+    (fused q/k/v and gate/up, the extra norms of Gemma, tied or untied heads), without torch."""
+    from gift_quant.estimate import Shape
+
+    model = tiny_causal_lm(model_type)
+    shape = Shape.from_config(model.config.to_dict())
+    biases = sum(p.numel() for n, p in model.named_parameters() if n.endswith(".bias"))
+    norms_inside = sum(p.numel() for n, p in model.named_parameters() if n.endswith(("q_norm.weight", "k_norm.weight")))
+    assert shape.params == sum(p.numel() for p in model.parameters()) - biases - norms_inside
+    assert [n for n, _, _ in shape.linears()] == list(ARCHITECTURES[model_type].linears)
