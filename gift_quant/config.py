@@ -409,52 +409,11 @@ class Recipe(Strict):
             raise ValueError("must name a folder of its own (not empty, not the working directory)")
         return v
 
-    @model_validator(mode="after")
-    def _stage_order(self) -> "Recipe":
-        from .stages import check_stage_order  # the stage table reads this module's settings classes
-
-        check_stage_order(self.stages)
-        return self
-
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe in the YAML's own shape (one-key stage mappings)."""
         out = self.model_dump(mode="json", exclude={"stages"})
         out["stages"] = [{s.name: s.config.model_dump(mode="json")} for s in self.stages]
         return out
-
-
-def parse_stage(index: int, item: Any) -> Stage:
-    """One `- name: {settings}` entry; a bare `- name` means default settings."""
-    if isinstance(item, str):
-        item = {item: {}}
-    if not isinstance(item, dict) or len(item) != 1:
-        raise ValueError(f"stages.{index}: must be a one-key mapping such as '- evaluate: {{}}'")
-    ((name, body),) = item.items()
-    from .stages import STAGES
-
-    if name not in STAGES:
-        raise ValueError(f"stages.{index}: unknown stage '{name}' (known: {', '.join(STAGES)})")
-    if body is not None and not isinstance(body, dict):
-        raise ValueError(f"stages.{index}.{name}: settings must be a mapping")
-    try:
-        config = STAGES[name].config.model_validate(body or {})
-    except ValidationError as err:
-        raise ValueError(describe(err, f"stages.{index}.{name}")) from None
-    return Stage(name=name, config=config)
-
-
-def parse_recipe(data: Any) -> Recipe:
-    """Validate a loaded YAML document; raises ValueError with a one-line, located message."""
-    if not isinstance(data, dict):
-        raise ValueError("the recipe must be a YAML mapping with at least a 'stages' list")
-    stages = data.get("stages")
-    if not isinstance(stages, list) or not stages:
-        raise ValueError("'stages' must be a non-empty list such as '- evaluate: {}'")
-    parsed = [parse_stage(i, item) for i, item in enumerate(stages)]
-    try:
-        return Recipe.model_validate({**data, "stages": parsed})
-    except ValidationError as err:
-        raise ValueError(describe(err)) from None
 
 
 def describe(err: ValidationError, prefix: str = "") -> str:

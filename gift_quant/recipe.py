@@ -16,7 +16,8 @@ from typing import Any
 
 import yaml
 
-from .config import Recipe, parse_recipe
+from .config import Recipe
+from .stages import parse_recipe
 from .errors import Interrupted, UserError
 
 EXIT_USER_ERROR = 2

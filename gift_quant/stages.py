@@ -1,16 +1,19 @@
 """What a stage is, said once and without torch: its typed settings, the function that runs it (imported only when
 it runs, so parsing and ``--dry-run`` stay torch-free), whether a recipe may hold it once only, where it must stand
 with respect to the quantize stage and which stages must come before it, and what each process does under torchrun.
-The recipe's validation (:func:`check_stage_order`), the runner (``pipeline``) and ``preflight`` read this table.
+A recipe is parsed here (:func:`parse_recipe`: each stage's settings, then :func:`check_stage_order`); the runner
+(``pipeline``) reads the same table.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
+
+from pydantic import ValidationError
 
 from .config import (CalibrateConfig, CompareConfig, EvaluateConfig, ExportConfig, QuantizeConfig, ReconstructConfig,
-                     RecoverConfig, RotateConfig, SelectConfig, Stage, Strict, ZeroShotConfig)
+                     Recipe, RecoverConfig, RotateConfig, SelectConfig, Stage, Strict, ZeroShotConfig, describe)
 
 Ranks = Literal["all", "rank0_first", "rank0_only"]
 
@@ -87,3 +90,37 @@ def _settings_rules(stages: list[Stage], i: int, where: str, q: int | None) -> N
     if stage.name == "export" and any(s.name == "recover" and s.config.method == "lora" for s in stages[:i]):
         raise ValueError(f"{where}: LoRA recovery keeps unmerged adapters that the low-bit format cannot hold; "
                          f"export after another method, or drop the export stage")
+
+
+def parse_stage(index: int, item: Any) -> Stage:
+    """One `- name: {settings}` entry; a bare `- name` means default settings."""
+    if isinstance(item, str):
+        item = {item: {}}
+    if not isinstance(item, dict) or len(item) != 1:
+        raise ValueError(f"stages.{index}: must be a one-key mapping such as '- evaluate: {{}}'")
+    ((name, body),) = item.items()
+    if name not in STAGES:
+        raise ValueError(f"stages.{index}: unknown stage '{name}' (known: {', '.join(STAGES)})")
+    if body is not None and not isinstance(body, dict):
+        raise ValueError(f"stages.{index}.{name}: settings must be a mapping")
+    try:
+        config = STAGES[name].config.model_validate(body or {})
+    except ValidationError as err:
+        raise ValueError(describe(err, f"stages.{index}.{name}")) from None
+    return Stage(name=name, config=config)
+
+
+def parse_recipe(data: Any) -> Recipe:
+    """Validate a loaded YAML document; raises ValueError with a one-line, located message."""
+    if not isinstance(data, dict):
+        raise ValueError("the recipe must be a YAML mapping with at least a 'stages' list")
+    stages = data.get("stages")
+    if not isinstance(stages, list) or not stages:
+        raise ValueError("'stages' must be a non-empty list such as '- evaluate: {}'")
+    parsed = [parse_stage(i, item) for i, item in enumerate(stages)]
+    try:
+        recipe = Recipe.model_validate({**data, "stages": parsed})
+    except ValidationError as err:
+        raise ValueError(describe(err)) from None
+    check_stage_order(recipe.stages)
+    return recipe

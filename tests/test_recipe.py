@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gift_quant.config import QuantizeConfig, parse_recipe
+from gift_quant.config import QuantizeConfig
+from gift_quant.stages import parse_recipe
 from gift_quant.recipe import load_recipe, main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ stages:
 
 
 def run(tiny_run, tmp_path, folder: str, **settings):
-    from gift_quant.config import parse_recipe
+    from gift_quant.stages import parse_recipe
     from gift_quant.pipeline import run as run_recipe
 
     text = RECIPE
@@ -33,7 +33,7 @@ def run(tiny_run, tmp_path, folder: str, **settings):
 
 
 def quantized_only(tiny_run, tmp_path):
-    from gift_quant.config import parse_recipe
+    from gift_quant.stages import parse_recipe
     from gift_quant.pipeline import run as run_recipe
 
     text = RECIPE.split("  - reconstruct")[0].replace("TRAIN", str(tmp_path / "train.jsonl"))

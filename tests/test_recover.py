@@ -614,7 +614,7 @@ stages:
 def test_pre_gift_sw_columns_survive_quantization(tiny_run, tmp_path: Path) -> None:
     import yaml
 
-    from gift_quant.config import parse_recipe
+    from gift_quant.stages import parse_recipe
     from gift_quant.pipeline import run
 
     # tiny_run has written the text files and patched the model loader; the recipe runs in-process to see the state.

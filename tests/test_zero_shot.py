@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import char_hf_tokenizer, tiny_llama
 
-from gift_quant.config import parse_recipe
+from gift_quant.stages import parse_recipe
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
                                 reason="lm-eval is not installed (pip install 'gift_quant[eval]')")

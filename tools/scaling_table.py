@@ -31,7 +31,7 @@ def recipe():
     base["stages"] += [{"recover": RECOVER}, {"recover": {**RECOVER, "frozen": "packed"}},
                        {"evaluate": {"dataset": "wikitext2", "seq_len": 2048}},
                        {"export": {"format": "packed", "verify": "float16"}}]
-    from gift_quant.config import parse_recipe
+    from gift_quant.stages import parse_recipe
 
     return parse_recipe(base)
 
