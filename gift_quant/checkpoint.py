@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from gift_quant import embedding
-from gift_quant.errors import UserError
+from gift_quant.errors import CheckpointError
 from gift_quant.io_utils import PARTIAL_MARK, file_sha256
 from gift_quant.packing import PackedLinear
 
@@ -55,10 +55,6 @@ def guard_tensors(modules) -> dict[str, torch.Tensor]:
     return {key: torch.zeros(1, dtype=torch.int8) for key in sorted(guard_keys(modules))}
 # load_quantized(verify_checksums=False) reaches the quantizer, which from_pretrained builds, through this.
 VERIFY_CHECKSUMS: contextvars.ContextVar[bool] = contextvars.ContextVar("gift_quant_verify_checksums", default=True)
-
-
-class CheckpointError(UserError, ValueError):
-    """A checkpoint folder that is missing, truncated, corrupted or inconsistent; the message says what."""
 
 
 def one_line(err: BaseException) -> str:

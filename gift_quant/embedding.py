@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gift_quant.errors import CheckpointError
 from gift_quant.pinning import PinnedDtype
 
 FORMATS = ("int8", "int4")
@@ -299,8 +300,6 @@ def dense_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], set[str], 
 
 
 def _record(qc: dict) -> dict | None:
-    from gift_quant.checkpoint import CheckpointError
-
     rec = qc.get("embedding")
     if rec is None:
         return None  # a checkpoint from before the field: the embedding is a plain tensor in qc["dtype"]
@@ -327,8 +326,6 @@ def stored_dtypes(qc: dict) -> dict[str, torch.dtype]:
 def install(model: nn.Module, qc: dict, dtype: torch.dtype) -> None:
     """Swap the embedding (and lm_head) of a skeleton for empty quantized modules shaped by the record, on their
     own device (meta while transformers loads); nothing for float formats and old checkpoints."""
-    from gift_quant.checkpoint import CheckpointError
-
     rec = _record(qc)
     if rec is None or rec["format"] in FLOAT_FORMATS:
         return
@@ -346,8 +343,6 @@ def install(model: nn.Module, qc: dict, dtype: torch.dtype) -> None:
 
 
 def check_values(model: nn.Module, qc: dict) -> None:
-    from gift_quant.checkpoint import CheckpointError
-
     rec = _record(qc)
     if rec is None or rec["format"] in FLOAT_FORMATS:
         return
@@ -359,8 +354,6 @@ def check_values(model: nn.Module, qc: dict) -> None:
 
 
 def _submodule(model: nn.Module, name: str, kind: type) -> nn.Module:
-    from gift_quant.checkpoint import CheckpointError
-
     try:
         m = model.get_submodule(name)
     except AttributeError:

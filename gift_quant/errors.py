@@ -15,3 +15,7 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int, name: str) -> None:
         super().__init__(name)
         self.signum, self.name = signum, name
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint folder that is missing, truncated, corrupted or inconsistent; the message says what."""
