@@ -42,7 +42,9 @@ from .training import SCALE_SUFFIXES, param_groups
 
 log = logging.getLogger(__name__)
 
-LOG_FIELDS = ["layer", "trainable", "mse_start", "mse_end", "codes_changed", "steps", "seconds", "cpu_seconds"]
+LOG_FIELDS = ["layer", "trainable", "mse_start", "mse_end", "heldout_mse_start", "heldout_mse_end", "codes_changed",
+              "steps", "seconds", "cpu_seconds"]
+HELDOUT_SEED = 1_000_003  # offsets the calibration seed: windows the training never reads (documents may repeat)
 
 
 def _optimizer(block: nn.Module, cfg: ReconstructConfig) -> torch.optim.Optimizer:
@@ -51,7 +53,9 @@ def _optimizer(block: nn.Module, cfg: ReconstructConfig) -> torch.optim.Optimize
     return torch.optim.AdamW(param_groups(block, cfg.learning_rate, rates), lr=cfg.learning_rate, weight_decay=0.0)
 
 
-def _mse(block: nn.Module, inputs: list[Chunk], targets: list[Chunk]) -> float:
+def _mse(block: nn.Module, inputs: list[Chunk], targets: list[Chunk]) -> float | None:
+    if not targets:
+        return None
     with torch.no_grad():
         total = sum(F.mse_loss(out.hidden, t.hidden, reduction="sum").item()
                     for out, t in zip(run_layer(block, inputs), targets))
@@ -117,17 +121,29 @@ def _windows(state, cfg: ReconstructConfig) -> torch.Tensor:
     return calibration_windows(state.tokenizer, docs, cfg.num_samples, calib.config.seq_len, calib.config.seed)
 
 
-def _train_one(model: nn.Module, block: nn.Module, index: int, inputs: list[Chunk], targets: list[Chunk],
+def _heldout_windows(state, cfg: ReconstructConfig) -> torch.Tensor | None:
+    """``heldout_windows`` calibration-style windows the stage never trains on (another seed of the same source)."""
+    if not cfg.heldout_windows:
+        return None
+    calib = state.calibration.config
+    docs = load_documents(calib, state.recipe.data.dir)
+    return calibration_windows(state.tokenizer, docs, cfg.heldout_windows, calib.seq_len, calib.seed + HELDOUT_SEED)
+
+
+def _train_one(model: nn.Module, block: nn.Module, index: int, streams: dict[str, tuple[list[Chunk], list[Chunk]]],
                cfg: ReconstructConfig, device: torch.device, share: float | None, progress: tqdm) -> dict:
-    """Train one block in its method's form, end it in evaluation form; its log row."""
+    """Train one block in its method's form on ``streams["train"]`` (inputs, targets), end it in evaluation form;
+    its log row, with the block MSE on the training and the held-out windows before and after."""
+    (inputs, targets), heldout = streams["train"], streams["heldout"]
     trainable = make_trainable(model, block, cfg, device, _dtype(block))
     t0, cpu0 = time.perf_counter(), time.process_time()
-    before = _mse(block.eval(), inputs, targets)
+    before, heldout_before = _mse(block.eval(), inputs, targets), _mse(block, *heldout)
     steps = train_block(block, inputs, targets, cfg, share, cfg.seed * 100003 + index, progress)
     ended = METHODS[cfg.method].finish(block, _dtype(block))
     check_finite(block, f"after reconstructing block {index}, its")
     changed = ended.get("codes_flipped", 0) / max(ended.get("codes_total", 0), 1)
     return {"layer": index, "trainable": trainable, "mse_start": before, "mse_end": _mse(block, inputs, targets),
+            "heldout_mse_start": heldout_before, "heldout_mse_end": _mse(block, *heldout),
             "codes_changed": round(changed, 6), "steps": steps, "seconds": round(time.perf_counter() - t0, 2),
             "cpu_seconds": round(time.process_time() - cpu0, 2)}
 
@@ -140,13 +156,17 @@ def reconstruct_stage(state, cfg: ReconstructConfig) -> None:
         pack_frozen(model)
     windows = _windows(state, cfg)
     stamp = fingerprint(state, {"base": state.quantization.fingerprint,
-                                "reconstruct": cfg.model_dump(mode="json", exclude={"resume", "frozen"})},
+                                "reconstruct": cfg.model_dump(mode="json",
+                                                              exclude={"resume", "frozen", "heldout_windows"})},
                         [windows])
     saved = ResultStore(state.output_dir / "reconstruct", stamp, cfg.resume, prefix="block")
     layers, fp_layers = decoder_layers(model), decoder_layers(teacher_model(state))
-    fp_in = capture_layer0_inputs(model, windows, device, cfg.batch_size)
+    heldout = _heldout_windows(state, cfg)
+    fp_in = {"train": capture_layer0_inputs(model, windows, device, cfg.batch_size),
+             "heldout": [] if heldout is None else capture_layer0_inputs(model, heldout, device, cfg.batch_size)}
     # The embeddings are not quantized: both streams start the same.
-    quant_in = [Chunk(c.hidden.clone(), c.layer_kwargs, c.index) for c in fp_in] if cfg.inputs == "quantized" else []
+    quant_in = {k: [Chunk(c.hidden.clone(), c.layer_kwargs, c.index) for c in v] if cfg.inputs == "quantized" else []
+                for k, v in fp_in.items()}
     share = None if cfg.max_minutes is None else 60 * cfg.max_minutes / len(layers)
     rows, start, cpu_start, resumed_cpu = [], time.perf_counter(), time.process_time(), 0.0
     # One tick per block: with a time budget every block gets the same share, so the ETA holds either way.
@@ -156,26 +176,31 @@ def reconstruct_stage(state, cfg: ReconstructConfig) -> None:
             block.to(device)
             fp_block.to(device)
             with torch.no_grad():
-                targets = run_layer(fp_block, fp_in)
+                targets = {k: run_layer(fp_block, v) for k, v in fp_in.items()}
             fp_block.to(home)
             inputs = quant_in if cfg.inputs == "quantized" else fp_in
             row = _load_block(saved, index, model, block)
             if row is None:
-                row = _train_one(model, block, index, inputs, targets, cfg, device, share, progress)
+                streams = {k: (inputs[k], targets[k]) for k in targets}
+                row = _train_one(model, block, index, streams, cfg, device, share, progress)
                 saved.save(index, _result(model, block), {k: str(v) for k, v in row.items()})
             else:  # its training's CPU time counts as when it ran (a resumed stage reports the whole cost)
                 resumed_cpu += float(row.get("cpu_seconds") or 0)
             rows.append(row)
             progress.update(1)
+            last = index + 1 == len(layers)
             with torch.no_grad():
-                quant_in = run_layer(block.eval(), quant_in) if quant_in and index + 1 < len(layers) else []
+                quant_in = {k: run_layer(block.eval(), v) if v and not last else [] for k, v in quant_in.items()}
             fp_in = targets
             block.to(home)
     if is_main():
         write_csv(state.output_dir / "reconstruct_log.csv", rows, LOG_FIELDS)
     reduction = [float(r["mse_end"]) / max(float(r["mse_start"]), 1e-30) for r in rows]
     changed = [float(r.get("codes_changed") or 0) for r in rows]
+    held = [float(r["heldout_mse_end"]) / max(float(r["heldout_mse_start"]), 1e-30) for r in rows
+            if r.get("heldout_mse_start") not in (None, "", "None")]
     state.record("reconstruct", "block_mse_ratio", round(sum(reduction) / len(reduction), 4),
+                 heldout_mse_ratio=round(sum(held) / len(held), 4) if held else None,
                  method=cfg.method, seconds=round(time.perf_counter() - start, 1),
                  cpu_seconds=round(time.process_time() - cpu_start + resumed_cpu, 1),
                  trainable_params=sum(int(r["trainable"]) for r in rows),
@@ -183,7 +208,8 @@ def reconstruct_stage(state, cfg: ReconstructConfig) -> None:
                  note=f"reconstruct: {cfg.method}{' + scales' if cfg.train_scales else ''}"
                       f"{' + norms' if cfg.train_norms else ''}, {cfg.epochs} epochs over "
                       f"{windows.shape[0]} calibration windows per block ({cfg.inputs} inputs); block MSE "
-                      f"after/before and codes changed per block in reconstruct_log.csv")
+                      f"after/before on them and on {cfg.heldout_windows} held-out windows, and codes changed, per "
+                      f"block in reconstruct_log.csv")
 
 
 def _dtype(block: nn.Module) -> torch.dtype:

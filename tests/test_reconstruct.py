@@ -242,3 +242,20 @@ def test_own_calibration_size_extends_the_calibrate_stages_windows_and_fp_inputs
     (row,) = [r for r in rows if r["stage"] == "reconstruct"]
     assert "12 calibration windows" in row["note"] and "(fp inputs)" in row["note"]
     assert row["metric"] == "block_mse_ratio" and row["value"] < 1
+
+
+def test_heldout_windows_are_only_measured_never_trained_on(tiny_run, tmp_path):
+    """The held-out windows' block MSE is logged before and after each block, and they change nothing trained: a
+    run without them ends on the same tensors (and resumes the same saved blocks: they are not in the fingerprint)."""
+    with_heldout = run(tiny_run, tmp_path, "held")
+    rows = list(csv.DictReader((tmp_path / "held" / "reconstruct_log.csv").open()))
+    for r in rows:
+        assert 0 < float(r["heldout_mse_start"]) < float("inf") and 0 < float(r["heldout_mse_end"]) < float("inf")
+    without = run(tiny_run, tmp_path, "plain_run", **{"noise_bits: 8}": "noise_bits: 8, heldout_windows: 0}"})
+    rows0 = list(csv.DictReader((tmp_path / "plain_run" / "reconstruct_log.csv").open()))
+    assert all(r["heldout_mse_start"] == "" for r in rows0)
+    a, b = with_heldout.model.state_dict(), without.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ratio = [r for r in with_heldout.results if r["metric"] == "block_mse_ratio"][0]["heldout_mse_ratio"]
+    assert ratio == pytest.approx(sum(float(r["heldout_mse_end"]) / float(r["heldout_mse_start"]) for r in rows)
+                                  / len(rows), abs=1e-4)
