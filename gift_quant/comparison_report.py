@@ -120,8 +120,10 @@ def render_markdown(summary: dict[str, Any]) -> str:
     methods = summary["methods"]
     trained = [m for m in methods if m["tokens"]]
     best = min(trained, key=lambda m: m["ppl_after"]) if trained else None
-    lr_note = (f"learning rate per method picked from {t['lr_sweep']} by held-out `{t['dataset']}` perplexity after "
-               f"{t['sweep_fraction']:.0%} of the budget" if t["lr_sweep"] else "learning rates as configured")
+    lr_note = (f"learning rate per method picked from {t['lr_sweep'] or 'its own candidates'} (extended past an edge "
+               f"pick up to {t.get('lr_sweep_extend', 0)} log-steps; table below) by held-out `{t['dataset']}` "
+               f"perplexity after {t['sweep_fraction']:.0%} of the budget"
+               if t["lr_sweep"] or t.get("lr_sweeps") else "learning rates as configured")
     lines = [
         f"# Recovery after quantization: {summary['model']}",
         "",
