@@ -291,3 +291,37 @@ def test_layered_full_vocabulary_kd_trains_as_the_resident_one(tiny_run, monkeyp
         shutil.rmtree(out)  # the second run trains from scratch (the placement does not invalidate a checkpoint)
     assert len(passes) == 6  # one layer-by-layer pass per training step, in the second run only
     assert ppls[0] == pytest.approx(ppls[1], rel=1e-6)
+
+
+def test_the_layered_pass_holds_one_layer_not_the_model(tmp_path, monkeypatch) -> None:
+    """The tensors the layer-by-layer top-k pass creates (layer copies, hidden states, logits), tracked op by op, peak
+    near the estimate's layered parts — one layer, the group's hidden states, one window's forward — far below the
+    model; and the targets are the resident pass's."""
+    import sys
+    from pathlib import Path
+
+    from gift_quant.config import RecoverConfig
+    from gift_quant.estimate import Context, Shape, teacher_parts
+    from gift_quant.teacher import module_bytes, teacher_topk
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    try:
+        from measure_teacher import TrackedBytes
+    finally:
+        sys.path.pop(0)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=256, num_hidden_layers=12,
+                                           num_attention_heads=4, num_key_value_heads=4, use_cache=False)).eval()
+    blocks = _windows(12, 32, seed=5)
+    tracked = TrackedBytes([*teacher.parameters(), *teacher.buffers(), blocks])
+    with tracked:
+        (logp, ids), _ = teacher_topk(_state(teacher, str(tmp_path / "l"), monkeypatch), blocks, 8, 1.0, "layered", 4)
+    (logp_r, ids_r), _ = teacher_topk(_state(teacher, str(tmp_path / "r"), monkeypatch), blocks, 8, 1.0)
+    assert torch.equal(ids, ids_r) and torch.equal(logp, logp_r)
+    cfg = RecoverConfig(loss="kd", teacher="layered", teacher_windows=4, seq_len=32)
+    estimate = sum(teacher_parts(Context(Shape.from_config(teacher.config.to_dict()), 4, cuda=True), cfg,
+                                 live=False, windows=12).values())
+    layer = module_bytes(teacher.model.layers[0])
+    assert layer < tracked.peak < 1.25 * estimate < module_bytes(teacher) / 3
