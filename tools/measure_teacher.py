@@ -138,6 +138,8 @@ def main() -> None:
     print(text)
     if args.json:
         args.json.write_text(text + "\n")
+    if not same:
+        sys.exit("measure_teacher: the layered pass's targets differ from the resident pass's")
 
 
 if __name__ == "__main__":
