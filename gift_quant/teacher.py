@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -163,12 +163,15 @@ def _teacher_topk(state, blocks: torch.Tensor, k: int, temperature: float, setti
         model = teacher_model(state)
         where = placement(setting, model, student, state.device, live=False)
         passes = teacher_logits(model, blocks[missing], state.device, where, group)
-        for logits, i in zip(passes, tqdm(missing, desc=f"teacher top-{k} logits ({where})")):
-            top = torch.log_softmax(logits.float() / temperature, dim=-1).topk(k, dim=-1)
-            found[i] = top.values.half().cpu(), top.indices.to(torch.int32).cpu()
-            tmp = paths[i].with_suffix(".tmp")
-            save_file({"logp": found[i][0], "ids": found[i][1]}, tmp)
-            tmp.replace(paths[i])
+        # closing: a resident teacher goes home even when saving a block fails
+        with closing(passes), tqdm(total=len(missing), desc=f"teacher top-{k} logits ({where})") as bar:
+            for logits, i in zip(passes, missing):
+                top = torch.log_softmax(logits.float() / temperature, dim=-1).topk(k, dim=-1)
+                found[i] = top.values.half().cpu(), top.indices.to(torch.int32).cpu()
+                tmp = paths[i].with_suffix(".tmp")
+                save_file({"logp": found[i][0], "ids": found[i][1]}, tmp)
+                tmp.replace(paths[i])
+                bar.update()
     return (torch.stack([f[0] for f in found]), torch.stack([f[1] for f in found])), where
 
 

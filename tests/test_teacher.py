@@ -202,6 +202,44 @@ def test_a_failing_layered_pass_leaves_the_teacher_in_place() -> None:
     assert _home(model) == before and list(model.model.layers) == layers
 
 
+def _measure_teacher():
+    """tools/measure_teacher.py: its tracker of created tensors and its check of two sets of top-k targets."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    try:
+        return importlib.import_module("measure_teacher")
+    finally:
+        sys.path.pop(0)
+
+
+def test_same_targets_accepts_rounding_and_a_swap_at_the_cut_only() -> None:
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(3, 5, 40, generator=g, dtype=torch.float64) * 3
+    logits[0, 0, :2] = logits[0, 0].max() + torch.tensor([1.0, 0.0])  # tokens 0 and 1 win, apart
+    order = logits[1, 2].argsort(descending=True)
+    logits[1, 2, order[4]] = logits[1, 2, order[3]] - 1e-9  # the 4th and 5th nearly tied at a cut of k = 4
+    same = _measure_teacher().same_targets
+
+    def targets(x: torch.Tensor, k: int = 4):
+        top = torch.log_softmax(x, -1).topk(k, -1)
+        return top.values.half(), top.indices.to(torch.int32)
+
+    assert same(targets(logits), targets(logits + 1e-7 * torch.randn(logits.shape, generator=g, dtype=torch.float64)))
+    swapped = logits.clone()
+    swapped[1, 2, order[4]] += 2e-9  # rounding lets the 5th token make the cut instead of the 4th
+    assert not torch.equal(targets(swapped)[1], targets(logits)[1]) and same(targets(logits), targets(swapped))
+    moved = logits.clone()
+    moved[0, 0, 1] += 0.5  # a real difference in a log-prob
+    assert not same(targets(logits), targets(moved))
+    renamed = logits.clone()  # the same log-probs, but the winner and the 5th token trade places: other ids
+    first, fifth = renamed[2, 1].argsort(descending=True)[[0, 4]]
+    renamed[2, 1, [first, fifth]] = renamed[2, 1, [fifth, first]]
+    assert torch.equal(targets(renamed)[0], targets(logits)[0]) and not same(targets(logits), targets(renamed))
+
+
 def _state(teacher, cache: str, monkeypatch):
     from types import SimpleNamespace
 
@@ -221,7 +259,7 @@ def test_layered_top_k_targets_are_the_resident_ones(tmp_path, monkeypatch) -> N
     (logp_l, ids_l), where_l = teacher_topk(_state(teacher, str(tmp_path / "l"), monkeypatch), blocks, 8, 1.5,
                                             setting="layered", group=2)
     assert (where_r, where_l) == ("resident", "layered")
-    assert torch.equal(ids_l, ids_r) and torch.equal(logp_l, logp_r)
+    assert _measure_teacher().same_targets((logp_l, ids_l), (logp_r, ids_r))
     with torch.no_grad():  # and both are the teacher's: float64 reference, stored in fp16
         ref = torch.log_softmax(teacher(input_ids=blocks).logits / 1.5, -1).topk(8, -1)
     torch.testing.assert_close(logp_l.double(), ref.values, atol=2e-3, rtol=0)
@@ -242,8 +280,10 @@ def test_auto_placement_keeps_the_teacher_resident_only_where_it_fits(monkeypatc
     """On a CPU both are one memory (resident); on a GPU layered once the teacher exceeds its share of the free
     memory the student leaves; an explicit setting is taken as given."""
     from conftest import tiny_llama
+    from gift_quant import estimate
     from gift_quant.teacher import LIVE_SHARE, PASS_SHARE, module_bytes, placement
 
+    assert (estimate.PASS_SHARE, estimate.LIVE_SHARE) == (PASS_SHARE, LIVE_SHARE)  # --dry-run decides as the run does
     teacher, student = tiny_llama(), tiny_llama(seed=1)
     t, s = module_bytes(teacher), module_bytes(student)
     assert placement("auto", teacher, student, torch.device("cpu"), live=False) == "resident"
@@ -297,29 +337,21 @@ def test_the_layered_pass_holds_one_layer_not_the_model(tmp_path, monkeypatch) -
     """The tensors the layer-by-layer top-k pass creates (layer copies, hidden states, logits), tracked op by op, peak
     near the estimate's layered parts — one layer, the group's hidden states, one window's forward — far below the
     model; and the targets are the resident pass's."""
-    import sys
-    from pathlib import Path
-
     from gift_quant.config import RecoverConfig
     from gift_quant.estimate import Context, Shape, teacher_parts
     from gift_quant.teacher import module_bytes, teacher_topk
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-    try:
-        from measure_teacher import TrackedBytes
-    finally:
-        sys.path.pop(0)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     teacher = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=256, num_hidden_layers=12,
                                            num_attention_heads=4, num_key_value_heads=4, use_cache=False)).eval()
     blocks = _windows(12, 32, seed=5)
-    tracked = TrackedBytes([*teacher.parameters(), *teacher.buffers(), blocks])
+    tool = _measure_teacher()
+    tracked = tool.TrackedBytes([*teacher.parameters(), *teacher.buffers(), blocks])
     with tracked:
         (logp, ids), _ = teacher_topk(_state(teacher, str(tmp_path / "l"), monkeypatch), blocks, 8, 1.0, "layered", 4)
     (logp_r, ids_r), _ = teacher_topk(_state(teacher, str(tmp_path / "r"), monkeypatch), blocks, 8, 1.0)
-    assert torch.equal(ids, ids_r) and torch.equal(logp, logp_r)
+    assert tool.same_targets((logp, ids), (logp_r, ids_r))
     cfg = RecoverConfig(loss="kd", teacher="layered", teacher_windows=4, seq_len=32)
     estimate = sum(teacher_parts(Context(Shape.from_config(teacher.config.to_dict()), 4, cuda=True), cfg,
                                  live=False, windows=12).values())
