@@ -96,6 +96,8 @@ def capture_layer0_inputs(model, windows: torch.Tensor, device: torch.device, ba
             layers[i] = layer
         for m, home in zip(moved, homes):
             m.to(home)
+        first.clear()  # the Recorder class (a reference cycle) keeps these lists until the garbage collector runs:
+        calls.clear()  # the chunks hold what they need, and layer 0's inputs must not outlive them
     return chunks
 
 

@@ -187,7 +187,17 @@ class BudgetSettings(Strict):
         return data
 
 
-class RecoverConfig(TextSource, NoiseSettings, FrozenSettings, BudgetSettings):
+class TeacherSettings(Strict):
+    """Where the full-precision teacher's forward runs (``loss: kd`` / ``lm+kd``): ``resident`` moves the whole
+    teacher onto the device; ``layered`` keeps it in host memory and visits one decoder layer at a time, as quantize
+    does (same logits, a fraction of the device memory, the weights crossing to the device once per pass); ``auto``
+    picks ``layered`` on a GPU where the teacher does not fit beside the student, ``resident`` otherwise."""
+
+    teacher: Literal["auto", "resident", "layered"] = "auto"
+    teacher_windows: PositiveInt = 64  # training windows per layer-by-layer pass of the cached top-k targets
+
+
+class RecoverConfig(TextSource, NoiseSettings, FrozenSettings, BudgetSettings, TeacherSettings):
     """Fine-tuning after (or, ``order: before``, ahead of) quantization; ``dataset`` is the training text."""
 
     method: RecoverMethod = "gift_sw"

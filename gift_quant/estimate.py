@@ -413,27 +413,76 @@ def recover(ctx: Context, cfg: RecoverConfig, stage: str = "recover", teacher_ti
     if cfg.loss != "lm":  # the teacher's one pass over the training text (before training, or step by step)
         during, teacher_seconds = _teacher_pass(ctx, cfg, steps)
         seconds += teacher_seconds if teacher_time else 0.0
-        if cfg.kd_top_k is None:  # the full vocabulary: the teacher sits beside the student at every step
-            parts = {**parts, "fp teacher": during["fp teacher"],
-                     "teacher logits": tokens * s.vocab * 8}
+        fp = model_bytes(ctx, "fp")
+        if cfg.kd_top_k is None:  # the full vocabulary: the teacher runs beside the student at every step
+            parts = {**parts, **teacher_parts(ctx, cfg, live=True)}
+            if "fp teacher" not in parts:  # layered: it waits in host memory
+                host["fp teacher"] = fp
         elif ctx.cuda:  # it lives in host RAM and visits the GPU, beside the quantized model, for its pass
-            host["fp teacher"] = during["fp teacher"]
+            host["fp teacher"] = fp
             if sum(during.values()) > sum(parts.values()):
                 parts = during
         else:  # it stays in the process's memory while the student trains
-            parts = {**parts, "fp teacher": during["fp teacher"]}
+            parts = {**parts, "fp teacher": fp}
     ctx.form = form
     note = f"{cfg.method}, frozen part {form}, {trainable_count(ctx, cfg):,} trainable"
     return _with_host(ctx, stage, parts, host, seconds, note)
 
 
 def _teacher_pass(ctx: Context, cfg: RecoverConfig, steps: int | None) -> tuple[dict[str, float], float]:
-    """The device's parts during the teacher's pass, and its seconds (one forward over every training token)."""
-    s, tokens = ctx.shape, cfg.seq_len
-    parts = {"frozen model": model_bytes(ctx), "fp teacher": model_bytes(ctx, "fp"),
-             "logits and loss": eval_logits(tokens, s.vocab, ctx.dtype_bytes, 1)}
-    total = (steps or 0) * cfg.batch_size * cfg.gradient_accumulation_steps * cfg.seq_len
-    return parts, total * forward_flops(s, cfg.seq_len) / ctx.rates.matmul
+    """The device's parts during the teacher's pass, and its seconds (one forward over every training token, and
+    the layer-by-layer passes' copies of the weights to the device)."""
+    windows = (steps or 0) * cfg.batch_size * cfg.gradient_accumulation_steps
+    parts = {"frozen model": model_bytes(ctx, _student_form(ctx, cfg)),  # packed before the pass
+             **teacher_parts(ctx, cfg, live=False, windows=windows)}
+    seconds = windows * cfg.seq_len * forward_flops(ctx.shape, cfg.seq_len) / ctx.rates.matmul
+    return parts, seconds + teacher_copy_seconds(ctx, cfg, windows, live=cfg.kd_top_k is None)
+
+
+# ---------------------------------------------------------------- the teacher's placement (teacher.py, layered.py)
+
+HOST_TO_DEVICE = 16e9  # bytes/s of host-to-GPU copies (assumed: PCIe 4.0 x16 from pageable memory)
+PASS_SHARE, LIVE_SHARE = 0.9, 0.5  # as teacher.py: the teacher's most share of what the student leaves, if resident
+
+
+def _student_form(ctx: Context, cfg: RecoverConfig) -> str:
+    return "packed" if cfg.frozen == "packed" and METHOD_SPECS[cfg.method].packable else ctx.form
+
+
+def teacher_placement(ctx: Context, cfg: RecoverConfig, live: bool) -> str:
+    """``cfg.teacher`` as ``teacher.placement`` resolves ``auto``, against an 80 GB GPU holding the student."""
+    if cfg.teacher != "auto":
+        return cfg.teacher
+    left = GPU_MEMORY - model_bytes(ctx, _student_form(ctx, cfg))
+    fits = model_bytes(ctx, "fp") <= (LIVE_SHARE if live else PASS_SHARE) * left
+    return "layered" if ctx.cuda and not fits else "resident"
+
+
+def teacher_parts(ctx: Context, cfg: RecoverConfig, live: bool, windows: int = 0) -> dict[str, float]:
+    """The teacher's parts on the device: the whole model, or (layered) the largest of one decoder layer and the
+    embeddings + head, the hidden states of the pass's windows (inputs and outputs of a layer); either way one
+    forward's intermediates inside a layer and the logits: one window's for the cached top-k (with their float
+    copies), the micro-batch's for the full-vocabulary loss (measured: tools/measure_teacher.py)."""
+    s, b = ctx.shape, ctx.dtype_bytes
+    tokens = (cfg.batch_size if live else 1) * cfg.seq_len
+    logits = ({"teacher logits": tokens * s.vocab * 8} if live
+              else {"logits and loss": eval_logits(cfg.seq_len, s.vocab, b, 1)})
+    logits["teacher forward"] = tokens * (3 * s.intermediate + 4 * s.hidden) * b  # as quantize's layer forward
+    if teacher_placement(ctx, cfg, live) == "resident":
+        return {"fp teacher": model_bytes(ctx, "fp"), **logits}
+    outer = s.vocab * s.hidden * (1 if s.tied else 2) + s.hidden
+    held = cfg.batch_size if live else min(cfg.teacher_windows, max(windows, 1))
+    return {"teacher layer (layered)": max(s.block_weights, outer) * b,
+            "teacher activations (layered)": 2 * held * cfg.seq_len * (s.hidden + 2 * s.head_dim) * b, **logits}
+
+
+def teacher_copy_seconds(ctx: Context, cfg: RecoverConfig, windows: int, live: bool = False) -> float:
+    """Seconds of copying the weights to the GPU: once per ``teacher_windows`` windows of the cached pass, or once
+    per micro-batch for the full-vocabulary loss; none when the teacher is resident or the device is the CPU."""
+    if not ctx.cuda or teacher_placement(ctx, cfg, live) == "resident":
+        return 0.0
+    passes = windows / cfg.batch_size if live else -(-windows // cfg.teacher_windows)
+    return passes * model_bytes(ctx, "fp") / HOST_TO_DEVICE
 
 
 def compare(ctx: Context, cfg) -> StageEstimate:

@@ -30,7 +30,7 @@ from .quantizer import QuantSpec, rtn
 from .saliency import ChannelNorms
 from .select import choose_salient
 from .state import Recovery
-from .teacher import fp_weights, teacher_model, teacher_topk
+from .teacher import fp_weights, live_teacher, placement, teacher_model, teacher_topk
 from .distributed import world_size
 from .budget import step_budget
 from .training import TokenBlocks, TrainReport, train
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 # stays valid when they change.
 NOT_TRAINING = {"frozen", "eval_dataset", "eval_steps", "eval_minutes", "eval_windows", "eval_seq_len", "save_steps",
                 "resume", "methods", "learning_rates", "seeds", "lr_sweep", "sweep_fraction", "heldout_windows",
-                "final_seq_len", "final_windows"}
+                "final_seq_len", "final_windows", "teacher", "teacher_windows"}
 
 
 # ---------------------------------------------------------------- data
@@ -64,21 +64,25 @@ def training_blocks(state, cfg: RecoverConfig) -> torch.Tensor:
     return state.tokens[key]
 
 
-def training_data(state, cfg: RecoverConfig) -> TokenBlocks:
+def training_data(state, cfg: RecoverConfig, student: nn.Module | None = None) -> TokenBlocks:
     """The training blocks, with the teacher's cached top-k log-probabilities when the loss distils (the time it
     takes to compute them, when they are not cached yet, is a results row of its own)."""
     blocks = training_blocks(state, cfg)
     if cfg.loss == "lm":
         return TokenBlocks(blocks)
     if cfg.kd_top_k is None:  # the full vocabulary: the teacher runs beside the student, nothing is cached
-        return TokenBlocks(blocks, live_teacher=teacher_model(state).to(state.device))
+        teacher = teacher_model(state)
+        where = placement(cfg.teacher, teacher, student, state.device, live=True)
+        log.info("full-vocabulary teacher: %s on %s", where, state.device)
+        return TokenBlocks(blocks, live_teacher=live_teacher(teacher, state.device, where))
     start, cpu_start = time.perf_counter(), time.process_time()
-    teacher, computed = teacher_topk(state, blocks, cfg.kd_top_k, cfg.kd_temperature)
-    if computed:
+    teacher, where = teacher_topk(state, blocks, cfg.kd_top_k, cfg.kd_temperature, cfg.teacher, cfg.teacher_windows,
+                                  student)
+    if where is not None:
         state.record(state.stage.name if state.stage else "recover", "teacher_tokens", int(blocks.numel()),
                      tokens=int(blocks.numel()), seconds=round(time.perf_counter() - start, 1),
-                     cpu_seconds=round(time.process_time() - cpu_start, 1),
-                     note=f"teacher top-{cfg.kd_top_k} log-probabilities computed once and cached")
+                     cpu_seconds=round(time.process_time() - cpu_start, 1), teacher=where,
+                     note=f"teacher top-{cfg.kd_top_k} log-probabilities computed once ({where}) and cached")
     return TokenBlocks(blocks, teacher)
 
 
@@ -114,7 +118,7 @@ def run_method(state, model: nn.Module, cfg: RecoverConfig, out_dir: Path,
     if cfg.frozen == "packed" and cfg.method in KEEPS_FROZEN_PART:
         pack_frozen(model)  # before prepare: the optimizer must see the packed layers' parameters
     trainable = make_trainable(model, model, cfg, device, dtype, fp_weights(state) if method.needs_fp_weights else None)
-    data = training_data(state, cfg)
+    data = training_data(state, cfg, model)
     evaluating = cfg.eval_steps is not None or bool(cfg.eval_minutes)
     report = train(model, data, eval_blocks(state, cfg) if evaluating else None, cfg, out_dir, device,
                    training_fingerprint(state, cfg, data.blocks), trainable, callbacks)
@@ -198,7 +202,7 @@ def pre_gift_sw(state, cfg: RecoverConfig) -> TrainReport:
     dtype = next(model.parameters()).dtype
     method = METHODS[cfg.method]
     trainable = method.prepare(model, setup_of(cfg, device, dtype, noise_bits=qcfg.bits))
-    data = training_data(state, cfg)
+    data = training_data(state, cfg, model)
     report = train(model, data, eval_blocks(state, cfg) if cfg.eval_steps else None, cfg,
                    state.output_dir / "recover" / f"pre_{cfg.method}", device,
                    training_fingerprint(state, cfg, data.blocks), trainable)

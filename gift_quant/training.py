@@ -16,7 +16,7 @@ import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -42,11 +42,11 @@ SCALE_SUFFIXES = (".scales", ".zeros")
 
 class TokenBlocks(Dataset):
     """Fixed-length token windows as causal-LM examples (labels = inputs; the model shifts them), with the teacher's
-    top-k log-probabilities for each when the loss distils from a cache, or the teacher itself (``live_teacher``) when
-    it distils from the full vocabulary at every step."""
+    top-k log-probabilities for each when the loss distils from a cache, or the teacher's forward (``live_teacher``:
+    input ids → logits) when it distils from the full vocabulary at every step."""
 
     def __init__(self, blocks: torch.Tensor, teacher: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 live_teacher: nn.Module | None = None) -> None:
+                 live_teacher: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.blocks, self.teacher, self.live_teacher = blocks, teacher, live_teacher
 
     def __len__(self) -> int:
@@ -143,7 +143,7 @@ def _trainer_class():
         loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean; the Trainer divides by GA steps
 
         def __init__(self, *args, recover: RecoverConfig, clock: BudgetClock, run_time: RunTime, steps: int | None,
-                     live_teacher: nn.Module | None = None, **kwargs):
+                     live_teacher: Callable[[torch.Tensor], torch.Tensor] | None = None, **kwargs):
             super().__init__(*args, **kwargs)
             self.recover, self.clock, self.run_time, self.step_limit = recover, clock, run_time, steps
             self.live_teacher = live_teacher
@@ -168,7 +168,7 @@ def _trainer_class():
                 loss = outputs.loss
             elif live:
                 with torch.no_grad():
-                    teacher = self.live_teacher(input_ids=inputs["input_ids"], use_cache=False).logits
+                    teacher = self.live_teacher(inputs["input_ids"])
                 loss = kd_loss_full(outputs.logits, teacher, self.recover.kd_temperature)
             else:
                 loss = kd_loss(outputs.logits, logp, ids, self.recover.kd_temperature)

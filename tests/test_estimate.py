@@ -199,3 +199,39 @@ def test_compare_counts_every_seed_the_sweep_and_one_teacher_pass():
     run = dict(method="gift_sw", max_steps=100, batch_size=4, seq_len=1024)
     teacher = recover(ctx(), RecoverConfig(loss="kd", **run)).seconds - recover(ctx(), RecoverConfig(**run)).seconds
     assert kd.seconds == pytest.approx(lm.seconds + teacher, rel=1e-6)
+
+
+def test_the_teacher_runs_layer_by_layer_where_it_does_not_fit():
+    """KD at 70B on one 80 GB GPU: the fp16 teacher (138 GB) cannot be resident, so auto visits it layer by layer:
+    on the device one decoder layer (the bytes a real layer holds), the pass's hidden states and one window's
+    logits; the teacher waits in host RAM and its weights cross once per teacher_windows windows. At 7B it fits."""
+    from gift_quant.estimate import (GPU_MEMORY, HOST_TO_DEVICE, recover, teacher_copy_seconds, teacher_parts,
+                                     teacher_placement)
+
+    def ctx(name: str, cuda: bool = True) -> Context:
+        return Context(Shape.from_config(BUILTIN[name]), 2, cuda=cuda, select=SelectConfig(count=128), bits=3)
+
+    big = "meta-llama/Llama-2-70b-hf"
+    cfg = dict(method="gift_sw", max_steps=250, batch_size=4, gradient_accumulation_steps=4, seq_len=1024,
+               gradient_checkpointing=True, frozen="packed", loss="kd")
+    fp = model_bytes(ctx(big), "fp")
+    for top_k in (64, None):
+        kd = RecoverConfig(kd_top_k=top_k, **cfg)
+        assert teacher_placement(ctx(big), kd, live=top_k is None) == "layered"
+        row = recover(ctx(big), kd)
+        assert row.peak < GPU_MEMORY and row.host >= fp
+        forced = recover(ctx(big), RecoverConfig(kd_top_k=top_k, teacher="resident", **cfg))
+        assert forced.peak > GPU_MEMORY + fp / 2  # what the resident teacher would need
+    assert teacher_placement(ctx("meta-llama/Llama-2-7b-hf"), RecoverConfig(**cfg), live=False) == "resident"
+    assert teacher_placement(ctx(big, cuda=False), RecoverConfig(**cfg), live=False) == "resident"  # one memory
+    # the copies: the whole teacher once per 64 windows of the 4000 the pass reads
+    assert teacher_copy_seconds(ctx(big), RecoverConfig(**cfg), 4000) == pytest.approx(63 * fp / HOST_TO_DEVICE)
+    # against a real decoder layer and real hidden states (float32, a layer larger than the embeddings)
+    model, config = tiny(layers=3)
+    small = Context(Shape.from_config(config), 4, cuda=True)
+    parts = teacher_parts(small, RecoverConfig(loss="kd", teacher="layered", teacher_windows=8, seq_len=32),
+                          live=False, windows=20)
+    norms = sum(p.numel() * 4 for n, p in model.model.layers[0].named_parameters() if "norm" in n)
+    assert parts["teacher layer (layered)"] == held(model.model.layers[0]) - norms
+    hidden = small.shape.hidden + 2 * small.shape.head_dim  # hidden states + the rotary cos/sin per token
+    assert parts["teacher activations (layered)"] == 2 * 8 * 32 * hidden * 4

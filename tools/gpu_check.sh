@@ -4,7 +4,8 @@
 #   1. the CUDA tests (gptqmodel kernel vs the reference path in fp16 and bf16, GPTQ on the GPU, the fallbacks);
 #   2. a tiny recipe end to end with `device: cuda`, its export reloaded in fp16 and bf16 on gptq_cuda
 #      (tools/gpu_tiny_recipe.py);
-#   3. the kernel check and benchmark (tools/check_gptq_kernel.py, tools/bench_kernel.py) in fp16 and bf16.
+#   3. the kernel check and benchmark (tools/check_gptq_kernel.py, tools/bench_kernel.py) in fp16 and bf16;
+#   4. the KD teacher's peak memory, resident vs layer by layer (tools/measure_teacher.py).
 # Prints "=== <step>: ok|FAILED" per step and a summary; exits 1 if any step failed (or no GPU / no gptqmodel).
 # GPU_CHECK_DEVICE=cpu runs the same steps on the CPU (no gptqmodel needed: step 3's kernel check is skipped), to
 # check the script itself on a machine without a GPU.
@@ -55,6 +56,8 @@ for dtype in float16 bfloat16; do
             --shapes 512x512 --rows 1,128 --repeats 3
     fi
 done
+# the KD teacher's top-k pass, resident vs layer by layer: CUDA's max allocated against the estimate (docs/scaling.md)
+step "kd teacher memory on $DEVICE" "$PY" tools/measure_teacher.py --device "$DEVICE"
 
 if [ "${#failed[@]}" -eq 0 ]; then
     echo "gpu_check ($DEVICE): all steps ok"
