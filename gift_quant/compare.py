@@ -28,7 +28,6 @@ from .data import encode, load_documents, packed_sequences, source_label
 from .distributed import is_main
 from .errors import UserError
 from .evaluate import eval_ids, perplexity
-from .layers import mixed_linears
 from .methods import METHODS, RecoveryMethod
 from .recover import run_method, training_blocks
 from .training import TrainReport
@@ -202,9 +201,7 @@ def run_entry(state, base, cfg: CompareConfig, method: str, ids, heldout, start:
 
 def compare_stage(state, cfg: CompareConfig) -> dict[str, Any]:
     """Stage `compare` (see the module docstring); returns the summary written to comparison.json."""
-    base = state.model
-    if not mixed_linears(base):
-        raise UserError("compare needs the quantized model: put a quantize stage before it")
+    base = state.model  # quantized: a quantize stage ran before it (stages.py)
     if state.device.type == "cuda":
         base.to("cpu")  # the copies train on the GPU; the starting point waits in host memory
     ids = eval_ids(state, EvaluateConfig(dataset=cfg.eval_dataset))

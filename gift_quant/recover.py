@@ -151,10 +151,7 @@ def record_report(state, stage: str, report: TrainReport, cfg: RecoverConfig) ->
 
 
 def _following_quantize(state) -> QuantizeConfig:
-    after = [s.config for s in state.stages_after if s.name == "quantize"]
-    if not after:
-        raise UserError("recover with order: before needs a quantize stage after it")
-    return after[0]
+    return next(s.config for s in state.stages_after if s.name == "quantize")  # one follows (stages.py)
 
 
 @torch.no_grad()
@@ -187,9 +184,7 @@ def _fp_layer(lin: nn.Linear, salient: torch.Tensor, grid: QuantSpec) -> MixedPr
 def pre_gift_sw(state, cfg: RecoverConfig) -> TrainReport:
     """``order: before``: GIFT-SW on the full-precision model at the next quantize stage's bit-width."""
     qcfg = _following_quantize(state)
-    select = state.selection
-    if select is None or state.calibration is None:
-        raise UserError("recover with order: before needs calibrate and select stages before it")
+    select = state.selection  # calibrate and select ran before it (stages.py)
     model, device = state.model, state.device
     model.to(device)
     linears = target_linears(model, qcfg.targets)
