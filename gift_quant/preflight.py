@@ -99,7 +99,7 @@ def _with_model(state) -> None:
             check_rotatable(state.model)
         elif stage.name == "evaluate" and stage.config.bos:
             bos_token_id(state.tokenizer)
-        elif (STAGES[stage.name].trains_on_text and "kd" in stage.config.loss
+        elif (STAGES[stage.name].trains_on_text and stage.config.distils
               and (stage.config.kd_top_k or 0) > vocab):
             raise UserError(f"stages.{i}.{stage.name}: kd_top_k {stage.config.kd_top_k} is more than the model's "
                             f"{vocab} output tokens; choose at most {vocab}")
