@@ -9,12 +9,16 @@ import time
 from typing import Any, Callable
 
 
+def sequences_per_step(cfg: Any, world_size: int = 1) -> int:
+    """Training sequences (of ``cfg.seq_len`` tokens) in one optimizer step, over all processes."""
+    return cfg.batch_size * cfg.gradient_accumulation_steps * world_size
+
+
 def step_budget(cfg: Any, world_size: int = 1) -> int | None:
     """The step limit from max_steps and max_tokens (the smaller), or None when only a time budget is given."""
-    tokens_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * cfg.seq_len * world_size
     limits = [cfg.max_steps] if cfg.max_steps else []
     if cfg.max_tokens:
-        limits.append(max(1, math.ceil(cfg.max_tokens / tokens_per_step)))
+        limits.append(max(1, math.ceil(cfg.max_tokens / (sequences_per_step(cfg, world_size) * cfg.seq_len))))
     return min(limits) if limits else None
 
 

@@ -4,8 +4,8 @@ Each method trains a deep copy of the current (quantized) model with the same te
 length, once per seed; with ``lr_sweep`` each method first picks its learning rate by the perplexity on held-out
 training-text documents (never WikiText) after a shortened run. The stage writes ``comparison.json``,
 ``comparison.md`` (mean ± std over seeds, codes flipped, trainable parameters, CPU seconds, and every method at the
-same training CPU time) and ``recovery.png`` (perplexity against tokens seen and against CPU minutes, error bars)
-and leaves ``state.model`` as it found it. The full-precision and post-quantization perplexities come from earlier
+same training CPU time) and ``recovery.png`` (perplexity against tokens seen and against CPU minutes, error bars),
+all three by the torch-free ``comparison_report``, and leaves ``state.model`` as it found it. The full-precision and post-quantization perplexities come from earlier
 `evaluate` rows with the same text, window length and window count when there are such rows; otherwise they are
 measured here (the fp model is reloaded for that).
 """
@@ -23,12 +23,11 @@ from typing import Any
 import torch
 
 from .config import CompareConfig, EvaluateConfig, RecoverConfig, entry_method, method_config
-from .comparison_report import _mean_curve, _mean_std, gap_recovered, write_outputs
+from .comparison_report import gap_recovered, mean_curve, mean_std, write_outputs
 from .data import encode, load_documents, packed_sequences, source_label
 from .distributed import is_main
 from .errors import UserError
 from .evaluate import eval_ids, perplexity
-from .layers import mixed_linears
 from .methods import METHODS, RecoveryMethod
 from .recover import run_method, training_blocks
 from .training import TrainReport
@@ -186,9 +185,9 @@ def run_entry(state, base, cfg: CompareConfig, method: str, ids, heldout, start:
             report, after = _train_copy(state, base, method_config(cfg, method, lr, seed), folder, ids, cfg)
         runs.append({**report.to_dict(), "method": method, "seed": seed, "ppl_after": after,
                      "gap_recovered_pct": gap_recovered(fp, start, after)})
-    mean, std = _mean_std([r["ppl_after"] for r in runs])
+    mean, std = mean_std([r["ppl_after"] for r in runs])
     gaps = [r["gap_recovered_pct"] for r in runs if r["gap_recovered_pct"] is not None]
-    gap_mean, gap_std = _mean_std(gaps) if gaps else (None, None)
+    gap_mean, gap_std = mean_std(gaps) if gaps else (None, None)
     first = runs[0]
     return {**{k: first[k] for k in ("method", "trainable_params", "steps", "tokens", "resumed_from")},
             "trains": _trains(cfg, method), "learning_rate": lr, "lr_sweep": sweep, "seeds": list(cfg.seeds),
@@ -197,14 +196,12 @@ def run_entry(state, base, cfg: CompareConfig, method: str, ids, heldout, start:
             "seconds": statistics.fmean(r["seconds"] for r in runs),
             "cpu_seconds": statistics.fmean(r["cpu_seconds"] for r in runs),
             "peak_mb": max(r["peak_mb"] for r in runs), "codes_flipped": first["codes_flipped"],
-            "codes_total": first["codes_total"], "curve": _mean_curve(runs), "runs": runs}
+            "codes_total": first["codes_total"], "curve": mean_curve(runs), "runs": runs}
 
 
 def compare_stage(state, cfg: CompareConfig) -> dict[str, Any]:
     """Stage `compare` (see the module docstring); returns the summary written to comparison.json."""
-    base = state.model
-    if not mixed_linears(base):
-        raise UserError("compare needs the quantized model: put a quantize stage before it")
+    base = state.model  # quantized: a quantize stage ran before it (stages.py)
     if state.device.type == "cuda":
         base.to("cpu")  # the copies train on the GPU; the starting point waits in host memory
     ids = eval_ids(state, EvaluateConfig(dataset=cfg.eval_dataset))

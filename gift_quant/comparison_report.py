@@ -19,11 +19,11 @@ def gap_recovered(fp: float | None, start: float, after: float) -> float | None:
     return 100.0 * (start - after) / (start - fp)
 
 
-def _mean_std(values: list[float]) -> tuple[float, float | None]:
+def mean_std(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
-def _mean_curve(runs: list[dict[str, Any]]) -> list[dict[str, float]]:
+def mean_curve(runs: list[dict[str, Any]]) -> list[dict[str, float]]:
     """Per step, the mean and std over seeds of the training curve (steps every run reached)."""
     by_step: dict[int, list[dict]] = {}
     for run in runs:
@@ -32,7 +32,7 @@ def _mean_curve(runs: list[dict[str, Any]]) -> list[dict[str, float]]:
     curve = []
     for step, points in sorted(by_step.items()):
         if len(points) == len(runs):
-            mean, std = _mean_std([p["ppl"] for p in points])
+            mean, std = mean_std([p["ppl"] for p in points])
             curve.append({"step": step, "tokens": points[0]["tokens"], "ppl": mean, "ppl_std": std,
                           "minutes": statistics.fmean(p.get("minutes", 0.0) for p in points),
                           "cpu_minutes": statistics.fmean(p.get("cpu_minutes", 0.0) for p in points)})
@@ -106,8 +106,8 @@ def equal_cpu_view(methods: list[dict[str, Any]]) -> dict[str, Any] | None:
     for m in trained:
         ppl = [_interpolate(r["curve"], budget, "ppl") for r in m["runs"]]
         steps = [_interpolate(r["curve"], budget, "step") for r in m["runs"]]
-        mean, std = _mean_std(ppl)
-        full, full_std = _mean_std([r["curve"][-1]["ppl"] for r in m["runs"]])
+        mean, std = mean_std(ppl)
+        full, full_std = mean_std([r["curve"][-1]["ppl"] for r in m["runs"]])
         rows.append({"method": m["method"], "seeds": m["seeds"], "ppl_after": mean, "ppl_after_std": std,
                      "steps": statistics.fmean(steps), "budget_steps": m["steps"], "full_ppl": full,
                      "full_ppl_std": full_std})

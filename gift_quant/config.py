@@ -227,6 +227,11 @@ class RecoverConfig(TextSource, NoiseSettings, FrozenSettings, BudgetSettings, T
     seed: Seed = 0
     resume: bool = True  # continue from the last checkpoint when the run's fingerprint matches
 
+    @property
+    def distils(self) -> bool:
+        """Whether the loss reads the teacher (kd, lm+kd): decided here for the data, the trainer and the estimate."""
+        return "kd" in self.loss
+
     @model_validator(mode="after")
     def _consistent(self) -> "RecoverConfig":
         if self.order == "before" and self.method not in TRAINS_SALIENT:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .architecture_table import ARCHITECTURES, LLAMA as LLAMA_TABLE, Architecture
-from .budget import step_budget
+from .budget import sequences_per_step, step_budget
 from .config import Recipe, RecoverConfig, SelectConfig
 from .method_specs import METHOD_SPECS
 
@@ -381,7 +381,7 @@ def training_parts(ctx: Context, cfg: RecoverConfig, tokens: int) -> tuple[dict[
     frozen = model_bytes(ctx, form) - (s.layers * s.block_weights * ctx.dtype_bytes if latent else 0)
     parts = {"frozen model": frozen, "trainable, gradients, AdamW": n * param * 4,
              "saved activations": activations,
-             "logits and loss": tokens * s.vocab * (ctx.act_bytes + 8 + (4 if cfg.loss != "lm" else 0)),
+             "logits and loss": tokens * s.vocab * (ctx.act_bytes + 8 + (4 if cfg.distils else 0)),
              "transient": _transient(ctx, form, spec.noise and cfg.noise != "none")}
     return parts, form
 
@@ -410,7 +410,7 @@ def recover(ctx: Context, cfg: RecoverConfig, stage: str = "recover", teacher_ti
         seconds += 100 * GRID_PASSES * s.layers * s.block_weights * ctx.rates.weight_pass
     seconds += _curve_seconds(ctx, cfg, steps)
     host = {}
-    if cfg.loss != "lm":  # the teacher's one pass over the training text (before training, or step by step)
+    if cfg.distils:  # the teacher's one pass over the training text (before training, or step by step)
         during, teacher_seconds = _teacher_pass(ctx, cfg, steps)
         seconds += teacher_seconds if teacher_time else 0.0
         fp = model_bytes(ctx, "fp")
@@ -432,7 +432,7 @@ def recover(ctx: Context, cfg: RecoverConfig, stage: str = "recover", teacher_ti
 def _teacher_pass(ctx: Context, cfg: RecoverConfig, steps: int | None) -> tuple[dict[str, float], float]:
     """The device's parts during the teacher's pass, and its seconds (one forward over every training token, and
     the layer-by-layer passes' copies of the weights to the device)."""
-    windows = (steps or 0) * cfg.batch_size * cfg.gradient_accumulation_steps
+    windows = (steps or 0) * sequences_per_step(cfg)
     parts = {"frozen model": model_bytes(ctx, _student_form(ctx, cfg)),  # packed before the pass
              **teacher_parts(ctx, cfg, live=False, windows=windows)}
     seconds = windows * cfg.seq_len * forward_flops(ctx.shape, cfg.seq_len) / ctx.rates.matmul
@@ -498,7 +498,7 @@ def compare(ctx: Context, cfg) -> StageEstimate:
     ctx.form = start
     first = method_config(cfg, cfg.methods[0], cfg.learning_rate, cfg.seeds[0])
     # one teacher pass, shared by every method and seed
-    teacher_seconds = _teacher_pass(ctx, first, step_budget(first))[1] if cfg.loss != "lm" else 0.0
+    teacher_seconds = _teacher_pass(ctx, first, step_budget(first))[1] if cfg.distils else 0.0
     worst = max(runs, key=lambda r: r.peak)
     device = {**worst.parts, "the quantized model copies start from": model_bytes(ctx)}
     device.pop("runtime", None)
@@ -513,7 +513,7 @@ def compare(ctx: Context, cfg) -> StageEstimate:
     seconds += len(trained) * (len(cfg.seeds) * final + cfg.most_sweep_runs * heldout)
     host = {"the quantized model copies start from": device.pop("the quantized model copies start from")} \
         if ctx.cuda else {}
-    if ctx.cuda and cfg.loss != "lm":
+    if ctx.cuda and cfg.distils:
         host["fp teacher"] = model_bytes(ctx, "fp")
     return _with_host(ctx, "compare", device, host, seconds, f"{len(cfg.methods)} methods × {len(cfg.seeds)} seeds")
 

@@ -404,9 +404,6 @@ def export_stage(state, cfg) -> None:
 
     path = Path(cfg.path or state.output_dir / cfg.format)
     check_export_target(path, state.output_dir)
-    if state.recovery is not None and not state.recovery.exportable:
-        raise UserError(f"the {state.recovery.summary['method']} recovery keeps unmerged adapters that the low-bit "
-                        f"format cannot hold; export after gift_sw, salient_ft or ste, or drop the export stage")
     dtype = getattr(torch, cfg.dtype)
     model = state.model
     check_finite(model, "before export, the model's")

@@ -3,8 +3,9 @@
 A stage is a function ``stage(state: RunState, config) -> None`` living in the module named after it; the stage table
 (``stages.STAGES``) maps recipe names to them, their settings classes and their torchrun policy, so a new stage adds
 one line there and one config class in ``config.py``. The order of the stages and the rules between them are checked
-when the recipe is parsed (``stages.check_stage_order``), what needs the model or
-the data right after it loads (``preflight``), and the run's status is in ``results.json`` at every moment.
+when the recipe is parsed (``stages.check_stage_order``; ``preflight`` again for a recipe built in Python, so no
+stage checks what ran before it), what needs the model or the data right after it loads (``preflight``), and the
+run's status is in ``results.json`` at every moment.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """Everything a recipe needs, checked before any stage runs, so a mistake costs seconds, not an hour of quantization.
 
-The recipe itself (stage order, values, regexes) is checked when it is parsed (``config.py``). Here, in order:
+The recipe's values and regexes are checked when it is parsed (``config.py``), its stage order too (``stages.py``).
+Here, in order:
 
-1. before the model loads: the output folder can be written, local text files exist, export targets are safe;
+1. before the model loads: the stage order again (a recipe built in Python was never parsed; the stages trust it),
+   the output folder can be written, local text files exist, export targets are safe;
 2. with the model (whose weights ``models.load_model`` found complete): its architecture is in the table, its
    weights are finite, its tokenizer fits the embedding, the quantize targets match linears whose widths the group
    size divides and whose widths hold the salient columns asked for, rotation would preserve it, a BOS evaluation
@@ -22,6 +24,7 @@ from pathlib import Path
 
 from .config import TextSource
 from .errors import UserError
+from .stages import STAGES, check_stage_order
 
 
 def check_output_dir(path: Path) -> None:
@@ -46,6 +49,10 @@ def _before_model(state) -> None:
     from .data import local_path
     from .export import check_export_target
 
+    try:
+        check_stage_order(state.recipe.stages)
+    except ValueError as err:
+        raise UserError(str(err)) from None
     check_output_dir(state.output_dir)
     for stage in state.recipe.stages:
         if isinstance(stage.config, TextSource):
@@ -92,7 +99,7 @@ def _with_model(state) -> None:
             check_rotatable(state.model)
         elif stage.name == "evaluate" and stage.config.bos:
             bos_token_id(state.tokenizer)
-        elif (stage.name in ("recover", "compare") and "kd" in stage.config.loss
+        elif (STAGES[stage.name].trains_on_text and stage.config.distils
               and (stage.config.kd_top_k or 0) > vocab):
             raise UserError(f"stages.{i}.{stage.name}: kd_top_k {stage.config.kd_top_k} is more than the model's "
                             f"{vocab} output tokens; choose at most {vocab}")
@@ -106,7 +113,7 @@ def _tokenizer_fits(model, tokenizer, stages) -> None:
     text holds them; the texts' own ids are checked with the data."""
     rows = model.get_input_embeddings().num_embeddings
     vocab = getattr(tokenizer, "vocab_size", 0) or 0
-    used = {"eos": any(s.name in ("recover", "compare") for s in stages),  # training joins documents with EOS
+    used = {"eos": any(STAGES[s.name].trains_on_text for s in stages),  # training joins documents with EOS
             "bos": any(s.name == "evaluate" and s.config.bos for s in stages)}
     special = {n: getattr(tokenizer, f"{n}_token_id", None) for n in used if used[n]}
     beyond = {n: i for n, i in special.items() if isinstance(i, int) and i >= rows}
@@ -161,7 +168,7 @@ def _with_data(state) -> None:
             check_not_eval_text(cfg, "calibration")
             _enough(state, where, cfg, cfg.num_samples * cfg.seq_len,
                     f"num_samples × seq_len = {cfg.num_samples} × {cfg.seq_len}")
-        elif stage.name in ("recover", "compare"):
+        elif STAGES[stage.name].trains_on_text:
             check_not_eval_text(cfg, "recovery training")
             _enough(state, where, cfg, cfg.seq_len + 1, f"one training sequence of {cfg.seq_len}")
             evaluating = cfg.eval_steps or cfg.eval_minutes or stage.name == "compare"

@@ -250,10 +250,7 @@ def _layer_index(name: str) -> int | str:
 
 def quantize_stage(state, cfg: QuantizeConfig) -> None:
     select, calib, fixed = state.selection, state.calibration, state.fixed_salient or {}
-    needs_data = cfg.method == "gptq" or (select is not None and not fixed)
-    if needs_data and calib is None:  # the recipe's rules catch this at parse time; the Python API may not
-        raise UserError(f"quantize ({cfg.method}{' with salient selection' if select else ''}) needs calibration "
-                        f"data: add a 'calibrate' stage before it")
+    needs_data = cfg.method == "gptq" or (select is not None and not fixed)  # a calibrate stage ran (stages.py)
     windows = calib.windows if needs_data else None
     quantizer = LinearQuantizer(cfg, select, fixed)
     start = time.perf_counter()

@@ -32,7 +32,7 @@ from .select import choose_salient
 from .state import Recovery
 from .teacher import fp_weights, live_teacher, placement, teacher_model, teacher_topk
 from .distributed import world_size
-from .budget import step_budget
+from .budget import sequences_per_step, step_budget
 from .training import TokenBlocks, TrainReport, train
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def training_blocks(state, cfg: RecoverConfig) -> torch.Tensor:
     fewer when the text is short, and the trainer then repeats them), cached in the state."""
     check_not_eval_text(cfg, "recovery training")
     steps = step_budget(cfg, world_size())
-    count = None if steps is None else steps * cfg.batch_size * cfg.gradient_accumulation_steps * world_size()
+    count = None if steps is None else steps * sequences_per_step(cfg, world_size())
     key = ("train_blocks", cfg.dataset, cfg.split, cfg.text_field, cfg.seq_len, count)
     if key not in state.tokens:
         docs = load_documents(cfg, state.recipe.data.dir)
@@ -68,7 +68,7 @@ def training_data(state, cfg: RecoverConfig, student: nn.Module | None = None) -
     """The training blocks, with the teacher's cached top-k log-probabilities when the loss distils (the time it
     takes to compute them, when they are not cached yet, is a results row of its own)."""
     blocks = training_blocks(state, cfg)
-    if cfg.loss == "lm":
+    if not cfg.distils:
         return TokenBlocks(blocks)
     if cfg.kd_top_k is None:  # the full vocabulary: the teacher runs beside the student, nothing is cached
         teacher = teacher_model(state)
@@ -151,10 +151,7 @@ def record_report(state, stage: str, report: TrainReport, cfg: RecoverConfig) ->
 
 
 def _following_quantize(state) -> QuantizeConfig:
-    after = [s.config for s in state.stages_after if s.name == "quantize"]
-    if not after:
-        raise UserError("recover with order: before needs a quantize stage after it")
-    return after[0]
+    return next(s.config for s in state.stages_after if s.name == "quantize")  # one follows (stages.py)
 
 
 @torch.no_grad()
@@ -187,9 +184,7 @@ def _fp_layer(lin: nn.Linear, salient: torch.Tensor, grid: QuantSpec) -> MixedPr
 def pre_gift_sw(state, cfg: RecoverConfig) -> TrainReport:
     """``order: before``: GIFT-SW on the full-precision model at the next quantize stage's bit-width."""
     qcfg = _following_quantize(state)
-    select = state.selection
-    if select is None or state.calibration is None:
-        raise UserError("recover with order: before needs calibrate and select stages before it")
+    select = state.selection  # calibrate and select ran before it (stages.py)
     model, device = state.model, state.device
     model.to(device)
     linears = target_linears(model, qcfg.targets)

@@ -2,7 +2,8 @@
 it runs, so parsing and ``--dry-run`` stay torch-free), whether a recipe may hold it once only, where it must stand
 with respect to the quantize stage and which stages must come before it, and what each process does under torchrun.
 A recipe is parsed here (:func:`parse_recipe`: each stage's settings, then :func:`check_stage_order`); the runner
-(``pipeline``) reads the same table.
+(``pipeline``) and ``preflight`` read the same table (preflight checks the order again for a recipe built in Python),
+so the stages themselves never check what must run before them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pydantic import ValidationError
 
 from .config import (CalibrateConfig, CompareConfig, EvaluateConfig, ExportConfig, QuantizeConfig, ReconstructConfig,
                      Recipe, RecoverConfig, RotateConfig, SelectConfig, Stage, Strict, ZeroShotConfig, describe)
+from .method_specs import METHOD_SPECS
 
 Ranks = Literal["all", "rank0_first", "rank0_only"]
 
@@ -25,6 +27,7 @@ class StageSpec:
     once: bool = False
     quantize: Literal["before", "after"] | None = None  # must stand before the quantize stage / needs its model
     needs: tuple[tuple[str, str], ...] = ()  # (stage that must come before it, what for)
+    trains_on_text: bool = False  # trains with the Trainer on a text joined with EOS (its texts, kd_top_k checked)
     # torchrun: "rank0_first" = rank 0 runs and saves, the others load what it saved; "rank0_only" = writes a result
     # no other rank needs; "all" = every rank runs it
     ranks: Ranks = "all"
@@ -36,8 +39,8 @@ STAGES: dict[str, StageSpec] = {
     "select": StageSpec(SelectConfig, "gift_quant.select:select_stage", once=True, quantize="before"),
     "rotate": StageSpec(RotateConfig, "gift_quant.rotate:rotate_stage", once=True, quantize="before"),
     "quantize": StageSpec(QuantizeConfig, "gift_quant.quantize:quantize_stage", once=True, ranks="rank0_first"),
-    "recover": StageSpec(RecoverConfig, "gift_quant.recover:recover_stage", quantize="after"),
-    "compare": StageSpec(CompareConfig, "gift_quant.compare:compare_stage", quantize="after"),
+    "recover": StageSpec(RecoverConfig, "gift_quant.recover:recover_stage", quantize="after", trains_on_text=True),
+    "compare": StageSpec(CompareConfig, "gift_quant.compare:compare_stage", quantize="after", trains_on_text=True),
     "reconstruct": StageSpec(ReconstructConfig, "gift_quant.reconstruct:reconstruct_stage", quantize="after",
                              needs=(("calibrate", "trains on the calibration windows"),), ranks="rank0_first"),
     "export": StageSpec(ExportConfig, "gift_quant.export:export_stage", quantize="after", ranks="rank0_only"),
@@ -87,7 +90,8 @@ def _settings_rules(stages: list[Stage], i: int, where: str, q: int | None) -> N
             raise ValueError(f"{where}: order: before needs calibrate and select stages before it")
     if stage.name == "zero_shot" and cfg.model == "export" and "export" not in names:
         raise ValueError(f"{where}: model: export needs an export stage before it")
-    if stage.name == "export" and any(s.name == "recover" and s.config.method == "lora" for s in stages[:i]):
+    if stage.name == "export" and any(s.name == "recover" and not METHOD_SPECS[s.config.method].exportable
+                                      for s in stages[:i]):
         raise ValueError(f"{where}: LoRA recovery keeps unmerged adapters that the low-bit format cannot hold; "
                          f"export after another method, or drop the export stage")
 

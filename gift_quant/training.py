@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .budget import BudgetClock, RunTime, budget_spent, cosine_by_progress, step_budget
+from .budget import BudgetClock, RunTime, budget_spent, cosine_by_progress, sequences_per_step, step_budget
 from .config import RecoverConfig
 from .distributed import rank, world_size
 from .errors import UserError
@@ -367,7 +367,7 @@ def train(model: nn.Module, data: TokenBlocks, eval_data: torch.Tensor | None, c
                          cpu_seconds=trainer.run_time.cpu_seconds, budget_minutes=clock.minutes,
                          peak_mb=mem.peak_mb, extra_mb=mem.extra_mb,
                          resumed_from=str(checkpoint) if checkpoint else None)
-    tokens_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * cfg.seq_len * args.world_size
+    tokens_per_step = sequences_per_step(cfg, args.world_size) * cfg.seq_len
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     report.loss_first, report.loss_last = (losses[0], losses[-1]) if losses else (None, None)
     points = {e["step"]: e for e in trainer.state.log_history if "eval_loss" in e}

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from gift_quant.config import QuantizeConfig
-from gift_quant.stages import parse_recipe
+from gift_quant.stages import parse_recipe, parse_stage
 from gift_quant.recipe import load_recipe, main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -165,6 +165,21 @@ def test_stage_rules_are_checked_by_dry_run(case, tmp_path, capsys):
     assert main([str(write(tmp_path, f"stages: {stages}\n")), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and expected in err, err
+
+
+@pytest.mark.parametrize("case", ["compare_without_quantize", "export_after_lora", "pre_gift_without_select"])
+def test_stage_rules_hold_for_a_recipe_built_in_python(case, tmp_path):
+    """The stages trust the stage table's order: a recipe that was never parsed is checked by preflight, before
+    the model loads (no folder is written either)."""
+    from gift_quant.config import Recipe
+    from gift_quant.errors import UserError
+    from gift_quant.pipeline import run
+
+    stages, expected = ORDER[case]
+    recipe = Recipe(stages=[parse_stage(i, s) for i, s in enumerate(yaml.safe_load(stages))])  # order unchecked
+    with pytest.raises(UserError, match=expected.split(":")[0]):
+        run(recipe, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("stages", [

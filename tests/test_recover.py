@@ -636,8 +636,10 @@ def test_token_budget_sets_the_steps(tmp_path: Path, texts) -> None:
 
     cfg = recover_cfg(texts, max_steps=None, max_tokens=100)  # 2 × 2 × 16 = 64 tokens per step
     assert step_budget(cfg) == 2 and step_budget(cfg.model_copy(update={"max_steps": 1})) == 1
+    assert step_budget(cfg, world_size=2) == 1  # 2 processes: 128 tokens per step
     assert step_budget(recover_cfg(texts, max_steps=None, max_minutes=1.0)) is None
     assert RecoverConfig().max_steps == 100 and RecoverConfig(max_minutes=30).max_steps is None
+    assert [RecoverConfig(loss=k).distils for k in ("lm", "kd", "lm+kd")] == [False, True, True]
 
 
 def test_time_budget_stops_training_and_drives_the_schedule(tmp_path: Path, texts, monkeypatch) -> None:
