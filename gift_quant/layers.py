@@ -302,8 +302,8 @@ class STELinear(QuantizedLinearBase):
     def effective_weight(self) -> torch.Tensor:
         scales, zeros = self.grid()
         if scales.requires_grad:  # LSQ: same value, gradient scaled so step sizes move at the weights' pace
-            g = self.lsq_grad_scale
-            scales = scales * g + (scales - scales * g).detach()
+            g = self.lsq_grad_scale  # (x - x.detach() adds exactly 0: the forward's step is the exported one, bit for bit)
+            scales = scales.detach() + (scales * g - (scales * g).detach())
         s, z = self.per_weight(scales), self.per_weight(zeros)
         w = self.weight.to(torch.float32)  # round in float32: bf16 would pick wrong codes
         q = torch.clamp(round_ste(w / s) + z, 0, self.maxq)

@@ -563,9 +563,14 @@ def test_qat_from_fp_starts_from_the_fp_weights_on_their_rtn_grid() -> None:
     ref = rtn(fp, QuantSpec(bits=3, group_size=8), qw.salient_idx)
     assert torch.equal(ste.weight.detach(), fp)
     assert torch.equal(ste.scales.detach(), ref.scales)
+    # its codes are RTN's, except where w/Δ lies within float32 rounding of a cell edge (ISA-dependent division)
+    codes = ste.to_quantized_weight().codes
+    v = fp.double() / ref.step_per_weight().double()
+    at_edge = ((v - v.floor()) - 0.5).abs() < 1e-5
+    assert ((codes != ref.codes) <= at_edge).all()
     x = torch.randn(4, IN)
-    torch.testing.assert_close(ste(x), x @ ref.dequantize().T, atol=ATOL32, rtol=0)
-    assert torch.equal(ste.to_quantized_weight().codes, ref.codes)
+    torch.testing.assert_close(ste(x).double(), x.double() @ ste.to_quantized_weight().dequantize(torch.float64).T,
+                               atol=ATOL32, rtol=0)
     with pytest.raises(ValueError, match="full-precision weight has shape"):
         METHODS["qat_fp"].prepare(nn.Sequential(MixedPrecisionLinear.from_quantized(qw, None)), Training(),
                                   fp_weights=lambda name: fp[:, :-1])
