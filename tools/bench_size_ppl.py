@@ -107,7 +107,7 @@ def run_side(args: argparse.Namespace, windows_file: Path, out: Path) -> dict:
 
     cmd = [args.side_python, str(REPO / "tools" / "llamacpp_side.py"), "--source", str(smollm2_gguf()),
            "--windows", str(windows_file), "--work", str(args.work / "llamacpp"), "--out", str(out),
-           "--types", args.types, "--threads", str(args.threads)]
+           "--types", args.types, "--threads", str(args.threads)] + (["--no-repack"] if args.no_repack else [])
     subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     return json.loads(out.read_text())
 
@@ -177,21 +177,25 @@ def smallest_as_good(ppl: float, others: list[dict]) -> dict | None:
 
 
 def table(points: dict[str, dict], source_bytes: int, fp16_bytes: int) -> str:
+    """One row per point, largest file first; gift_quant rows name their rivals: the best llama.cpp type no larger,
+    and the smallest llama.cpp type no worse."""
     lines = ["| point | file MB | vs source GGUF | vs fp16 | linear bits/weight | embedding | WikiText-2 ppl | "
-             "decode tok/s (1 thread) | best llama.cpp type no larger |",
-             "|---|---:|---:|---:|---:|---|---:|---:|---|"]
+             "decode tok/s | best llama.cpp type no larger | smallest llama.cpp type as good |",
+             "|---|---:|---:|---:|---:|---|---:|---:|---|---|"]
     llama = [dict(p, label=k) for k, p in points.items() if p["kind"] == "llama.cpp"]
-    for label, p in sorted(points.items(), key=lambda kv: -kv[1]["bytes"]):
+    for label, p in sorted(points.items(), key=lambda kv: -kv[1].get("bytes", 1e18)):
         if p["kind"] == "fp":
-            lines.append(f"| {label} | | | | | | {p['ppl']:.2f} | | |")
+            lines.append(f"| {label} | | | | 32 | float32 | {p['ppl']:.2f} | | | |")
             continue
-        rival = best_below(p["bytes"], llama) if p["kind"] == "gift_quant" else None
-        versus = (f"{rival['label']} ({rival['ppl']:.2f}, {rival['bytes'] / MB:.1f} MB): "
-                  f"{p['ppl'] - rival['ppl']:+.2f} ppl" if rival else "")
+        rivals = ["", ""]
+        if p["kind"] == "gift_quant":
+            below, good = best_below(p["bytes"], llama), smallest_as_good(p["ppl"], llama)
+            rivals = [f"{r['label']}: {r['ppl']:.2f} at {r['bytes'] / MB:.1f} MB ({p['ppl'] - r['ppl']:+.2f} ppl, "
+                      f"{(p['bytes'] - r['bytes']) / MB:+.1f} MB)" if r else "none" for r in (below, good)]
         tok_s = f"{p['decode_tok_s']:.0f}" if p.get("decode_tok_s") else ""
         lines.append(f"| {label} | {p['bytes'] / MB:.1f} | {p['bytes'] / source_bytes:.3f}x | "
                      f"{p['bytes'] / fp16_bytes:.3f}x | {p['linear_bits']:.2f} | {p['embedding_type']} | "
-                     f"{p['ppl']:.2f} | {tok_s} | {versus} |")
+                     f"{p['ppl']:.2f} | {tok_s} | {rivals[0]} | {rivals[1]} |")
     return "\n".join(lines) + "\n"
 
 
@@ -230,6 +234,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=Path("outputs/size_ppl"))
     p.add_argument("--side-python", help="python of the llama.cpp side environment; without it no llama.cpp points")
     p.add_argument("--types", default="F16,Q8_0,Q5_0,Q4_1,Q4_0,Q3_K_M,Q2_K,SOURCE")
+    p.add_argument("--no-repack", action="store_true", help="llama.cpp without weight repacking/AMX (llamacpp_side)")
     p.add_argument("--fp", action="store_true", help="measure gift_quant's fp model on the same windows")
     p.add_argument("--gift", action="append", default=[], metavar="LABEL=RUN_DIR")
     p.add_argument("--refresh", action="append", default=[], metavar="LABEL")
@@ -255,7 +260,8 @@ def main(argv: list[str] | None = None) -> dict:
                first_ids=windows[0, :8].tolist())
     if args.side_python:
         for name, p in run_side(args, windows_file, args.work / "llamacpp.json").items():
-            points[f"llama.cpp {name}"] = dict(p, kind="llama.cpp")
+            label = "llama.cpp source file (Q4_1)" if name == "SOURCE" else f"llama.cpp {name}"
+            points[label] = dict(p, kind="llama.cpp")
         doc["master_check"] = check_master(args.work / "llamacpp" / "fp32.gguf")
     if args.fp and "gift_quant fp" not in points:
         points["gift_quant fp"] = dict(fp_point(windows), kind="fp")

@@ -99,11 +99,28 @@ def quantize(master: Path, out: Path, name: str, threads: int) -> None:
         raise SystemExit(f"llama_model_quantize failed for {name}")
 
 
+REPACK = True  # --no-repack: llama.cpp's extra buffer types off (weight repacking, AMX), as llama-cli's --no-repack
+
+
 def load(path: Path, n_ctx: int, threads: int):
+    """A context holding every position's logits. Without repacking through a patched llama_model_default_params:
+    the bindings expose no other way to set ``use_extra_bufts`` (its AMX kernels segfaulted on one Xeon VM here)."""
+    import llama_cpp.llama_cpp as api
     from llama_cpp import Llama
 
-    return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads, n_threads_batch=threads,
-                 logits_all=True, verbose=False)
+    default = api.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = REPACK
+        return p
+
+    api.llama_model_default_params = params
+    try:
+        return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads, n_threads_batch=threads,
+                     logits_all=True, verbose=False)
+    finally:
+        api.llama_model_default_params = default
 
 
 def perplexity(path: Path, windows: np.ndarray, threads: int) -> dict:
@@ -135,7 +152,7 @@ def decode_speed(path: Path, prompt: list[int], new_tokens: int, repeats: int, t
 def measure(path: Path, windows: np.ndarray, threads: int) -> dict:
     rows, types, embedding = tensor_table(path)
     point = {"file": str(path), "bytes": path.stat().st_size, "linear_bits": linear_bits(rows),
-             "linear_types": types, "embedding_type": embedding}
+             "linear_types": types, "embedding_type": embedding, "repack": REPACK}
     point["decode_tok_s"] = decode_speed(path, windows[0, :32].tolist(), 64, 3, threads)
     point.update(perplexity(path, windows, threads))
     return point
@@ -149,7 +166,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--types", default=",".join(DEFAULT_TYPES))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-repack", action="store_true", help="no weight repacking / AMX (see load)")
     args = p.parse_args(argv)
+    global REPACK
+    REPACK = not args.no_repack
     args.work.mkdir(parents=True, exist_ok=True)
     windows = np.load(args.windows)
     points = json.loads(args.out.read_text()) if args.out.is_file() else {}
