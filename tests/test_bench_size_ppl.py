@@ -66,3 +66,15 @@ def test_windows_passed_on_are_the_windows_perplexity_cuts_again():
     w = bench_size_ppl._windows(ids, 2048, 3, None)
     assert w.shape == (3, 2048) and torch.equal(w.reshape(-1), ids[0, : 3 * 2048])
     assert torch.equal(bench_size_ppl._windows(w.reshape(1, -1), 2048, 3, None), w)
+
+
+def test_table_names_the_rivals_of_gift_quant_points_only():
+    points = {"llama.cpp Q4_0": {"kind": "llama.cpp", "bytes": 91.7e6, "ppl": 26.15, "linear_bits": 4.5,
+                                 "embedding_type": "Q8_0"},
+              "llama.cpp Q2_K": {"kind": "llama.cpp", "bytes": 88.2e6, "ppl": 29.49, "linear_bits": 3.2,
+                                 "embedding_type": "Q8_0"},
+              "g": {"kind": "gift_quant", "bytes": 90.0e6, "ppl": 28.0, "linear_bits": 4.36, "embedding_type": "int8"}}
+    rows = {line.split(" | ")[0][2:]: line for line in bench_size_ppl.table(points, 100e6, 200e6).splitlines()[2:]}
+    assert "llama.cpp Q2_K: 29.49 at 88.2 MB (-1.49 ppl, +1.8 MB)" in rows["g"]  # best no larger
+    assert "llama.cpp Q4_0: 26.15 at 91.7 MB (+1.85 ppl, -1.7 MB)" in rows["g"]  # smallest no worse
+    assert "| 0.900x | 0.450x |" in rows["g"] and rows["llama.cpp Q4_0"].endswith("|  |  |")
