@@ -1,0 +1,80 @@
+"""tools/bench_size_ppl.py and tools/llamacpp_side.py: the pure parts (no llama.cpp, no model runs)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import bench_size_ppl  # noqa: E402
+import llamacpp_side  # noqa: E402
+
+
+def test_window_nll_is_float64_cross_entropy_of_the_next_token():
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((300, 50)) * 4).astype(np.float32)
+    ids = rng.integers(0, 50, 300)
+    expected = F.cross_entropy(torch.from_numpy(logits[:-1]).double(), torch.from_numpy(ids[1:]), reduction="sum")
+    assert llamacpp_side.window_nll(logits, ids, chunk=64) == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_linear_bits_counts_only_the_blocks_linears():
+    q4_0 = lambda n: n // 32 * 18  # noqa: E731  (a Q4_0 block: 32 weights in 18 bytes)
+    tensors = [("token_embd.weight", 576 * 49152, 576 * 49152 // 32 * 34),  # Q8_0, not a block linear
+               ("blk.0.attn_norm.weight", 576, 4 * 576),
+               ("blk.0.attn_q.weight", 576 * 576, q4_0(576 * 576)),
+               ("blk.0.ffn_down.weight", 1536 * 576, q4_0(1536 * 576)),
+               ("blk.1.ffn_up.weight", 576 * 1536, 2 * 576 * 1536)]  # F16
+    n4, n16 = 576 * 576 + 1536 * 576, 576 * 1536
+    assert llamacpp_side.linear_bits(tensors) == pytest.approx((4.5 * n4 + 16 * n16) / (n4 + n16))
+
+
+@pytest.mark.parametrize("heads", [9, 3])
+def test_gguf_order_inverts_transformers_gguf_reader(heads):
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    w = np.random.default_rng(1).standard_normal((heads * 64, 576)).astype(np.float32)
+    hf = LlamaTensorProcessor()._reverse_permute_weights(w, heads, heads)  # what the fp checkpoint holds
+    assert np.array_equal(bench_size_ppl.gguf_order(torch.from_numpy(hf), heads).numpy(), w)
+
+
+def test_hf_names_of_every_llama_tensor():
+    assert bench_size_ppl.hf_name("token_embd.weight") == "model.embed_tokens.weight"
+    assert bench_size_ppl.hf_name("output_norm.weight") == "model.norm.weight"
+    assert bench_size_ppl.hf_name("blk.12.attn_k.weight") == "model.layers.12.self_attn.k_proj.weight"
+    assert bench_size_ppl.hf_name("blk.0.ffn_norm.weight") == "model.layers.0.post_attention_layernorm.weight"
+
+
+def test_rivals_at_equal_size():
+    llama = [{"label": "a", "bytes": 90, "ppl": 26.0}, {"label": "b", "bytes": 98, "ppl": 21.0},
+             {"label": "c", "bytes": 88, "ppl": 29.5}]
+    assert bench_size_ppl.best_below(95, llama)["label"] == "a"
+    assert bench_size_ppl.best_below(88, llama)["label"] == "c"  # equal size counts
+    assert bench_size_ppl.best_below(80, llama) is None
+    assert bench_size_ppl.smallest_as_good(27.0, llama)["label"] == "a"
+    assert bench_size_ppl.smallest_as_good(20.0, llama) is None
+
+
+def test_windows_passed_on_are_the_windows_perplexity_cuts_again():
+    """The tool gives perplexity() its windows joined back into one row: they must be cut into the same windows."""
+    ids = torch.randint(0, 49152, (1, 10_000), generator=torch.Generator().manual_seed(0))
+    w = bench_size_ppl._windows(ids, 2048, 3, None)
+    assert w.shape == (3, 2048) and torch.equal(w.reshape(-1), ids[0, : 3 * 2048])
+    assert torch.equal(bench_size_ppl._windows(w.reshape(1, -1), 2048, 3, None), w)
+
+
+def test_table_names_the_rivals_of_gift_quant_points_only():
+    points = {"llama.cpp Q4_0": {"kind": "llama.cpp", "bytes": 91.7e6, "ppl": 26.15, "linear_bits": 4.5,
+                                 "embedding_type": "Q8_0"},
+              "llama.cpp Q2_K": {"kind": "llama.cpp", "bytes": 88.2e6, "ppl": 29.49, "linear_bits": 3.2,
+                                 "embedding_type": "Q8_0"},
+              "g": {"kind": "gift_quant", "bytes": 90.0e6, "ppl": 28.0, "linear_bits": 4.36, "embedding_type": "int8"}}
+    rows = {line.split(" | ")[0][2:]: line for line in bench_size_ppl.table(points, 100e6, 200e6).splitlines()[2:]}
+    assert "llama.cpp Q2_K: 29.49 at 88.2 MB (-1.49 ppl, +1.8 MB)" in rows["g"]  # best no larger
+    assert "llama.cpp Q4_0: 26.15 at 91.7 MB (+1.85 ppl, -1.7 MB)" in rows["g"]  # smallest no worse
+    assert "| 0.900x | 0.450x |" in rows["g"] and rows["llama.cpp Q4_0"].endswith("|  |  |")

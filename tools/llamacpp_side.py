@@ -1,0 +1,192 @@
+"""llama.cpp's side of tools/bench_size_ppl.py; runs in a side environment, never imported by gift_quant.
+
+    /work/side-llamacpp/bin/python tools/llamacpp_side.py --source SRC.gguf --windows ids.npy --work DIR \
+        --out points.json [--types F16,Q8_0,...] [--threads 1]
+
+Side environment (not a project dependency; nothing of it is committed, no test needs it):
+
+    python3 -m venv /work/side-llamacpp
+    CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF" /work/side-llamacpp/bin/pip install llama-cpp-python==0.3.36 gguf numpy
+
+1. ``DIR/fp32.gguf``: every tensor of SRC dequantized to float32 (the weights gift_quant calls ``fp``: transformers
+   dequantizes the same blocks with the same ``gguf`` code) with SRC's metadata and tokenizer, file type F32.
+2. Each type of --types made from it with ``llama_model_quantize`` (``SOURCE`` = SRC itself, not re-quantized);
+   llama.cpp picks its own fallbacks (a K-quant on a 576-wide row falls back to a legacy type), read back per tensor.
+3. Per type: file bytes, linear bits/weight (bytes of the decoder blocks' 2-D weights / their weights), the
+   embedding's type, WikiText-2 NLL on the windows of ``ids.npy`` (int32, windows x seq_len, made by the main env
+   with gift_quant's tokenizer and windowing), and decode tokens/s: best of 3 of 64 greedy tokens after a 32-token
+   prompt (the prompt's prefill not timed).
+
+Points already in --out are kept (a rerun only measures what is missing). Needs numpy, gguf and llama_cpp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+LINEAR = re.compile(r"^blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down))\.weight$")
+DEFAULT_TYPES = ("F16", "Q8_0", "Q5_0", "Q4_1", "Q4_0", "Q3_K_M", "Q2_K", "SOURCE")
+
+
+def window_nll(logits: np.ndarray, ids: np.ndarray, chunk: int = 256) -> float:
+    """Summed NLL (nats, float64) of ids[1:] under logits[:-1]: position t predicts token t + 1."""
+    total = 0.0
+    for i in range(0, len(ids) - 1, chunk):
+        x = logits[i:min(i + chunk, len(ids) - 1)].astype(np.float64)
+        target = ids[i + 1:i + 1 + len(x)]
+        m = x.max(axis=1)
+        lse = m + np.log(np.exp(x - m[:, None]).sum(axis=1))
+        total += float((lse - x[np.arange(len(x)), target]).sum())
+    return total
+
+
+def linear_bits(tensors: list[tuple[str, int, int]]) -> float:
+    """Bits per weight of the decoder blocks' linears, from (name, elements, bytes) of every tensor of a file."""
+    rows = [(n, b) for name, n, b in tensors if LINEAR.match(name)]
+    return 8 * sum(b for _, b in rows) / sum(n for n, _ in rows)
+
+
+def tensor_table(path: Path) -> tuple[list[tuple[str, int, int]], dict[str, int], str]:
+    """(name, elements, bytes) per tensor, the linears' type counts, and the embedding's type."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    rows = [(t.name, int(t.n_elements), int(t.n_bytes)) for t in reader.tensors]
+    types: dict[str, int] = {}
+    for t in reader.tensors:
+        if LINEAR.match(t.name):
+            types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    embedding = next(t.tensor_type.name for t in reader.tensors if t.name == "token_embd.weight")
+    return rows, types, embedding
+
+
+def write_fp32(source: Path, out: Path) -> None:
+    """SRC's tensors dequantized to float32, its metadata copied (file type set to ALL_F32)."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter, Keys, LlamaFileType
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(source)
+    arch = reader.get_field(Keys.General.ARCHITECTURE).contents()
+    writer = GGUFWriter(out, arch)
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name in (Keys.General.ARCHITECTURE, Keys.General.FILE_TYPE):
+            continue
+        kind = field.types[0]
+        writer.add_key_value(field.name, field.contents(), kind,
+                             sub_type=field.types[-1] if kind == GGUFValueType.ARRAY else None)
+    writer.add_file_type(LlamaFileType.ALL_F32)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.ascontiguousarray(dequantize(t.data, t.tensor_type), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def quantize(master: Path, out: Path, name: str, threads: int) -> None:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread = threads
+    params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_ALL_F32" if name == "F32" else f"LLAMA_FTYPE_MOSTLY_{name}")
+    if llama_cpp.llama_model_quantize(str(master).encode(), str(out).encode(), params) != 0:
+        raise SystemExit(f"llama_model_quantize failed for {name}")
+
+
+REPACK = True  # --no-repack: llama.cpp's extra buffer types off (weight repacking, AMX), as llama-cli's --no-repack
+
+
+def load(path: Path, n_ctx: int, threads: int):
+    """A context holding every position's logits. Without repacking through a patched llama_model_default_params:
+    the bindings expose no other way to set ``use_extra_bufts`` (its AMX kernels segfaulted on one Xeon VM here)."""
+    import llama_cpp.llama_cpp as api
+    from llama_cpp import Llama
+
+    default = api.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = REPACK
+        return p
+
+    api.llama_model_default_params = params
+    try:
+        return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads, n_threads_batch=threads,
+                     logits_all=True, verbose=False)
+    finally:
+        api.llama_model_default_params = default
+
+
+def perplexity(path: Path, windows: np.ndarray, threads: int) -> dict:
+    llm = load(path, windows.shape[1], threads)
+    nll, start = 0.0, time.perf_counter()
+    for w in windows:
+        llm.reset()
+        llm.eval(w.tolist())
+        nll += window_nll(llm.scores[: len(w)], w)
+    tokens = windows.shape[0] * (windows.shape[1] - 1)
+    return {"nll_sum": nll, "tokens": tokens, "ppl": float(np.exp(nll / tokens)),
+            "ppl_seconds": round(time.perf_counter() - start, 1)}
+
+
+def decode_speed(path: Path, prompt: list[int], new_tokens: int, repeats: int, threads: int) -> float:
+    """Greedy tokens/s after the prompt (its prefill excluded), best of ``repeats``."""
+    llm = load(path, len(prompt) + new_tokens + 1, threads)
+    best = float("inf")
+    for _ in range(repeats):
+        llm.reset()
+        llm.eval(prompt)
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        best = min(best, time.perf_counter() - start)
+    return new_tokens / best
+
+
+def measure(path: Path, windows: np.ndarray, threads: int) -> dict:
+    rows, types, embedding = tensor_table(path)
+    point = {"file": str(path), "bytes": path.stat().st_size, "linear_bits": linear_bits(rows),
+             "linear_types": types, "embedding_type": embedding, "repack": REPACK}
+    point["decode_tok_s"] = decode_speed(path, windows[0, :32].tolist(), 64, 3, threads)
+    point.update(perplexity(path, windows, threads))
+    return point
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--source", type=Path, required=True)
+    p.add_argument("--windows", type=Path, required=True)
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--types", default=",".join(DEFAULT_TYPES))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-repack", action="store_true", help="no weight repacking / AMX (see load)")
+    args = p.parse_args(argv)
+    global REPACK
+    REPACK = not args.no_repack
+    args.work.mkdir(parents=True, exist_ok=True)
+    windows = np.load(args.windows)
+    points = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    master = args.work / "fp32.gguf"
+    if not master.is_file():
+        write_fp32(args.source, master)
+    for name in args.types.split(","):
+        if name in points:
+            continue
+        path = args.source if name == "SOURCE" else args.work / f"{name}.gguf"
+        if not path.is_file():
+            quantize(master, path, name, args.threads)
+        points[name] = measure(path, windows, args.threads)
+        print(f"{name}: {points[name]['bytes'] / 1e6:.1f} MB, linears {points[name]['linear_bits']:.2f} b/w, "
+              f"ppl {points[name]['ppl']:.3f}, {points[name]['decode_tok_s']:.0f} tok/s", flush=True)
+        args.out.write_text(json.dumps(points, indent=1))
+
+
+if __name__ == "__main__":
+    main()
