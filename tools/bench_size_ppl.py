@@ -1,6 +1,6 @@
 """Size–perplexity front: gift_quant's packed exports against llama.cpp's types, same weights, windows and token ids.
 
-    python tools/bench_size_ppl.py --work outputs/size_ppl --side-python /work/side-llamacpp/bin/python \
+    python tools/bench_size_ppl.py --work outputs/size_ppl --side-python ../side-llamacpp/bin/python \
         --fp --gift "4-bit g64=outputs/size_ppl/w4g64" ... --json docs/size_perplexity.json \
         --table docs/size_perplexity_table.md --plot docs/img/size_perplexity.png
 

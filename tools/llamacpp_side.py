@@ -1,12 +1,12 @@
 """llama.cpp's side of tools/bench_size_ppl.py; runs in a side environment, never imported by gift_quant.
 
-    /work/side-llamacpp/bin/python tools/llamacpp_side.py --source SRC.gguf --windows ids.npy --work DIR \
+    ../side-llamacpp/bin/python tools/llamacpp_side.py --source SRC.gguf --windows ids.npy --work DIR \
         --out points.json [--types F16,Q8_0,...] [--threads 1]
 
 Side environment (not a project dependency; nothing of it is committed, no test needs it):
 
-    python3 -m venv /work/side-llamacpp
-    CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF" /work/side-llamacpp/bin/pip install llama-cpp-python==0.3.36 gguf numpy
+    python3 -m venv ../side-llamacpp
+    CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF" ../side-llamacpp/bin/pip install llama-cpp-python==0.3.36 gguf numpy
 
 1. ``DIR/fp32.gguf``: every tensor of SRC dequantized to float32 (the weights gift_quant calls ``fp``: transformers
    dequantizes the same blocks with the same ``gguf`` code) with SRC's metadata and tokenizer, file type F32.
