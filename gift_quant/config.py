@@ -355,8 +355,8 @@ class ReconstructConfig(NoiseSettings, FrozenSettings):
     # its source, length and seed, its own windows first)
     inputs: Literal["quantized", "fp"] = "quantized"  # each block's inputs: the reconstructed blocks' outputs before
     # it (GPTQ convention: it learns to undo their error) or the full-precision stream
-    heldout_windows: NonNegativeInt = 8  # windows never trained on (drawn with another seed), whose block MSE before
-    # and after is logged beside the training windows' (does the block generalise or fit its windows?); 0: none
+    heldout_windows: NonNegativeInt = 8  # windows never trained on (the calibration sampler's next ones), whose block
+    # MSE before and after is logged beside the training windows' (does the block generalise or fit them?); 0: none
     max_minutes: float | None = Field(default=None, gt=0)  # whole stage; split evenly over the blocks
     budget_clock: Literal["wall", "process"] = "wall"  # process: CPU seconds of this process (all its threads)
     seed: Seed = 0

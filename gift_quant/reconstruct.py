@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 
 LOG_FIELDS = ["layer", "trainable", "mse_start", "mse_end", "heldout_mse_start", "heldout_mse_end", "codes_changed",
               "steps", "seconds", "cpu_seconds"]
-HELDOUT_SEED = 1_000_003  # offsets the calibration seed: windows the training never reads (documents may repeat)
 
 
 def _optimizer(block: nn.Module, cfg: ReconstructConfig) -> torch.optim.Optimizer:
@@ -112,22 +111,16 @@ def _load_block(store: ResultStore, index: int, model: nn.Module, block: nn.Modu
     return saved[1]
 
 
-def _windows(state, cfg: ReconstructConfig) -> torch.Tensor:
-    """The stage's calibration windows: the calibrate stage's, or ``num_samples`` drawn the same way (its own first)."""
+def _windows(state, cfg: ReconstructConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The stage's training windows (the calibrate stage's, or ``num_samples`` drawn the same way, its own first) and
+    its ``heldout_windows`` (the sampler's next windows: never trained on; None when 0), from one draw."""
     calib = state.calibration
-    if cfg.num_samples is None or cfg.num_samples == calib.windows.shape[0]:
-        return calib.windows
-    docs = load_documents(calib.config, state.recipe.data.dir)
-    return calibration_windows(state.tokenizer, docs, cfg.num_samples, calib.config.seq_len, calib.config.seed)
-
-
-def _heldout_windows(state, cfg: ReconstructConfig) -> torch.Tensor | None:
-    """``heldout_windows`` calibration-style windows the stage never trains on (another seed of the same source)."""
-    if not cfg.heldout_windows:
-        return None
-    calib = state.calibration.config
-    docs = load_documents(calib, state.recipe.data.dir)
-    return calibration_windows(state.tokenizer, docs, cfg.heldout_windows, calib.seq_len, calib.seed + HELDOUT_SEED)
+    conf, n = calib.config, cfg.num_samples or calib.windows.shape[0]
+    if n == calib.windows.shape[0] and not cfg.heldout_windows:
+        return calib.windows, None
+    docs = load_documents(conf, state.recipe.data.dir)
+    drawn = calibration_windows(state.tokenizer, docs, n + cfg.heldout_windows, conf.seq_len, conf.seed)
+    return drawn[:n], (drawn[n:] if cfg.heldout_windows else None)
 
 
 def _train_one(model: nn.Module, block: nn.Module, index: int, streams: dict[str, tuple[list[Chunk], list[Chunk]]],
@@ -154,14 +147,13 @@ def reconstruct_stage(state, cfg: ReconstructConfig) -> None:
     model.requires_grad_(False)  # only each block's declared tensors train, one block at a time
     if cfg.frozen == "packed":
         pack_frozen(model)
-    windows = _windows(state, cfg)
+    windows, heldout = _windows(state, cfg)
     stamp = fingerprint(state, {"base": state.quantization.fingerprint,
                                 "reconstruct": cfg.model_dump(mode="json",
                                                               exclude={"resume", "frozen", "heldout_windows"})},
                         [windows])
     saved = ResultStore(state.output_dir / "reconstruct", stamp, cfg.resume, prefix="block")
     layers, fp_layers = decoder_layers(model), decoder_layers(teacher_model(state))
-    heldout = _heldout_windows(state, cfg)
     fp_in = {"train": capture_layer0_inputs(model, windows, device, cfg.batch_size),
              "heldout": [] if heldout is None else capture_layer0_inputs(model, heldout, device, cfg.batch_size)}
     # The embeddings are not quantized: both streams start the same.

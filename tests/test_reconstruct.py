@@ -236,8 +236,9 @@ def test_own_calibration_size_extends_the_calibrate_stages_windows_and_fp_inputs
     from gift_quant.config import ReconstructConfig
 
     state = run(tiny_run, tmp_path, "out", METHOD="salient_ft, num_samples: 12, inputs: fp")
-    windows = reconstruct._windows(state, ReconstructConfig(num_samples=12))
+    windows, heldout = reconstruct._windows(state, ReconstructConfig(num_samples=12))
     assert windows.shape == (12, 64) and torch.equal(windows[:8], state.calibration.windows)
+    assert heldout.shape == (8, 64)  # the sampler's next windows, beside the training ones
     rows = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
     (row,) = [r for r in rows if r["stage"] == "reconstruct"]
     assert "12 calibration windows" in row["note"] and "(fp inputs)" in row["note"]
