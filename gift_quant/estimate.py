@@ -81,7 +81,8 @@ class Shape:
         return [(n, *_WIDTHS[n.rpartition(".")[2]](self)) for n in self.arch.linears]
 
     @property
-    def GROUPS(self) -> tuple[tuple[int, ...], ...]:  # noqa: N802  linears reading the same input (one Hessian, copied)
+    def groups(self) -> tuple[tuple[int, ...], ...]:
+        """Indices into ``linears()`` of the linears reading the same input (one Hessian, copied)."""
         index = {n: k for k, n in enumerate(self.arch.linears)}
         return tuple(tuple(index[n] for n in g) for g in self.arch.groups)
 
@@ -315,7 +316,7 @@ def quantize(ctx: Context, cfg, calib) -> StageEstimate:
     lin = s.linears()
     # A group's float32 Hessians (one accumulated, copied for each other linear) + GPTQ's four in × in working copies
     # (permuted, damped, Cholesky, inverse) + its float32 weight, permuted weight and two code matrices.
-    hessian = max((len(g) + 4) * lin[g[0]][1] ** 2 * 4 + max(lin[j][1] * lin[j][2] for j in g) * 10 for g in s.GROUPS)
+    hessian = max((len(g) + 4) * lin[g[0]][1] ** 2 * 4 + max(lin[j][1] * lin[j][2] for j in g) * 10 for g in s.groups)
     # Collecting them: one batch of windows through the layer, and the float32 input copies the accumulation makes.
     forward = batch * seq * ((3 * s.intermediate + 4 * s.hidden) * b + 2 * max(i for _, i, _ in lin) * 4)
     ctx.bits, ctx.group_size = cfg.bits, cfg.group_size
@@ -336,7 +337,7 @@ def _quantize_flops(s: Shape, tokens: int) -> float:
     factorisations (out·in² and ~2·in³ per linear)."""
     lin = s.linears()
     forwards = CALIBRATION_FORWARDS * 2 * s.block_weights * tokens
-    hessians = sum(2 * lin[g[0]][1] ** 2 * tokens for g in s.GROUPS)
+    hessians = sum(2 * lin[g[0]][1] ** 2 * tokens for g in s.groups)
     gptq = sum(2 * o * i * i + 2 * i**3 for _, i, o in lin)
     return forwards + hessians + gptq
 
