@@ -347,8 +347,8 @@ class ReconstructConfig(NoiseSettings, FrozenSettings):
     train_norms: bool = False  # the block's RMSNorm weights train too (exported as ordinary fp tensors)
     learning_rate: float = Field(default=1e-4, gt=0)  # salient columns (and norms)
     scales_learning_rate: float | None = Field(default=None, gt=0)  # scales and zero points; None: learning_rate
-    codes_learning_rate: float = Field(default=0.03, gt=0)  # block_ap's latent codes, in code units (0.5 flips one;
-    # on SmolLM2 at 3 bits 0.01 moved no code in 64 steps, 0.1 diverged: docs/results.md)
+    codes_learning_rate: float = Field(default=0.01, gt=0)  # block_ap's latent codes, in code units (0.5 flips one;
+    # on SmolLM2 at 3 bits 0.03 raised some blocks' MSE above the PTQ block's, 0.1 diverged: docs/results.md)
     epochs: PositiveInt = 2  # passes over the calibration windows per block
     batch_size: PositiveInt = 4  # calibration windows per step
     num_samples: PositiveInt | None = None  # windows to train on; None: the calibrate stage's (more are drawn with
@@ -357,6 +357,8 @@ class ReconstructConfig(NoiseSettings, FrozenSettings):
     # it (GPTQ convention: it learns to undo their error) or the full-precision stream
     heldout_windows: NonNegativeInt = 8  # windows never trained on (the calibration sampler's next ones), whose block
     # MSE before and after is logged beside the training windows' (does the block generalise or fit them?); 0: none
+    revert_worse: bool = True  # a block whose MSE on its training windows ends above where it started is put back
+    # as it was (discrete code flips can raise it; the held-out windows stay unused for any decision)
     max_minutes: float | None = Field(default=None, gt=0)  # whole stage; split evenly over the blocks
     budget_clock: Literal["wall", "process"] = "wall"  # process: CPU seconds of this process (all its threads)
     seed: Seed = 0

@@ -43,7 +43,7 @@ from .training import SCALE_SUFFIXES, param_groups
 log = logging.getLogger(__name__)
 
 LOG_FIELDS = ["layer", "trainable", "mse_start", "mse_end", "heldout_mse_start", "heldout_mse_end", "codes_changed",
-              "steps", "seconds", "cpu_seconds"]
+              "reverted", "steps", "seconds", "cpu_seconds"]
 
 
 def _optimizer(block: nn.Module, cfg: ReconstructConfig) -> torch.optim.Optimizer:
@@ -97,18 +97,23 @@ def _result(model: nn.Module, block: nn.Module) -> dict[str, torch.Tensor]:
     return {n: t for n, t in block.state_dict(keep_vars=True).items() if n in kept}
 
 
-def _load_block(store: ResultStore, index: int, model: nn.Module, block: nn.Module) -> dict | None:
-    """Put a finished block's saved result into ``block``; its log row, or None to train it (again)."""
-    saved = store.load(index)
+def _put(model: nn.Module, block: nn.Module, result: dict[str, torch.Tensor]) -> bool:
+    """Copy a :func:`_result` into ``block`` (False when its tensors are not this block's)."""
     current = _result(model, block)
-    if saved is None or saved[0].keys() != current.keys():
-        return None
+    if result.keys() != current.keys():
+        return False
     with torch.no_grad():
-        for k, v in saved[0].items():
+        for k, v in result.items():
             current[k].copy_(v)
     for m in mixed_linears(block).values():
         m.refresh()  # the dense Ŵ follows the loaded codes and grid
-    return saved[1]
+    return True
+
+
+def _load_block(store: ResultStore, index: int, model: nn.Module, block: nn.Module) -> dict | None:
+    """Put a finished block's saved result into ``block``; its log row, or None to train it (again)."""
+    saved = store.load(index)
+    return saved[1] if saved is not None and _put(model, block, saved[0]) else None
 
 
 def _windows(state, cfg: ReconstructConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -128,6 +133,7 @@ def _train_one(model: nn.Module, block: nn.Module, index: int, streams: dict[str
     """Train one block in its method's form on ``streams["train"]`` (inputs, targets), end it in evaluation form;
     its log row, with the block MSE on the training and the held-out windows before and after."""
     (inputs, targets), heldout = streams["train"], streams["heldout"]
+    start = {k: v.detach().clone() for k, v in _result(model, block).items()} if cfg.revert_worse else None
     trainable = make_trainable(model, block, cfg, device, _dtype(block))
     t0, cpu0 = time.perf_counter(), time.process_time()
     before, heldout_before = _mse(block.eval(), inputs, targets), _mse(block, *heldout)
@@ -135,10 +141,16 @@ def _train_one(model: nn.Module, block: nn.Module, index: int, streams: dict[str
     ended = METHODS[cfg.method].finish(block, _dtype(block))
     check_finite(block, f"after reconstructing block {index}, its")
     changed = ended.get("codes_flipped", 0) / max(ended.get("codes_total", 0), 1)
-    return {"layer": index, "trainable": trainable, "mse_start": before, "mse_end": _mse(block, inputs, targets),
+    after = _mse(block, inputs, targets)
+    reverted = start is not None and after > before
+    if reverted:  # training left the block worse on its own windows: it goes back to how it started
+        log.info("block %d: training raised its MSE from %.4g to %.4g; put back as it was", index, before, after)
+        _put(model, block, start)
+        after, changed = _mse(block, inputs, targets), 0.0
+    return {"layer": index, "trainable": trainable, "mse_start": before, "mse_end": after,
             "heldout_mse_start": heldout_before, "heldout_mse_end": _mse(block, *heldout),
-            "codes_changed": round(changed, 6), "steps": steps, "seconds": round(time.perf_counter() - t0, 2),
-            "cpu_seconds": round(time.process_time() - cpu0, 2)}
+            "codes_changed": round(changed, 6), "reverted": int(reverted), "steps": steps,
+            "seconds": round(time.perf_counter() - t0, 2), "cpu_seconds": round(time.process_time() - cpu0, 2)}
 
 
 def reconstruct_stage(state, cfg: ReconstructConfig) -> None:
@@ -197,6 +209,7 @@ def reconstruct_stage(state, cfg: ReconstructConfig) -> None:
                  cpu_seconds=round(time.process_time() - cpu_start + resumed_cpu, 1),
                  trainable_params=sum(int(r["trainable"]) for r in rows),
                  codes_changed=round(sum(changed) / len(changed), 6),
+                 blocks_reverted=sum(int(r.get("reverted") or 0) for r in rows),
                  note=f"reconstruct: {cfg.method}{' + scales' if cfg.train_scales else ''}"
                       f"{' + norms' if cfg.train_norms else ''}, {cfg.epochs} epochs over "
                       f"{windows.shape[0]} calibration windows per block ({cfg.inputs} inputs); block MSE "

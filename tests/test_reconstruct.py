@@ -32,13 +32,13 @@ def run(tiny_run, tmp_path, folder: str, **settings):
     return run_recipe(parse_recipe(yaml.safe_load(text)), tmp_path / folder)
 
 
-def quantized_only(tiny_run, tmp_path):
+def quantized_only(tiny_run, tmp_path, quantizer: str = "gptq"):
     from gift_quant.stages import parse_recipe
     from gift_quant.pipeline import run as run_recipe
 
     text = RECIPE.split("  - reconstruct")[0].replace("TRAIN", str(tmp_path / "train.jsonl"))
-    text = text.replace("QUANTIZER", "gptq")
-    return run_recipe(parse_recipe(yaml.safe_load(text)), tmp_path / "plain").model
+    text = text.replace("QUANTIZER", quantizer)
+    return run_recipe(parse_recipe(yaml.safe_load(text)), tmp_path / f"plain_{quantizer}").model
 
 
 @pytest.mark.parametrize("method, scales, norms, trained", [
@@ -260,3 +260,25 @@ def test_heldout_windows_are_only_measured_never_trained_on(tiny_run, tmp_path):
     ratio = [r for r in with_heldout.results if r["metric"] == "block_mse_ratio"][0]["heldout_mse_ratio"]
     assert ratio == pytest.approx(sum(float(r["heldout_mse_end"]) / float(r["heldout_mse_start"]) for r in rows)
                                   / len(rows), abs=1e-4)
+
+
+def test_a_block_that_training_made_worse_is_put_back_as_it_was(tiny_run, tmp_path):
+    """Far too high a rate for the codes raises the blocks' MSE on their own windows; with ``revert_worse`` (the
+    default) such a block ends exactly as it started (the PTQ block: same codes, grid and columns), without it, worse."""
+    from gift_quant.layers import quantized_modules
+
+    settings = dict(QUANTIZER="rtn", METHOD="block_ap, codes_learning_rate: 30", EPOCHS="2", SCALES="false")
+    guarded = run(tiny_run, tmp_path, "guarded", **settings)
+    rows = list(csv.DictReader((tmp_path / "guarded" / "reconstruct_log.csv").open()))
+    unguarded_settings = {**settings, "METHOD": "block_ap, codes_learning_rate: 30, revert_worse: false"}
+    run(tiny_run, tmp_path, "unguarded", **unguarded_settings)
+    loose = list(csv.DictReader((tmp_path / "unguarded" / "reconstruct_log.csv").open()))
+    assert loose[0]["reverted"] == "0" and float(loose[0]["mse_end"]) > float(loose[0]["mse_start"])
+    assert rows[0]["reverted"] == "1" and float(rows[0]["codes_changed"]) == 0
+    assert all(float(r["mse_end"]) <= float(r["mse_start"]) for r in rows)
+    ptq = quantized_modules(quantized_only(tiny_run, tmp_path, "rtn"))
+    for name, m in quantized_modules(guarded.model).items():
+        if name.startswith("model.layers.0."):
+            a, b = m.to_quantized_weight(), ptq[name].to_quantized_weight()
+            assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales), name
+            assert torch.equal(a.salient_weight, b.salient_weight), name
