@@ -6,7 +6,8 @@ it as w = s·(c − z) = s·((c − z + 8) − 8): shifted codes q = c − z + 8
 (always below 4 bits, and for symmetric 4-bit), else q = c with offset s·(8 − z). Per-channel quantization
 (group_size −1) and groups wider than 256 become kernel groups sharing one scale; act-order (g_idx out of order)
 becomes a column permutation of x. The kernel form is built at load time from the checkpoint tensors (the format on
-disk does not change) and costs half a byte per weight beside them.
+disk does not change) and costs half a byte per weight, in place of the checkpoint's codes once it has been read back
+(see the last paragraph).
 
 The kernel wins for a few rows (decode) and loses to a dense GEMM for many (prefill): above ``DENSE_ROWS`` rows the
 weight is dequantized from the kernel form in float32 — with the float32 scales this is the reference dequantization,
@@ -17,17 +18,19 @@ Reading the kernel form back needs torch's packing layout, which is private and 
 rows on AVX-512, 32 on AVX2 and without vector units, each block interleaved its own way, pairs of rows in a
 partial last block). It is never assumed: :func:`layout` packs a probe once per row count and reads off where each
 row went, and every build checks that the layout read back gives its codes exactly; a weight that fails runs on the
-reference path, with the reason in ``kernel_used``.
+reference path, with the reason in ``kernel_used``. A form that reads back gives its codes back too (:func:`codes`):
+the packed linear then keeps it as the only copy of its codes (see :class:`gift_quant.packing.PackedLinear`).
 """
 
 from __future__ import annotations
 
 import functools
-import threading
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from gift_quant.kernels import scratch
 
 KERNEL_GROUPS = (256, 128, 64, 32)  # what the kernel accepts, widest first (fewest scales)
 DENSE_ROWS = 64  # above this many rows, dequantize and use a dense GEMM (crossover measured on a 2-core AVX-512 CPU)
@@ -53,6 +56,7 @@ class Int4Weight:
     scale_offset: torch.Tensor  # bf16 (K/G, N, 2), the kernel's scales and offsets
     scale: torch.Tensor  # float32 (N, n_groups), per quantization group, for the dense path
     offset: torch.Tensor | None  # float32 (N, n_groups), None when the codes are shifted (offset 0)
+    zeros: torch.Tensor | None  # uint8 (N, n_groups): the zero points the codes were shifted by; None with an offset
     groups: torch.Tensor  # (K/G,) quantization group of each kernel group
     group: int  # kernel group width G
     perm: torch.Tensor | None  # input-column order making groups contiguous; None when already in order
@@ -171,13 +175,13 @@ def build(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx:
     g = g_idx.long() if perm is None else g_idx.long()[perm]
     c = (codes if perm is None else codes[:, perm]).to(torch.int32)
     width = kernel_group(g)
-    first = g.view(-1, width)[:, 0]  # quantization group of each kernel group
+    first = g.view(-1, width)[:, 0].clone()  # quantization group of each kernel group (a view would keep g alive)
     scales, zeros = scales.float(), zeros.float()
     shifted = c - zeros.to(torch.int32)[:, g] + 8
     if bool(((shifted >= 0) & (shifted <= 15)).all()):
-        q, offset = shifted, None
+        q, offset, shift = shifted, None, zeros.to(torch.uint8)  # kept to give the codes back (1 byte a group)
     else:
-        q, offset = c, scales * (8 - zeros)
+        q, offset, shift = c, scales * (8 - zeros), None
     del shifted
     packed = _pack(q)
     kernel_offset = torch.zeros_like(scales) if offset is None else offset
@@ -185,7 +189,7 @@ def build(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx:
     runs = layout(q.shape[0])
     if runs is not None and not torch.equal(_unpack(packed, q.shape[1], runs), q):
         runs = None  # the probe's layout does not hold for this weight: nothing is read back from it
-    return Int4Weight(packed, scale_offset.contiguous(), scales, offset, first, width, perm, runs)
+    return Int4Weight(packed, scale_offset.contiguous(), scales, offset, shift, first, width, perm, runs)
 
 
 def _unpack(packed: torch.Tensor, in_features: int, runs: tuple[Run, ...],
@@ -204,6 +208,18 @@ def _unpack(packed: torch.Tensor, in_features: int, runs: tuple[Run, ...],
     return codes
 
 
+def codes(w: Int4Weight, in_features: int) -> torch.Tensor:
+    """The uint8 codes (N, K) ``w`` was built from, in the original column order: the kernel's 4-bit values read
+    back (``w.runs`` must not be None), less the shift by 8 − z, columns put back where ``perm`` took them."""
+    n = w.packed.shape[0]
+    q = _unpack(w.packed, in_features, w.runs)
+    if w.zeros is not None:  # q = c − z + 8, one zero point per kernel group of columns
+        q.view(n, -1, w.group).add_(w.zeros[:, w.groups].unsqueeze(2)).sub_(8)
+    if w.perm is not None:  # column j of q is column perm[j] of the codes
+        q = torch.empty_like(q).index_copy_(1, w.perm, q)
+    return q.to(torch.uint8)
+
+
 def dequantize(w: Int4Weight, in_features: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """float32 (N, K) weight in the permuted column order, built in place in ``out`` (default: a new tensor);
     with shifted codes exactly s·(c − z), the reference's arithmetic."""
@@ -217,25 +233,13 @@ def dequantize(w: Int4Weight, in_features: int, out: torch.Tensor | None = None)
     return deq.view(n, in_features)
 
 
-_scratch = threading.local()
-
-
-def _scratch_buffer(numel: int, device: torch.device) -> torch.Tensor:
-    """One float32 buffer per thread that every linear's prefill dequantizes into: a fresh MB-sized weight per
-    linear per forward would churn the allocator (glibc keeps such freed blocks: ~50 MB of RSS on SmolLM2)."""
-    buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.numel() < numel or buf.device != device:
-        buf = _scratch.buf = torch.empty(numel, dtype=torch.float32, device=device)
-    return buf[:numel]
-
-
 def matmul(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (…, K) @ wᵀ + bias for the quantized part, in x's dtype."""
     if w.perm is not None:
         x = x.index_select(-1, w.perm)
     k = x.shape[-1]
     if x.numel() > DENSE_ROWS * k:
-        weight = dequantize(w, k, _scratch_buffer(w.packed.shape[0] * k, x.device))
+        weight = dequantize(w, k, scratch(w.packed.shape[0] * k, torch.float32, x.device))
         return F.linear(x, weight.to(x.dtype), bias)  # bias inside, as the reference path adds it
     flat = x.reshape(-1, k).to(torch.bfloat16)
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, w.packed, w.group, w.scale_offset)

@@ -11,9 +11,11 @@ Formats, symmetric (absmax) and without zero points, as llama.cpp's Q8_0/Q4_0 ar
 weight is within scale/2 of its dequantized value; code × scale is exact in float32 (7 + 11 significant bits).
 
 :class:`QuantizedEmbedding` gathers the rows of the ids and dequantizes only those (the same elementwise products
-as the whole dequantized matrix); :class:`QuantizedLMHead` dequantizes the whole matrix at each forward (the
-reference path, identical on every CPU; torch's ``_weight_int8pack_mm`` was measured but sums in an ISA-dependent
-order) and, tied, reads the embedding's tensors: they are stored once.
+as the whole dequantized matrix). :class:`QuantizedLMHead` keeps no dequantized copy either (tied, it reads the
+embedding's tensors: they are stored once): a few rows (decode) of an int8 head run torch's int8 kernel
+(``_weight_int8pack_mm``: bf16, summed in an ISA-dependent order, close to float64 and not bit for bit), more rows
+multiply vocabulary chunks dequantized one at a time (the reference's float32 products), and ``kernel="reference"``
+(or autograd) multiplies the whole dequantized matrix like an ``nn.Linear`` holding it, bit for bit.
 """
 
 from __future__ import annotations
@@ -25,12 +27,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from gift_quant.errors import CheckpointError
+from gift_quant.kernels import FAST_DTYPES, scratch
 from gift_quant.pinning import PinnedDtype
 
 FORMATS = ("int8", "int4")
 QMAX = {"int8": 127, "int4": 7}
 STORED_DTYPES = {"int8": torch.int8, "int4": torch.uint8}
 _FP16_MAX = torch.finfo(torch.float16).max
+KERNEL_ROWS = 16  # at most this many rows run the int8 kernel (crossover with the chunks measured on a 2-core AVX-512)
+CHUNK_VALUES = 2**20  # weights dequantized per lm_head chunk: 4 MB in float32, about the packed linears' buffer
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -169,7 +174,9 @@ class QuantizedEmbedding(PinnedDtype):
 
 
 class QuantizedLMHead(PinnedDtype):
-    """Drop-in for a bias-free ``lm_head`` ``nn.Linear``: logits = x · dequantized(W)ᵀ in the input's dtype.
+    """Drop-in for a bias-free ``lm_head`` ``nn.Linear``: logits = x · dequantized(W)ᵀ in the input's dtype, on
+    the path the module docstring describes (``kernel``: ``auto`` or ``reference``, set by
+    :func:`gift_quant.packing.set_kernel`).
 
     Tied, it owns no tensors and reads those of ``tied_to`` (a :class:`QuantizedEmbedding` of the same model, not
     registered as a child: the state dict holds the tensors once, and device moves reach them through the model)."""
@@ -181,6 +188,7 @@ class QuantizedLMHead(PinnedDtype):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.fmt, self.group_size = fmt, group_size
+        self.kernel = "auto"
         self.__dict__["tied_to"] = tied_to  # plain attribute: not a submodule
         if tied_to is None:
             _register_rows(self, out_features, in_features, fmt, group_size, device)
@@ -206,19 +214,54 @@ class QuantizedLMHead(PinnedDtype):
         return dequantize_rows(qweight, scales, self.fmt, self.in_features, self.group_size, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self._cached(x.dtype))
+        if self.kernel == "reference" or (x.requires_grad and torch.is_grad_enabled()):
+            return F.linear(x, self.dequantized(x.dtype))  # a transient dense copy, as the in-memory model's
+        if self._int8_kernel_fits(x):
+            return self._int8_kernel(x)
+        return self._chunked(x)
 
-    def _cached(self, dtype: torch.dtype) -> torch.Tensor:
-        """The dequantized weight, built once per dtype and kept until its tensors change: dequantizing
-        vocabulary × hidden values at every decoding step made generation 4× slower than an fp16 lm_head. It costs
-        the memory of an unquantized lm_head in ``dtype``; the file keeps the quantized size."""
+    def _int8_kernel_fits(self, x: torch.Tensor) -> bool:
+        """Whether torch's int8 kernel runs these logits: few rows on the CPU, and ``in_features`` a multiple of 16
+        (its vector loops read whole blocks of 16 columns: other widths read past the rows, seen with torch 2.13)."""
+        qweight, _ = self.tensors()
+        return (self.fmt == "int8" and x.device.type == "cpu" and x.dtype in FAST_DTYPES
+                and 0 < x.numel() <= KERNEL_ROWS * self.in_features and self.in_features % 16 == 0
+                and qweight.is_contiguous() and hasattr(torch, "_weight_int8pack_mm"))
+
+    def _int8_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits from the int8 codes and per-row scales, in bf16 (activations and scales rounded to it, as the
+        packed linears' int4 kernel does), the scale applied to the codes inside the kernel."""
         qweight, scales = self.tensors()
-        key = (dtype, qweight.device, qweight.data_ptr(), qweight._version, scales.data_ptr(), scales._version)
-        cache = self.__dict__.get("_weight_cache")
-        if cache is None or cache[0] != key:
-            with torch.no_grad():
-                cache = self.__dict__["_weight_cache"] = (key, self.dequantized(dtype))
-        return cache[1]
+        # A fresh copy: the kernel's vector loads need 32-byte aligned rows (a view into x may not be aligned).
+        flat = torch.empty(x.numel() // self.in_features, self.in_features, dtype=torch.bfloat16)
+        flat.copy_(x.reshape(-1, self.in_features))
+        y = torch._weight_int8pack_mm(flat, qweight, scales.view(-1).to(torch.bfloat16))
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def _chunked(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits a chunk of vocabulary rows at a time, each chunk dequantized into the thread's reusable
+        buffers: no dense copy of the weight stays resident, and the transient one is a chunk."""
+        flat = x.reshape(-1, self.in_features)
+        out = torch.empty(flat.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+        step = max(1, CHUNK_VALUES // self.in_features)
+        for start in range(0, self.out_features, step):
+            stop = min(start + step, self.out_features)
+            torch.mm(flat, self._rows(start, stop, x.dtype).t(), out=out[:, start:stop])
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def _rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows [start, stop) of the dequantized weight in ``dtype``: the float32 products of ``dequantized``
+        (exact), then rounded to ``dtype``; in scratch buffers, valid until the next chunk."""
+        qweight, scales = (t[start:stop] for t in self.tensors())
+        shape = (stop - start, self.in_features)
+        w = scratch(shape[0] * shape[1], torch.float32, qweight.device).view(shape)
+        if self.fmt == "int8":  # in place, no temporaries: one scale per row
+            w.copy_(qweight).mul_(scales.to(torch.float32))
+        else:
+            w.copy_(dequantize_rows(qweight, scales, self.fmt, self.in_features, self.group_size))
+        if dtype == torch.float32:
+            return w
+        return scratch(w.numel(), dtype, w.device).view(shape).copy_(w)
 
     def check(self) -> None:
         if not self.tied:

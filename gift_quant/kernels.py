@@ -6,13 +6,15 @@
   :class:`gift_quant.packing.PackedLinear` (dequantize the codes, dense matmul), which is also the tests' oracle.
 
 A fast form is derived from the module's buffers (the checkpoint tensors) and rebuilt when they change, so loading,
-``load_state_dict`` and device moves need no special care.
+``load_state_dict`` and device moves need no special care (the CPU form may hold the only copy of the codes:
+PackedLinear puts ``qweight`` back before a move, a load or a rebuild).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import threading
 from typing import Any, Callable
 
 import torch
@@ -49,3 +51,17 @@ def trim_heap() -> None:
         trim = None
     if trim is not None:
         trim(0)
+
+
+_scratch = threading.local()
+
+
+def scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One buffer per thread and dtype that the many-row paths dequantize weights into (every packed linear's
+    prefill, the quantized lm_head's chunks): a fresh MB-sized weight per matmul would churn the allocator (glibc
+    keeps such freed blocks: ~50 MB of RSS on SmolLM2). The caller uses it before the next call for the same dtype."""
+    buffers = _scratch.__dict__.setdefault("by_dtype", {})
+    buf = buffers.get(dtype)
+    if buf is None or buf.numel() < numel or buf.device != device:
+        buf = buffers[dtype] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gift_quant import cpu_int4
 from gift_quant.bitpack import block_shape, pack_codes, pack_zeros, packed_rows, unpack_codes, unpack_zeros
+from gift_quant.embedding import QuantizedLMHead
 from gift_quant.kernels import KERNELS, trim_heap
 from gift_quant.pinning import PinnedDtype
 from gift_quant.quantized import QuantizedWeight
@@ -26,6 +28,12 @@ class PackedLinear(PinnedDtype):
     ``kernel_used`` names it, or says why not) and otherwise on the reference path: W_q dequantized from the codes
     at every forward. ``cache_dense=True`` keeps the reference path's dequantized weight between forwards (speed for
     memory).
+
+    Codes resident once: when the fast form is the CPU int4 kernel's, which gives the codes back exactly
+    (:func:`gift_quant.cpu_int4.codes`), ``qweight`` is released (an empty stand-in) and every reader of the codes
+    (``codes()``, hence the reference path, ``check``, ``to_quantized_weight``; ``state_dict`` and export, which
+    get the checkpoint tensor bit for bit) reads them from the kernel form. Device moves, ``load_state_dict`` and a
+    rebuild put ``qweight`` back first.
     """
 
     _PINNED = ("scales", "salient_weight")
@@ -54,6 +62,7 @@ class PackedLinear(PinnedDtype):
         self.kernel = kernel
         self.kernel_used = "not built yet"
         self._fast: tuple[tuple, Any] = ((), None)  # (buffer key, fast matmul or None)
+        self._stub: torch.Tensor | None = None  # qweight's empty stand-in while the fast form holds the codes
         self._dense: torch.Tensor | None = None
         self._order_key: tuple | None = None
         self._order_ok = False
@@ -94,6 +103,8 @@ class PackedLinear(PinnedDtype):
         return m
 
     def codes(self) -> torch.Tensor:
+        if self._released():
+            return cpu_int4.codes(self._fast[1], self.in_features)
         return unpack_codes(self.qweight, self.bits, self.in_features)
 
     def zeros(self) -> torch.Tensor:
@@ -146,12 +157,41 @@ class PackedLinear(PinnedDtype):
         """Build the fast form for the current buffers and device if they changed; returns ``kernel_used``."""
         from gift_quant.kernels import build_fast
 
-        key = self._buffers_key()
-        if self._fast[0] != key:
-            self._fast = (key, None)  # drop the old form before building the new one (peak memory)
+        if self._fast[0] != self._buffers_key():
+            self._drop_fast()  # before building the new one (peak memory)
             fast, self.kernel_used = build_fast(self)
-            self._fast = (key, fast)
+            self._fast = (self._buffers_key(), fast)
+            self._release()
         return self.kernel_used
+
+    def _drop_fast(self) -> None:
+        self._restore()  # the old form may hold the only copy of the codes
+        self._fast = ((), None)
+
+    def _released(self) -> bool:
+        """Whether ``qweight`` is the stand-in (not a tensor someone has put there since)."""
+        return self._stub is not None and self._buffers.get("qweight") is self._stub
+
+    def _release(self) -> None:
+        """Free ``qweight`` when the fast form can give its codes back exactly (the CPU int4 form, whose layout
+        was read back at build): the codes are then resident once, in the kernel's half byte per weight."""
+        fast = self._fast[1]
+        if not isinstance(fast, cpu_int4.Int4Weight) or fast.runs is None:
+            return
+        self._stub = self._buffers["qweight"] = self.qweight.new_empty(0)
+        self._fast = (self._buffers_key(), fast)  # keyed on the stand-in: it does not trigger a rebuild
+
+    def _restore(self) -> None:
+        """Put the checkpoint tensor back into ``qweight`` if it was released (before it moves, loads or
+        rebuilds: those read or replace ``qweight`` itself)."""
+        if self._released():
+            self._buffers["qweight"] = self._packed_codes()
+        self._stub = None
+
+    def _packed_codes(self) -> torch.Tensor:
+        """The checkpoint's ``qweight``, bit for bit: the codes of a kernel form that fits are a multiple of 32
+        columns (whole int32 words, no padding), so packing them again gives back every bit."""
+        return pack_codes(self.codes(), self.bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from gift_quant.kernels import FAST_DTYPES
@@ -205,14 +245,22 @@ class PackedLinear(PinnedDtype):
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         self.clear_cache()
+        if self._released() and fn(self._stub) is not self._stub:
+            self._restore()  # a move (or any new tensor): the codes travel as the checkpoint tensor
         super()._apply(fn, recurse)  # PinnedDtype: scales and salient weights keep their stored fp16
         if self._fast[0] != self._buffers_key():  # moved: the old device's fast form is stale
-            self._fast = ((), None)
+            self._drop_fast()
         return self
 
     def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[override]
         self.clear_cache()
+        self._restore()  # qweight needs its shape to load into, and its codes if the state dict lacks it
         return super()._load_from_state_dict(*args, **kwargs)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._released():  # the checkpoint tensor, not the stand-in
+            destination[prefix + "qweight"] = self._packed_codes()
 
     def extra_repr(self) -> str:
         return (
@@ -227,9 +275,13 @@ def packed_linears(model: nn.Module) -> dict[str, nn.Module]:
 
 def set_kernel(model: nn.Module, kernel: str = "auto") -> Counter:
     """Choose the kernel of every PackedLinear of ``model`` and build the fast forms now (so they are part of the
-    memory after loading, not of the first forward). Returns how many linears run on each path."""
+    memory after loading, not of the first forward), and that of a quantized lm_head (which picks its path at each
+    forward, by rows and format). Returns how many linears run on each path."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    for m in model.modules():
+        if isinstance(m, QuantizedLMHead):
+            m.kernel = kernel
     modules = packed_linears(model).values()
     used = Counter()
     for m in modules:

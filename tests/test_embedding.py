@@ -16,6 +16,7 @@ from test_export import ids, logits, quantize, read_tensors, refresh_manifest, t
 from transformers import AutoModelForCausalLM
 
 from gift_quant.checkpoint import CheckpointError
+from gift_quant import embedding as embedding_module
 from gift_quant.embedding import (
     QuantizedEmbedding,
     QuantizedLMHead,
@@ -133,7 +134,7 @@ def test_reload_computes_the_in_memory_logits_bit_for_bit(tmp_path, tie, fmt, gr
     reloaded = load_quantized(out, dtype=torch.float32, kernel="reference")
     emb, head = reloaded.model.embed_tokens, reloaded.lm_head
     assert isinstance(emb, QuantizedEmbedding) and isinstance(head, QuantizedLMHead)
-    assert (head.tied_to is emb) == tie
+    assert (head.tied_to is emb) == tie and head.kernel == "reference"  # load_quantized's kernel, the exact path
     x = ids()
     assert torch.equal(logits(reloaded, x), logits(with_embedding(model, fmt, group), x))
 
@@ -270,14 +271,76 @@ def test_sizes_are_compared_with_the_source_gguf(tiny_run, tmp_path):
     assert "× the source GGUF source.gguf" in (out / "report.md").read_text()
 
 
-def test_lm_head_dequantizes_once_and_again_only_when_its_tensors_change():
-    # Decoding calls the lm_head once per token: its dequantized weight is kept, and rebuilt after an in-place change.
-    lin = torch.nn.Linear(24, 40, bias=False)
-    head = QuantizedLMHead.from_linear(lin, "int8")
-    x = torch.randn(3, 24, dtype=torch.float64)
-    first = head(x)
-    torch.testing.assert_close(first, x @ head.dequantized(torch.float64).T, rtol=0, atol=0)
-    assert head._cached(torch.float64) is head._cached(torch.float64)
-    with torch.no_grad():
+BF16_U = 2.0**-8  # unit roundoff of bf16 (8 significant bits)
+
+
+def head_and_reference(fmt: str, group: int | None, rows: int = 203, hidden: int = 64):
+    """A quantized lm_head (vocabulary ``rows``, not a multiple of the kernel's blocks) and its float64 weight; seeds
+    the test's random inputs too."""
+    torch.manual_seed(0)
+    head = QuantizedLMHead.from_linear(torch.nn.Linear(hidden, rows, bias=False), fmt, group)
+    return head, head.dequantized(torch.float64)
+
+
+def spy(monkeypatch, owner, name: str) -> list:
+    calls = []
+    real = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n_rows", [1, embedding_module.KERNEL_ROWS])
+def test_lm_head_decodes_on_the_int8_kernel_within_bf16_rounding(monkeypatch, dtype, n_rows):
+    head, w64 = head_and_reference("int8", None)
+    calls = spy(monkeypatch, torch, "_weight_int8pack_mm")
+    big = torch.randn(n_rows * 64 + 1).to(dtype)
+    x = big[1:].view(n_rows, 1, 64)  # a view one element in: the kernel gets an aligned copy
+    y = head(x)
+    assert calls and y.dtype == dtype and y.shape == (n_rows, 1, 203)
+    # The kernel rounds activations, scales and logits to bf16 and sums in float32 (K = 64 terms): per logit,
+    # 2 roundings of the terms (x, scale) plus the sum's (64·2⁻²⁴) stay under 3u·Σ|x·w|, and u·|y| the output's.
+    y64 = x.double() @ w64.T
+    bound = 3 * BF16_U * (x.double().abs() @ w64.abs().T) + BF16_U * y64.abs()
+    assert ((y.double() - y64).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt,group", [("int8", None), ("int4", 16)])
+def test_lm_head_chunks_are_the_whole_dequantized_matmul(monkeypatch, fmt, group, dtype):
+    head, _ = head_and_reference(fmt, group)
+    monkeypatch.setattr(embedding_module, "CHUNK_VALUES", 64 * 50)  # chunks of 50 rows: 4 full, 1 of 3
+    calls = spy(monkeypatch, QuantizedLMHead, "_rows")
+    x = torch.randn(2, embedding_module.KERNEL_ROWS + 1, 64).to(dtype)  # above the kernel's rows (int8), any (int4)
+    y = head(x)
+    full = torch.nn.functional.linear(x, head.dequantized(dtype))
+    assert len(calls) == 5 and y.dtype == dtype
+    # The same weights in dtype, summed in float32 in two orders (64 terms each), then each rounded to dtype.
+    absdot = x.float().abs() @ head.dequantized().abs().T
+    u = 0.0 if dtype == torch.float32 else BF16_U
+    assert ((y.float() - full.float()).abs() <= 2 * 64 * 2.0**-24 * absdot + 2 * u * full.float().abs()).all()
+
+
+def test_lm_head_keeps_no_dense_copy_and_its_reference_path_is_exact():
+    head, _ = head_and_reference("int8", None)
+    for x in (torch.randn(1, 64), torch.randn(40, 64), torch.randn(3, 64, dtype=torch.float64)):
+        head(x)
+    # Beside its registered buffers (here: int8 codes and fp16 scales) the module holds no tensor, alone or in a tuple.
+    kept = [k for k, v in vars(head).items() if isinstance(v, torch.Tensor)
+            or (isinstance(v, tuple) and any(isinstance(t, torch.Tensor) for t in v))]
+    assert kept == [] and {k: v.dtype for k, v in head.state_dict().items()} == {"qweight": torch.int8,
+                                                                              "scales": torch.float16}
+    # kernel="reference" (and autograd) multiply the whole dequantized matrix, as an nn.Linear holding it does.
+    x = torch.randn(3, 64)
+    head.kernel = "reference"
+    assert torch.equal(head(x), torch.nn.functional.linear(x, head.dequantized()))
+    head.kernel = "auto"
+    xg = x.clone().requires_grad_()
+    y = head(xg)
+    assert torch.equal(y, torch.nn.functional.linear(x, head.dequantized()))
+    y.sum().backward()
+    assert torch.equal(xg.grad, head.dequantized().sum(0).expand_as(x))
+    first = head(x.double())
+    with torch.no_grad():  # nothing cached: an in-place change shows at once
         head.qweight.neg_()
-    torch.testing.assert_close(head(x), -first, rtol=0, atol=1e-12)
+    assert torch.equal(head(x.double()), -first)

@@ -3,18 +3,24 @@
 Weights are built directly as QuantizedWeight records (random codes, scales, zero points, act-order g_idx, salient
 columns), independent of the quantizer. The CPU int4 kernel computes in bf16, so its oracle is float64 on the same
 bf16-rounded activations and scales, within the bf16 output rounding; its dense path (many rows) must be the
-reference bit for bit.
+reference bit for bit. A module whose codes live in the kernel form only (``qweight`` released) must be, for every
+reader of its codes, the module that never released them, bit for bit.
 """
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from gift_quant import cpu_int4, gptq_cuda
-from gift_quant.packing import PackedLinear, set_kernel
+from gift_quant.export import export_packed
+from gift_quant.hf_quantizer import load_quantized
+from gift_quant.packing import PackedLinear, packed_linears, set_kernel
 from gift_quant.quantized import QuantizedWeight
+from gift_quant.quantizer import QuantSpec
 
 BF16_REL = 2.0**-7  # bf16 output rounding (2^-9) plus fp32 accumulation order, relative to max |y|
 
@@ -198,6 +204,88 @@ def test_gptq_zero_points_v2_hold_the_zero_points():
     assert torch.equal(unpack_zeros(v1, 4, qw.shape[0]), qw.zeros)
     nibbles = (v2.unsqueeze(2) >> torch.arange(0, 32, 4, dtype=torch.int32)) & 15  # GPTQ v2: the zeros themselves
     assert torch.equal(nibbles.reshape(v2.shape[0], -1).t().float(), qw.zeros)
+
+
+# ---------------------------------------------------------------- the codes resident once (qweight released)
+
+
+def held_bytes(m: PackedLinear) -> int:
+    """Bytes of the distinct storages the module holds: its buffers and the tensors of its fast form."""
+    fast = vars(m._fast[1]) if m._fast[1] is not None else {}
+    tensors = [*m.buffers(), *(v for v in fast.values() if isinstance(v, torch.Tensor))]
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_kernel_form_holds_the_only_copy_of_the_codes(case):
+    qw = record(**CASES[case])
+    m = PackedLinear.from_quantized(qw, torch.randn(qw.shape[0]), dtype=torch.float32)
+    twin = PackedLinear.from_quantized(qw, m.bias, dtype=torch.float32)  # never builds a fast form
+    twin.kernel = "reference"
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    buffers = held_bytes(m)  # no fast form yet
+    assert m.prepare() == "int4_cpu"
+    fast = m._fast[1]
+    fast_bytes = sum(t.untyped_storage().nbytes() for t in vars(fast).values() if isinstance(t, torch.Tensor))
+    assert m.qweight.numel() == 0 and m.qweight.untyped_storage().nbytes() == 0
+    assert held_bytes(m) == buffers - state["qweight"].nbytes + fast_bytes
+    assert fast.packed.nbytes == qw.codes.numel() // 2  # the codes once, half a byte each
+    # Every reader of the codes reads them back exactly.
+    saved = m.state_dict()
+    assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in state)
+    assert saved["qweight"].dtype == torch.int32 and torch.equal(m.codes(), qw.codes)
+    back = m.to_quantized_weight()
+    assert back.codes.dtype == twin.to_quantized_weight().codes.dtype and torch.equal(back.codes, qw.codes)
+    m.check()
+    # The reference path (float64, autograd) reads them from the kernel form: the never-released twin's output.
+    x = torch.randn(3, qw.shape[1], dtype=torch.float64)
+    assert torch.equal(m(x), twin(x))
+    xg = torch.randn(3, qw.shape[1], requires_grad=True)
+    assert torch.equal(m(xg), twin(xg))
+    assert m.qweight.numel() == 0 and m._fast[1] is fast  # none of this rebuilt the form or restored qweight
+
+
+def test_released_codes_follow_casts_moves_and_loads():
+    qw, other = record(**CASES["2bit_g64_act_order"]), record(**CASES["2bit_g64_act_order"], seed=1)
+    m = PackedLinear.from_quantized(qw, torch.randn(qw.shape[0]), dtype=torch.float32)
+    qweight = m.qweight.clone()
+    m.prepare()
+    fast = m._fast[1]
+    m.to(torch.bfloat16).cpu().float()  # no device change: the form and the release stay
+    assert m._fast[1] is fast and m.qweight.numel() == 0
+    moved = copy.deepcopy(m).to("meta")  # a move takes the checkpoint tensor along
+    assert moved.qweight.device.type == "meta" and moved.qweight.shape == qweight.shape and moved._fast[1] is None
+    assert m.qweight.numel() == 0 and torch.equal(m.state_dict()["qweight"], qweight)  # the copy kept its own
+    m.load_state_dict(PackedLinear.from_quantized(other, m.bias, dtype=torch.float32).state_dict())  # into a release
+    assert torch.equal(m.codes(), other.codes)
+    m.prepare()
+    assert m.qweight.numel() == 0 and torch.equal(m.codes(), other.codes)
+    m.load_state_dict({k: v for k, v in m.state_dict().items() if k != "qweight"}, strict=False)  # keeps the codes
+    assert torch.equal(m.codes(), other.codes)
+    m.kernel = "reference"  # a rebuild without a kernel form restores qweight first
+    assert "reference" in m.prepare() and torch.equal(m.codes(), other.codes) and m.qweight.numel() > 0
+
+
+def test_a_loaded_export_holds_its_codes_once_and_exports_them_bit_for_bit(tmp_path):
+    from test_export import ids, logits, quantize, read_tensors, tiny_llama
+
+    # Groups of 32 fit the int4 kernel; down_proj's 80 columns take groups of 16, which run the reference path.
+    spec_of = lambda name: QuantSpec(bits=3, group_size=16 if "down" in name else 32, sym=False)  # noqa: E731
+    export_packed(quantize(tiny_llama(), spec_of=spec_of), None, tmp_path / "a", quant_info={})
+    loaded = load_quantized(tmp_path / "a", dtype=torch.float32)  # auto: the int4 kernel where it fits
+    linears = packed_linears(loaded)
+    released = {n for n, m in linears.items() if m.qweight.numel() == 0}
+    assert released == {n for n, m in linears.items() if m.kernel_used == "int4_cpu"} and len(released) == 12
+    export_packed(loaded, None, tmp_path / "b", quant_info=loaded.gift_quant_config)
+    first, second = read_tensors(tmp_path / "a"), read_tensors(tmp_path / "b")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    again = load_quantized(tmp_path / "b", dtype=torch.float32)
+    x = ids()
+    assert torch.equal(logits(again, x), logits(loaded, x))
+    # In float64 every linear takes the reference path, from the kernel form's codes where they were released.
+    reference = load_quantized(tmp_path / "a", dtype=torch.float32, kernel="reference").to(torch.float64)
+    assert torch.equal(logits(loaded.to(torch.float64), x), logits(reference, x))
+    assert {n for n, m in linears.items() if m.qweight.numel() == 0} == released  # the cast kept them released
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
