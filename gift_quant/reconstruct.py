@@ -62,9 +62,10 @@ def _mse(block: nn.Module, inputs: list[Chunk], targets: list[Chunk]) -> float |
 
 
 def train_block(block: nn.Module, inputs: list[Chunk], targets: list[Chunk], cfg: ReconstructConfig,
-                seconds: float | None, seed: int, progress: tqdm) -> int:
-    """Train the block's trainable tensors so that block(inputs) ≈ targets (MSE) for ``cfg.epochs`` or until
-    ``seconds`` pass on the budget's clock; returns the steps taken."""
+                seconds: float | None, seed: int, progress: tqdm, channel_weight: torch.Tensor | None = None) -> int:
+    """Train the block's trainable tensors so that block(inputs) ≈ targets (MSE, each hidden channel's squared error
+    times ``channel_weight`` when given: tools/probe_reconstruct.py) for ``cfg.epochs`` or until ``seconds`` pass on
+    the budget's clock; returns the steps taken."""
     optimizer = _optimizer(block, cfg)
     total = cfg.epochs * len(inputs)
     clock, steps = BudgetClock(cfg.budget_clock), 0
@@ -77,7 +78,8 @@ def train_block(block: nn.Module, inputs: list[Chunk], targets: list[Chunk], cfg
     for _ in range(cfg.epochs):
         for i in order.sample(range(len(inputs)), len(inputs)):
             out = block(inputs[i].hidden, **inputs[i].kwargs)
-            loss = F.mse_loss((out[0] if isinstance(out, tuple) else out).float(), targets[i].hidden.float())
+            out, target = (out[0] if isinstance(out, tuple) else out).float(), targets[i].hidden.float()
+            loss = F.mse_loss(out, target) if channel_weight is None else ((out - target) ** 2 * channel_weight).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

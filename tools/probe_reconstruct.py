@@ -17,18 +17,17 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import random
 import sys
 import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gift_quant import reconstruct as R  # noqa: E402
 from gift_quant.architectures import decoder_layers  # noqa: E402
-from gift_quant.budget import cosine_by_progress  # noqa: E402
 from gift_quant.calibrate import capture_layer0_inputs, run_layer  # noqa: E402
 from gift_quant.config import ReconstructConfig  # noqa: E402
 from gift_quant.methods import METHODS, make_trainable  # noqa: E402
@@ -59,27 +58,6 @@ def channel_weights(targets) -> torch.Tensor:
     return w / w.mean()
 
 
-def train(block, inputs, targets, cfg: ReconstructConfig, weight: torch.Tensor, seed: int) -> int:
-    """reconstruct.train_block's loop, with a per-channel weight on the squared error."""
-    optimizer = R._optimizer(block, cfg)
-    total = cfg.epochs * len(inputs)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_by_progress(0.0, lambda k: k / total))
-    order, steps = random.Random(seed), 0
-    torch.manual_seed(seed)
-    block.train()
-    for _ in range(cfg.epochs):
-        for i in order.sample(range(len(inputs)), len(inputs)):
-            out = block(inputs[i].hidden, **inputs[i].kwargs)
-            out = out[0] if isinstance(out, tuple) else out
-            loss = ((out.float() - targets[i].hidden.float()) ** 2 * weight).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            steps += 1
-    return steps
-
-
 def probe(state: RunState, block, index: int, streams, setting: dict) -> dict:
     setting = dict(setting)
     n, norm = setting.pop("n"), setting.pop("norm", False)
@@ -88,10 +66,10 @@ def probe(state: RunState, block, index: int, streams, setting: dict) -> dict:
     inputs, targets = train_in[: n // CHUNK], train_out[: n // CHUNK]  # one step per chunk of CHUNK windows
     trial = copy.deepcopy(block)
     make_trainable(state.model, trial, cfg, torch.device("cpu"), torch.float32)
-    weight = channel_weights(targets) if norm else torch.ones(())
+    weight = channel_weights(targets) if norm else None
     cpu = time.process_time()
     start, held_start = R._mse(trial.eval(), inputs, targets), R._mse(trial, *heldout)
-    steps = train(trial, inputs, targets, cfg, weight, 7 + index)
+    steps = R.train_block(trial, inputs, targets, cfg, None, 7 + index, tqdm(disable=True), weight)
     ended = METHODS[cfg.method].finish(trial, torch.float32)
     return {"block": index, "n": n, "norm": norm, **setting, "steps": steps,
             "train_ratio": R._mse(trial, inputs, targets) / start, "heldout_ratio": R._mse(trial, *heldout) / held_start,
