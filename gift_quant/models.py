@@ -139,9 +139,14 @@ def _convert_gguf(path: Path, target: Path) -> Path:
         raise UserError(f"cannot convert GGUF file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
                         ) from e
     _drop_quantization_config(model)
-    with atomic_dir(target) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    try:
+        with atomic_dir(target) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except UserError:
+        if (target / "config.json").is_file():  # a concurrent run converted the same file first: use its copy
+            return target
+        raise
     return target
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -155,6 +156,31 @@ def test_a_gguf_file_is_converted_once_into_a_plain_float_checkpoint(tmp_path, m
     model, _ = load_model(ModelConfig(name=str(path)))
     assert torch.equal(model.get_input_embeddings().weight, changed["token_embd.weight"])
     assert len(list((tmp_path / "cache" / "gguf").iterdir())) == 2
+
+
+def test_a_conversion_that_loses_the_race_uses_the_winners_copy(tmp_path, monkeypatch):
+    """Two runs converting the same GGUF at once: the second to finish finds the first's complete checkpoint in place
+    and uses it, instead of refusing to replace a folder it did not make."""
+    import gift_quant.io_utils as io_utils
+    import gift_quant.models as models
+
+    monkeypatch.setenv("GIFT_QUANT_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "tiny.gguf"
+    reference = write_tiny_gguf(path)
+    atomic_dir = io_utils.atomic_dir
+
+    def rival_finishes_first(target, *args, **kwargs):
+        with atomic_dir(target, *args, **kwargs) as tmp:
+            yield tmp
+            with monkeypatch.context() as m:  # the other run's conversion lands while ours is being written
+                m.setattr(models, "atomic_dir", atomic_dir)
+                models._convert_gguf(path, target)
+
+    monkeypatch.setattr(models, "atomic_dir", contextlib.contextmanager(rival_finishes_first))
+    model, _ = load_model(ModelConfig(name=str(path)))
+    assert torch.equal(model.get_input_embeddings().weight, reference["token_embd.weight"])
+    (cached,) = (tmp_path / "cache" / "gguf").iterdir()
+    assert not [p for p in cached.parent.iterdir() if p.name.startswith(".")]  # our temporary copy is gone
 
 
 GGUF_RECIPE = """
