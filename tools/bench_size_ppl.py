@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from gift_quant.evaluate import _windows, perplexity  # noqa: E402
+from gift_quant.models import SMOLLM2_PACKAGE  # noqa: E402
 
 MB = 1e6  # sizes in decimal MB, as the issue and docs/results.md#embedding-quantization
 
@@ -261,6 +262,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.side_python:
         for name, p in run_side(args, windows_file, args.work / "llamacpp.json").items():
             label = "llama.cpp source file (Q4_1)" if name == "SOURCE" else f"llama.cpp {name}"
+            if name == "SOURCE":  # the installed package's file: its name, not this machine's path
+                p = dict(p, file=f"{SMOLLM2_PACKAGE}/{Path(p['file']).name}")
             points[label] = dict(p, kind="llama.cpp")
         doc["master_check"] = check_master(args.work / "llamacpp" / "fp32.gguf")
     if args.fp and "gift_quant fp" not in points:
