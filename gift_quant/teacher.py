@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
