@@ -12,7 +12,7 @@ from torch import nn
 from gift_quant import cpu_int4
 from gift_quant.bitpack import block_shape, pack_codes, pack_zeros, packed_rows, unpack_codes, unpack_zeros
 from gift_quant.embedding import QuantizedLMHead
-from gift_quant.kernels import KERNELS, trim_heap
+from gift_quant.kernels import FAST_DTYPES, KERNELS, trim_heap
 from gift_quant.pinning import PinnedDtype
 from gift_quant.quantized import QuantizedWeight
 
@@ -194,8 +194,6 @@ class PackedLinear(PinnedDtype):
         return pack_codes(self.codes(), self.bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from gift_quant.kernels import FAST_DTYPES
-
         bias = None if self.bias is None else self.bias.to(x.dtype)
         fast = None
         if x.dtype in FAST_DTYPES and not (x.requires_grad and torch.is_grad_enabled()):
@@ -207,9 +205,11 @@ class PackedLinear(PinnedDtype):
                 y = y + F.linear(x.index_select(-1, self.salient_idx), self.salient_weight.to(x.dtype))
             return y
         y = fast(x, bias)
-        if self.salient_idx.numel():  # accumulated in place: no second (rows × out) temporary per linear
+        if self.salient_idx.numel():
+            # In float32 from the stored fp16 values: on the CPU a few-row bf16 GEMM costs several times the float32
+            # one (≈ half of a decode step's linear time), and the fp16 weights are not rounded to bf16 on the way.
             x_s = x.index_select(-1, self.salient_idx).reshape(-1, self.salient_idx.numel())
-            y.view(-1, self.out_features).addmm_(x_s, self.salient_weight.to(x.dtype).t())
+            y.view(-1, self.out_features).add_(torch.mm(x_s.float(), self.salient_weight.t().float()))
         return y
 
     def to_quantized_weight(self) -> QuantizedWeight:

@@ -91,6 +91,19 @@ def test_int4_kernel_matches_float64(case, rows):
     assert (y - ref).abs().max() <= BF16_REL * ref.abs().max()
 
 
+@pytest.mark.parametrize("case", ["3bit_per_channel_sym", "4bit_g128_act_order"])
+def test_bf16_decode_rows_match_float64(case):
+    """The deployment dtype: bf16 activations, one row (a decode step). The salient term is computed in float32 from
+    the stored fp16 values, so the only roundings left are the kernel's and the bf16 outputs'."""
+    qw = record(**CASES[case], k=24)
+    m = PackedLinear.from_quantized(qw, None, dtype=torch.bfloat16)
+    x = torch.randn(1, 1, qw.shape[1]).bfloat16()
+    y = m(x)
+    want = float64_bf16(qw, x, None)
+    assert m.kernel_used == "int4_cpu" and y.dtype == torch.bfloat16
+    assert (y.double() - want).abs().max() <= BF16_REL * want.abs().max()
+
+
 def test_offset_form_is_used_only_when_shifted_codes_do_not_fit():
     shifted = cpu_int4.build(*(lambda r: (r.codes, r.scales, r.zeros, r.g_idx))(record(bits=3, group_size=64)))
     offset = cpu_int4.build(*(lambda r: (r.codes, r.scales, r.zeros, r.g_idx))(record(bits=4, group_size=128)))
