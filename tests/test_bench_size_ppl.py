@@ -78,3 +78,33 @@ def test_table_names_the_rivals_of_gift_quant_points_only():
     assert "llama.cpp Q2_K: 29.49 at 88.2 MB (-1.49 ppl, +1.8 MB)" in rows["g"]  # best no larger
     assert "llama.cpp Q4_0: 26.15 at 91.7 MB (+1.85 ppl, -1.7 MB)" in rows["g"]  # smallest no worse
     assert "| 0.900x | 0.450x |" in rows["g"] and rows["llama.cpp Q4_0"].endswith("|  |  |")
+
+
+def test_decode_ratios_are_taken_per_round_so_a_drifting_load_cancels(monkeypatch):
+    import argparse
+
+    import bench_decode
+
+    calls, load = [], iter([1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.25, 0.25, 0.25])  # the machine slows down each round
+
+    def gift(export, args, threads):
+        calls.append(export)
+        return 20.0 * next(load)
+
+    def llama(args, threads):
+        calls.append("llama")
+        f = next(load)
+        return {"llama.cpp Q4_0": 40.0 * f, "llama.cpp Q2_K": 50.0 * f}
+
+    monkeypatch.setattr(bench_decode, "measure_gift", gift)
+    monkeypatch.setattr(bench_decode, "measure_llamacpp", llama)
+    args = argparse.Namespace(rounds=3)
+    out = bench_decode.bench_threads(args, {"a": "A", "b": "B"}, threads=1)
+    assert calls == ["llama", "A", "B", "B", "A", "llama", "llama", "A", "B"]  # every other round reversed
+    assert out["ratios"]["a / llama.cpp Q4_0"] == {"median": 0.5, "min": 0.5, "max": 0.5, "n": 3}
+    assert out["ratios"]["b / llama.cpp Q2_K"]["median"] == pytest.approx(0.4)
+    assert out["tok_s"]["a"] == {"median": 10.0, "min": 5.0, "max": 20.0, "n": 3}
+    doc = {"bytes": {"llama.cpp Q4_0": 91.7e6, "a": 89.4e6, "llama.cpp Q2_K": 88.2e6, "b": 80e6},
+           "by_threads": [out]}
+    text = bench_decode.table(doc)
+    assert "| a | 89.4 | 10.0 (5.0–20.0) |" in text and "| a / llama.cpp Q4_0 | 0.50x (0.50–0.50) |" in text

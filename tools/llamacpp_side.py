@@ -18,6 +18,9 @@ Side environment (not a project dependency; nothing of it is committed, no test 
    prompt (the prompt's prefill not timed).
 
 Points already in --out are kept (a rerun only measures what is missing). Needs numpy, gguf and llama_cpp.
+
+``--decode-only``: for tools/bench_decode.py, one decode measurement per type of --types (the files made as above
+when missing, no perplexity), printed as one JSON object {type: {"file", "bytes", "decode_tok_s"}}; --out unused.
 """
 
 from __future__ import annotations
@@ -158,12 +161,26 @@ def measure(path: Path, windows: np.ndarray, threads: int) -> dict:
     return point
 
 
+def type_file(args: argparse.Namespace, name: str) -> Path:
+    """The GGUF of one type (SOURCE: the source file itself), made from the fp32 master when missing."""
+    if name == "SOURCE":
+        return args.source
+    master, path = args.work / "fp32.gguf", args.work / f"{name}.gguf"
+    if not master.is_file():
+        write_fp32(args.source, master)
+    if not path.is_file():
+        quantize(master, path, name, args.threads)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--source", type=Path, required=True)
     p.add_argument("--windows", type=Path, required=True)
     p.add_argument("--work", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path)
+    p.add_argument("--decode-only", action="store_true", help="decode tokens/s of each type only (bench_decode.py)")
+    p.add_argument("--repeats", type=int, default=3, help="decode: best of this many")
     p.add_argument("--types", default=",".join(DEFAULT_TYPES))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-repack", action="store_true", help="no weight repacking / AMX (see load)")
@@ -172,16 +189,23 @@ def main(argv: list[str] | None = None) -> None:
     REPACK = not args.no_repack
     args.work.mkdir(parents=True, exist_ok=True)
     windows = np.load(args.windows)
+    if args.decode_only:
+        speeds = {}
+        for name in args.types.split(","):
+            path = type_file(args, name)
+            speeds[name] = {"file": str(path), "bytes": path.stat().st_size,
+                            "decode_tok_s": decode_speed(path, windows[0, :32].tolist(), 64, args.repeats, args.threads)}
+        print(json.dumps(speeds))
+        return
+    if args.out is None:
+        p.error("--out is required (except with --decode-only)")
     points = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    master = args.work / "fp32.gguf"
-    if not master.is_file():
-        write_fp32(args.source, master)
+    if not (args.work / "fp32.gguf").is_file():  # bench_size_ppl checks it against the fp checkpoint
+        write_fp32(args.source, args.work / "fp32.gguf")
     for name in args.types.split(","):
         if name in points:
             continue
-        path = args.source if name == "SOURCE" else args.work / f"{name}.gguf"
-        if not path.is_file():
-            quantize(master, path, name, args.threads)
+        path = type_file(args, name)
         points[name] = measure(path, windows, args.threads)
         print(f"{name}: {points[name]['bytes'] / 1e6:.1f} MB, linears {points[name]['linear_bits']:.2f} b/w, "
               f"ppl {points[name]['ppl']:.3f}, {points[name]['decode_tok_s']:.0f} tok/s", flush=True)

@@ -1,0 +1,165 @@
+"""Decode speed at equal size: gift_quant's packed exports against llama.cpp's types, in alternating rounds.
+
+    python tools/bench_decode.py --side-python ../side-llamacpp/bin/python --work outputs/size_ppl \
+        --gift "4-bit + 1/32 salient, recovered=outputs/size_ppl/w4s32r/packed" --types Q2_K,Q4_0,Q3_K_M \
+        --threads 1,2 --rounds 5 --json docs/decode_speed.json --table docs/decode_speed.md
+
+The same prompt for every point: the first 32 token ids of ``WORK/windows.npy`` (tools/bench_size_ppl.py's
+WikiText-2 windows, made here when missing). Decode tokens/s = 64 greedy tokens after the prompt, the prompt's
+prefill excluded, best of --repeats: gift_quant through ``generate`` on the export loaded with ``from_pretrained`` in
+bf16 (as bench_size_ppl and bench_inference), llama.cpp through ``Llama.eval`` in the side environment
+(``tools/llamacpp_side.py --decode-only``, which makes a missing type's file as bench_size_ppl does). Every
+measurement runs in its own process. Per thread count of --threads the points alternate --rounds times (the order
+reversed every other round); each point's tok/s is the median and range over rounds, and each ratio gift_quant /
+llama.cpp is taken per round (neighbouring runs: the load of a shared machine drifts), then its median and range.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TOOLS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TOOLS.parent))
+sys.path.insert(0, str(TOOLS))
+
+from bench_size_ppl import decode_speed, token_windows  # noqa: E402
+
+NEW_TOKENS, PROMPT_TOKENS = 64, 32
+
+
+def child(export: Path, prompt_file: Path, repeats: int) -> float:
+    """One gift_quant measurement, in this (child) process."""
+    import gift_quant  # noqa: F401  registers the quantizer with transformers
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.bfloat16).eval()
+    prompt = torch.from_numpy(np.load(prompt_file)[:1, :PROMPT_TOKENS].astype(np.int64))
+    return decode_speed(model, prompt, NEW_TOKENS, repeats)
+
+
+def measure_gift(export: str, args: argparse.Namespace, threads: int) -> float:
+    out = subprocess.run([sys.executable, __file__, "--child", export, "--work", str(args.work),
+                          "--repeats", str(args.repeats), "--threads", str(threads)],
+                         check=True, capture_output=True, text=True, env=env(threads))
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def measure_llamacpp(args: argparse.Namespace, threads: int) -> dict[str, float]:
+    from gift_quant.models import smollm2_gguf
+
+    cmd = [args.side_python, str(TOOLS / "llamacpp_side.py"), "--decode-only", "--source", str(smollm2_gguf()),
+           "--windows", str(args.work / "windows.npy"), "--work", str(args.work / "llamacpp"), "--types", args.types,
+           "--threads", str(threads), "--repeats", str(args.repeats)] + (["--no-repack"] if args.no_repack else [])
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env(threads))
+    speeds = json.loads(out.stdout.strip().splitlines()[-1])
+    return {f"llama.cpp {name}": v["decode_tok_s"] for name, v in speeds.items()}
+
+
+def env(threads: int) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads)}
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def bench_threads(args: argparse.Namespace, gifts: dict[str, str], threads: int) -> dict:
+    rounds: list[dict[str, float]] = []
+    for r in range(args.rounds):
+        speeds: dict[str, float] = {}
+        steps = [lambda: speeds.update(measure_llamacpp(args, threads))] + [
+            (lambda label=label, d=d: speeds.__setitem__(label, measure_gift(d, args, threads)))
+            for label, d in gifts.items()]
+        for step in (steps if r % 2 == 0 else steps[::-1]):
+            step()
+        rounds.append(speeds)
+        print(f"{threads} thread(s), round {r + 1}: " + ", ".join(f"{k} {v:.1f}" for k, v in speeds.items()),
+              flush=True)
+    labels = list(rounds[0])
+    ratios = {f"{g} / {l}": spread([rd[g] / rd[l] for rd in rounds])
+              for g in gifts for l in labels if l not in gifts}
+    return {"threads": threads, "rounds": rounds, "tok_s": {k: spread([rd[k] for rd in rounds]) for k in labels},
+            "ratios": ratios}
+
+
+def table(doc: dict) -> str:
+    def cell(sp: dict, fmt: str, unit: str = "") -> str:
+        return f"{sp['median']:{fmt}}{unit} ({sp['min']:{fmt}}–{sp['max']:{fmt}})"
+
+    threads = [b["threads"] for b in doc["by_threads"]]
+    head = "| point | file MB | " + " | ".join(f"decode tok/s, {t} thread(s)" for t in threads) + " |"
+    lines = [head, "|---|---:|" + "---:|" * len(threads)]
+    for label, size in doc["bytes"].items():
+        lines.append(f"| {label} | {size / 1e6:.1f} | "
+                     + " | ".join(cell(b["tok_s"][label], ".1f") for b in doc["by_threads"]) + " |")
+    lines += ["", "| ratio (per round) | " + " | ".join(f"{t} thread(s)" for t in threads) + " |",
+              "|---|" + "---:|" * len(threads)]
+    for name in doc["by_threads"][0]["ratios"]:
+        lines.append(f"| {name} | " + " | ".join(cell(b["ratios"][name], ".2f", "x") for b in doc["by_threads"])
+                     + " |")
+    return "\n".join(lines) + "\n"
+
+
+def file_bytes(args: argparse.Namespace, gifts: dict[str, str]) -> dict[str, int]:
+    sizes = {label: sum(p.stat().st_size for p in Path(d).glob("model*.safetensors")) for label, d in gifts.items()}
+    from gift_quant.models import smollm2_gguf
+
+    for name in args.types.split(","):
+        path = smollm2_gguf() if name == "SOURCE" else args.work / "llamacpp" / f"{name}.gguf"
+        sizes[f"llama.cpp {name}"] = path.stat().st_size
+    return dict(sorted(sizes.items(), key=lambda kv: -kv[1]))
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", type=Path, default=Path("outputs/size_ppl"))
+    p.add_argument("--side-python", help="python of the llama.cpp side environment (tools/llamacpp_side.py)")
+    p.add_argument("--types", default="Q2_K,Q4_0,Q3_K_M", help="llama.cpp types to time")
+    p.add_argument("--no-repack", action="store_true", help="llama.cpp without weight repacking/AMX")
+    p.add_argument("--gift", action="append", default=[], metavar="LABEL=EXPORT_DIR")
+    p.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3, help="best of this many per measurement")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--table", type=Path)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child is None and (not args.side_python or not args.gift):
+        p.error("--side-python and at least one --gift are needed")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = parse(argv)
+    if args.child is not None:
+        torch.set_num_threads(int(args.threads))
+        print(child(Path(args.child), args.work / "windows.npy", args.repeats))
+        return None
+    args.work.mkdir(parents=True, exist_ok=True)
+    if not (args.work / "windows.npy").is_file():
+        np.save(args.work / "windows.npy", token_windows(2048, 16).numpy().astype(np.int32))
+    gifts = dict(item.partition("=")[::2] for item in args.gift)
+    by_threads = [bench_threads(args, gifts, int(t)) for t in args.threads.split(",")]
+    doc = {"new_tokens": NEW_TOKENS, "prompt_tokens": PROMPT_TOKENS, "repeats": args.repeats,
+           "rounds": args.rounds, "no_repack": args.no_repack, "gift": gifts, "bytes": file_bytes(args, gifts),
+           "by_threads": by_threads}
+    text = table(doc)
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps(doc, indent=1))
+    if args.table:
+        args.table.write_text(text)
+    return doc
+
+
+if __name__ == "__main__":
+    main()
