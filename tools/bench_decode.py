@@ -46,11 +46,17 @@ def child(export: Path, prompt_file: Path, repeats: int) -> float:
     return decode_speed(model, prompt, NEW_TOKENS, repeats)
 
 
+def last_line(cmd: list[str], threads: int) -> str:
+    """The last stdout line of a measuring child; its stderr's tail in the error when it fails."""
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    if out.returncode != 0 or not out.stdout.strip():
+        raise SystemExit(f"{' '.join(cmd[:3])} … failed ({out.returncode}): {out.stderr.strip()[-800:]}")
+    return out.stdout.strip().splitlines()[-1]
+
+
 def measure_gift(export: str, args: argparse.Namespace, threads: int) -> float:
-    out = subprocess.run([sys.executable, __file__, "--child", export, "--work", str(args.work),
-                          "--repeats", str(args.repeats), "--threads", str(threads)],
-                         check=True, capture_output=True, text=True, env=env(threads))
-    return float(out.stdout.strip().splitlines()[-1])
+    return float(last_line([sys.executable, __file__, "--child", export, "--work", str(args.work),
+                            "--repeats", str(args.repeats), "--threads", str(threads)], threads))
 
 
 def measure_llamacpp(args: argparse.Namespace, threads: int) -> dict[str, float]:
@@ -59,13 +65,8 @@ def measure_llamacpp(args: argparse.Namespace, threads: int) -> dict[str, float]
     cmd = [args.side_python, str(TOOLS / "llamacpp_side.py"), "--decode-only", "--source", str(smollm2_gguf()),
            "--windows", str(args.work / "windows.npy"), "--work", str(args.work / "llamacpp"), "--types", args.types,
            "--threads", str(threads), "--repeats", str(args.repeats)] + (["--no-repack"] if args.no_repack else [])
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env(threads))
-    speeds = json.loads(out.stdout.strip().splitlines()[-1])
+    speeds = json.loads(last_line(cmd, threads))
     return {f"llama.cpp {name}": v["decode_tok_s"] for name, v in speeds.items()}
-
-
-def env(threads: int) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": str(threads)}
 
 
 def spread(values: list[float]) -> dict:
