@@ -94,7 +94,8 @@ def test_decode_ratios_are_taken_per_round_so_a_drifting_load_cancels(monkeypatc
     def llama(args, threads):
         calls.append("llama")
         f = next(load)
-        return {"llama.cpp Q4_0": 40.0 * f, "llama.cpp Q2_K": 50.0 * f}
+        return {"llama.cpp Q4_0": {"decode_tok_s": 40.0 * f, "bytes": 91_700_000},
+                "llama.cpp Q2_K": {"decode_tok_s": 50.0 * f, "bytes": 88_200_000}}
 
     monkeypatch.setattr(bench_decode, "measure_gift", gift)
     monkeypatch.setattr(bench_decode, "measure_llamacpp", llama)
@@ -104,7 +105,7 @@ def test_decode_ratios_are_taken_per_round_so_a_drifting_load_cancels(monkeypatc
     assert out["ratios"]["a / llama.cpp Q4_0"] == {"median": 0.5, "min": 0.5, "max": 0.5, "n": 3}
     assert out["ratios"]["b / llama.cpp Q2_K"]["median"] == pytest.approx(0.4)
     assert out["tok_s"]["a"] == {"median": 10.0, "min": 5.0, "max": 20.0, "n": 3}
-    doc = {"bytes": {"llama.cpp Q4_0": 91.7e6, "a": 89.4e6, "llama.cpp Q2_K": 88.2e6, "b": 80e6},
-           "by_threads": [out]}
+    assert out["llamacpp_bytes"] == {"llama.cpp Q4_0": 91_700_000, "llama.cpp Q2_K": 88_200_000}
+    doc = {"bytes": {**out["llamacpp_bytes"], "a": 89.4e6, "b": 80e6}, "by_threads": [out]}
     text = bench_decode.table(doc)
     assert "| a | 89.4 | 10.0 (5.0–20.0) |" in text and "| a / llama.cpp Q4_0 | 0.50x (0.50–0.50) |" in text

@@ -59,14 +59,14 @@ def measure_gift(export: str, args: argparse.Namespace, threads: int) -> float:
                             "--repeats", str(args.repeats), "--threads", str(threads)], threads))
 
 
-def measure_llamacpp(args: argparse.Namespace, threads: int) -> dict[str, float]:
+def measure_llamacpp(args: argparse.Namespace, threads: int) -> dict[str, dict]:
+    """{label: {"bytes", "decode_tok_s", ...}} per llama.cpp type, as the side script reports them."""
     from gift_quant.models import smollm2_gguf
 
     cmd = [args.side_python, str(TOOLS / "llamacpp_side.py"), "--decode-only", "--source", str(smollm2_gguf()),
            "--windows", str(args.work / "windows.npy"), "--work", str(args.work / "llamacpp"), "--types", args.types,
            "--threads", str(threads), "--repeats", str(args.repeats)] + (["--no-repack"] if args.no_repack else [])
-    speeds = json.loads(last_line(cmd, threads))
-    return {f"llama.cpp {name}": v["decode_tok_s"] for name, v in speeds.items()}
+    return {f"llama.cpp {name}": v for name, v in json.loads(last_line(cmd, threads)).items()}
 
 
 def spread(values: list[float]) -> dict:
@@ -75,9 +75,15 @@ def spread(values: list[float]) -> dict:
 
 def bench_threads(args: argparse.Namespace, gifts: dict[str, str], threads: int) -> dict:
     rounds: list[dict[str, float]] = []
+    sizes: dict[str, int] = {}  # llama.cpp files' bytes, as the side script found them
     for r in range(args.rounds):
         speeds: dict[str, float] = {}
-        steps = [lambda: speeds.update(measure_llamacpp(args, threads))] + [
+
+        def llamacpp() -> None:
+            for label, point in measure_llamacpp(args, threads).items():
+                speeds[label], sizes[label] = point["decode_tok_s"], point["bytes"]
+
+        steps = [llamacpp] + [
             (lambda label=label, d=d: speeds.__setitem__(label, measure_gift(d, args, threads)))
             for label, d in gifts.items()]
         for step in (steps if r % 2 == 0 else steps[::-1]):
@@ -89,7 +95,7 @@ def bench_threads(args: argparse.Namespace, gifts: dict[str, str], threads: int)
     ratios = {f"{g} / {l}": spread([rd[g] / rd[l] for rd in rounds])
               for g in gifts for l in labels if l not in gifts}
     return {"threads": threads, "rounds": rounds, "tok_s": {k: spread([rd[k] for rd in rounds]) for k in labels},
-            "ratios": ratios}
+            "ratios": ratios, "llamacpp_bytes": sizes}
 
 
 def table(doc: dict) -> str:
@@ -110,14 +116,9 @@ def table(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def file_bytes(args: argparse.Namespace, gifts: dict[str, str]) -> dict[str, int]:
+def file_bytes(gifts: dict[str, str], llamacpp_bytes: dict[str, int]) -> dict[str, int]:
     sizes = {label: sum(p.stat().st_size for p in Path(d).glob("model*.safetensors")) for label, d in gifts.items()}
-    from gift_quant.models import smollm2_gguf
-
-    for name in args.types.split(","):
-        path = smollm2_gguf() if name == "SOURCE" else args.work / "llamacpp" / f"{name}.gguf"
-        sizes[f"llama.cpp {name}"] = path.stat().st_size
-    return dict(sorted(sizes.items(), key=lambda kv: -kv[1]))
+    return dict(sorted({**sizes, **llamacpp_bytes}.items(), key=lambda kv: -kv[1]))
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     gifts = dict(item.partition("=")[::2] for item in args.gift)
     by_threads = [bench_threads(args, gifts, int(t)) for t in args.threads.split(",")]
     doc = {"new_tokens": NEW_TOKENS, "prompt_tokens": PROMPT_TOKENS, "repeats": args.repeats,
-           "rounds": args.rounds, "no_repack": args.no_repack, "gift": gifts, "bytes": file_bytes(args, gifts),
+           "rounds": args.rounds, "no_repack": args.no_repack, "gift": gifts, "bytes": file_bytes(gifts, by_threads[0]["llamacpp_bytes"]),
            "by_threads": by_threads}
     text = table(doc)
     print(text)
