@@ -189,6 +189,7 @@ class QuantizedLMHead(PinnedDtype):
         self.in_features, self.out_features = in_features, out_features
         self.fmt, self.group_size = fmt, group_size
         self.kernel = "auto"
+        self._kernel_scales: tuple[tuple, torch.Tensor | None] = ((), None)  # (key of the scales, bf16 copy)
         self.__dict__["tied_to"] = tied_to  # plain attribute: not a submodule
         if tied_to is None:
             _register_rows(self, out_features, in_features, fmt, group_size, device)
@@ -231,12 +232,23 @@ class QuantizedLMHead(PinnedDtype):
     def _int8_kernel(self, x: torch.Tensor) -> torch.Tensor:
         """Logits from the int8 codes and per-row scales, in bf16 (activations and scales rounded to it, as the
         packed linears' int4 kernel does), the scale applied to the codes inside the kernel."""
-        qweight, scales = self.tensors()
+        qweight, _ = self.tensors()
         # A fresh copy: the kernel's vector loads need 32-byte aligned rows (a view into x may not be aligned).
         flat = torch.empty(x.numel() // self.in_features, self.in_features, dtype=torch.bfloat16)
         flat.copy_(x.reshape(-1, self.in_features))
-        y = torch._weight_int8pack_mm(flat, qweight, scales.view(-1).to(torch.bfloat16))
+        y = torch._weight_int8pack_mm(flat, qweight, self.kernel_scales())
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def kernel_scales(self) -> torch.Tensor:
+        """The int8 kernel's bf16 scales (vocab,), kept between forwards (2 bytes a row): a compiled graph needs
+        them as a tensor of their own (Inductor's lowering of the kernel takes no cast as input), and it reads the
+        copy made when it was traced (:func:`gift_quant.packing.set_kernel` makes one)."""
+        if not torch.compiler.is_compiling():
+            _, scales = self.tensors()
+            key = (scales.data_ptr(), scales._version, scales.device)
+            if self._kernel_scales[0] != key:
+                self._kernel_scales = (key, scales.view(-1).to(torch.bfloat16))
+        return self._kernel_scales[1]
 
     def _chunked(self, x: torch.Tensor) -> torch.Tensor:
         """The logits a chunk of vocabulary rows at a time, each chunk dequantized into the thread's reusable

@@ -127,7 +127,10 @@ class PackedLinear(PinnedDtype):
         return w.to(dtype).contiguous()
 
     def _groups_in_order(self) -> bool:
-        """Whether column j is in group j // (in / n_groups) (no act-order permutation); cached per g_idx version."""
+        """Whether column j is in group j // (in / n_groups) (no act-order permutation); cached per g_idx version
+        (``prepare`` fills the cache, which a compiled graph reads as it was when traced)."""
+        if torch.compiler.is_compiling():
+            return self._order_ok
         key = (self.g_idx.data_ptr(), self.g_idx._version, self.scales.shape[0])
         if self._order_key != key:
             n_groups = self.scales.shape[0]
@@ -158,6 +161,7 @@ class PackedLinear(PinnedDtype):
         from gift_quant.kernels import build_fast
 
         if self._fast[0] != self._buffers_key():
+            self._groups_in_order()  # refreshed with the form: what a compiled graph reads
             self._drop_fast()  # before building the new one (peak memory)
             fast, self.kernel_used = build_fast(self)
             self._fast = (self._buffers_key(), fast)
@@ -197,7 +201,8 @@ class PackedLinear(PinnedDtype):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         fast = None
         if x.dtype in FAST_DTYPES and not (x.requires_grad and torch.is_grad_enabled()):
-            self.prepare()
+            if not torch.compiler.is_compiling():  # a compiled graph keeps the form it was traced with
+                self.prepare()
             fast = self._fast[1]
         if fast is None:
             y = F.linear(x, self._dense_weight(x.dtype), bias)
@@ -282,6 +287,8 @@ def set_kernel(model: nn.Module, kernel: str = "auto") -> Counter:
     for m in model.modules():
         if isinstance(m, QuantizedLMHead):
             m.kernel = kernel
+            if m.fmt == "int8":
+                m.kernel_scales()
     modules = packed_linears(model).values()
     used = Counter()
     for m in modules:

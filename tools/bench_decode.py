@@ -2,12 +2,14 @@
 
     python tools/bench_decode.py --side-python ../side-llamacpp/bin/python --work outputs/size_ppl \
         --gift "4-bit + 1/32 salient, recovered=outputs/size_ppl/w4s32r/packed" --types Q2_K,Q4_0,Q3_K_M \
-        --threads 1,2 --rounds 5 --json docs/decode_speed.json --table docs/decode_speed.md
+        --threads 1,2 --rounds 5 --compiled --json docs/decode_speed.json --table docs/decode_speed.md
 
 The same prompt for every point: the first 32 token ids of ``WORK/windows.npy`` (tools/bench_size_ppl.py's
 WikiText-2 windows, made here when missing). Decode tokens/s = 64 greedy tokens after the prompt, the prompt's
 prefill excluded, best of --repeats: gift_quant through ``generate`` on the export loaded with ``from_pretrained`` in
-bf16 (as bench_size_ppl and bench_inference), llama.cpp through ``Llama.eval`` in the side environment
+bf16 (as bench_size_ppl and bench_inference) and, with --compiled, also through
+:class:`gift_quant.decode.CompiledDecoder` (static cache, compiled step; its compilation is a warm-up call, not
+timed, and its seconds go to stderr), llama.cpp through ``Llama.eval`` in the side environment
 (``tools/llamacpp_side.py --decode-only``, which makes a missing type's file as bench_size_ppl does). Every
 measurement runs in its own process. Per thread count of --threads the points alternate --rounds times (the order
 reversed every other round); each point's tok/s is the median and range over rounds, and each ratio gift_quant /
@@ -22,6 +24,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,16 +37,30 @@ sys.path.insert(0, str(TOOLS))
 from bench_size_ppl import decode_speed, token_windows  # noqa: E402
 
 NEW_TOKENS, PROMPT_TOKENS = 64, 32
+COMPILED = ", compiled decode"  # label suffix of the --compiled measurements
 
 
-def child(export: Path, prompt_file: Path, repeats: int) -> float:
-    """One gift_quant measurement, in this (child) process."""
+def child(export: Path, prompt_file: Path, repeats: int, compiled: bool) -> float:
+    """One gift_quant measurement, in this (child) process: through ``generate``, or through
+    :class:`gift_quant.decode.CompiledDecoder` (its compilation done in a warm-up call, not timed)."""
     import gift_quant  # noqa: F401  registers the quantizer with transformers
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.bfloat16).eval()
     prompt = torch.from_numpy(np.load(prompt_file)[:1, :PROMPT_TOKENS].astype(np.int64))
-    return decode_speed(model, prompt, NEW_TOKENS, repeats)
+    if not compiled:
+        return decode_speed(model, prompt, NEW_TOKENS, repeats)
+    from gift_quant.decode import CompiledDecoder
+
+    decoder = CompiledDecoder(model)
+
+    def timed(n: int) -> float:
+        start = time.perf_counter()
+        decoder.generate(prompt, n, stop_at_eos=False)
+        return time.perf_counter() - start
+
+    print(f"compile + first call: {timed(2):.1f} s", file=sys.stderr)
+    return NEW_TOKENS / min(timed(NEW_TOKENS + 1) - timed(1) for _ in range(repeats))
 
 
 def last_line(cmd: list[str], threads: int) -> str:
@@ -54,9 +71,10 @@ def last_line(cmd: list[str], threads: int) -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-def measure_gift(export: str, args: argparse.Namespace, threads: int) -> float:
+def measure_gift(export: str, args: argparse.Namespace, threads: int, compiled: bool) -> float:
     return float(last_line([sys.executable, __file__, "--child", export, "--work", str(args.work),
-                            "--repeats", str(args.repeats), "--threads", str(threads)], threads))
+                            "--repeats", str(args.repeats), "--threads", str(threads)]
+                           + (["--compiled"] if compiled else []), threads))
 
 
 def measure_llamacpp(args: argparse.Namespace, threads: int) -> dict[str, dict]:
@@ -84,7 +102,8 @@ def bench_threads(args: argparse.Namespace, gifts: dict[str, str], threads: int)
                 speeds[label], sizes[label] = point["decode_tok_s"], point["bytes"]
 
         steps = [llamacpp] + [
-            (lambda label=label, d=d: speeds.__setitem__(label, measure_gift(d, args, threads)))
+            (lambda label=label, d=d: speeds.__setitem__(label, measure_gift(d, args, threads,
+                                                                             label.endswith(COMPILED))))
             for label, d in gifts.items()]
         for step in (steps if r % 2 == 0 else steps[::-1]):
             step()
@@ -131,6 +150,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3, help="best of this many per measurement")
+    p.add_argument("--compiled", action="store_true",
+                   help="also time each --gift export through gift_quant.decode.CompiledDecoder")
     p.add_argument("--json", type=Path)
     p.add_argument("--table", type=Path)
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -144,15 +165,17 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = parse(argv)
     if args.child is not None:
         torch.set_num_threads(int(args.threads))
-        print(child(Path(args.child), args.work / "windows.npy", args.repeats))
+        print(child(Path(args.child), args.work / "windows.npy", args.repeats, args.compiled))
         return None
     args.work.mkdir(parents=True, exist_ok=True)
     if not (args.work / "windows.npy").is_file():
         np.save(args.work / "windows.npy", token_windows(2048, 16).numpy().astype(np.int32))
     gifts = dict(item.partition("=")[::2] for item in args.gift)
+    if args.compiled:
+        gifts.update({label + COMPILED: d for label, d in list(gifts.items())})
     by_threads = [bench_threads(args, gifts, int(t)) for t in args.threads.split(",")]
     doc = {"new_tokens": NEW_TOKENS, "prompt_tokens": PROMPT_TOKENS, "repeats": args.repeats,
-           "rounds": args.rounds, "no_repack": args.no_repack, "gift": gifts, "bytes": file_bytes(gifts, by_threads[0]["llamacpp_bytes"]),
+           "rounds": args.rounds, "no_repack": args.no_repack, "compiled": args.compiled, "gift": gifts, "bytes": file_bytes(gifts, by_threads[0]["llamacpp_bytes"]),
            "by_threads": by_threads}
     text = table(doc)
     print(text)

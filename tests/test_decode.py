@@ -1,0 +1,75 @@
+"""The compiled greedy decoder (gift_quant/decode.py) on a tiny packed export.
+
+Oracle: the eager model itself. Each token the decoder picks must be a greedy choice of the eager forward over the
+whole sequence (teacher-forced, so a near-tie broken the other way by a fused kernel's rounding is not a failure),
+and EOS handling must follow ``generate``'s rules (a row stops at an EOS id, is padded until all have stopped).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_export import QuantSpec, ids, quantize, tiny_llama, tiny_tokenizer
+from transformers import AutoModelForCausalLM
+
+from gift_quant.decode import MIN_CACHE_LEN, CompiledDecoder, cache_len
+from gift_quant.export import export_packed
+
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    model = quantize(tiny_llama(tie=True), spec_of=lambda name: QuantSpec(bits=4, group_size=-1, sym=True))
+    out = tmp_path_factory.mktemp("decode") / "packed"
+    export_packed(model, tiny_tokenizer(), out, quant_info={}, embedding="int8")
+    return out
+
+
+def load(folder, dtype):
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+
+
+def assert_greedy(model, sequence: torch.Tensor, prompt_len: int, tol: float) -> None:
+    """Every generated token's eager logit is within ``tol`` × the logits' range of that position's maximum."""
+    with torch.no_grad():
+        logits = model(sequence).logits.float()[:, prompt_len - 1:-1]
+    chosen = logits.gather(-1, sequence[:, prompt_len:, None]).squeeze(-1)
+    gap = (logits.amax(-1) - chosen) / (logits.amax(-1) - logits.amin(-1))
+    assert gap.max() <= tol, f"a non-greedy token: logit gap {gap.max():.3g} of the logits' range"
+
+
+def test_cache_sizes_are_powers_of_two_from_the_minimum():
+    assert [cache_len(n) for n in (1, MIN_CACHE_LEN, MIN_CACHE_LEN + 1, 1000)] == [
+        MIN_CACHE_LEN, MIN_CACHE_LEN, 2 * MIN_CACHE_LEN, 1024]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_tokens_are_the_eager_models_greedy_choices(packed, dtype):
+    model = load(packed, dtype)
+    assert any(m.kernel_used == "int4_cpu" for m in model.modules() if hasattr(m, "kernel_used"))
+    prompt = ids(2, 10)
+    out = CompiledDecoder(model).generate(prompt, 12, stop_at_eos=False)
+    assert out.shape == (2, 22) and torch.equal(out[:, :10], prompt)
+    # Decode rows run the int4 kernel in bf16 (8 significant bits) for float32 models too; the full-sequence eager
+    # forward runs the dense float32 path: near-ties within that rounding may go either way.
+    assert_greedy(model, out, 10, tol=0.01)
+
+
+def test_eos_stops_rows_and_pads_them_as_generate_does(packed):
+    model = load(packed, torch.float32)
+    decoder = CompiledDecoder(model, compile=False)  # the loop's rules; the compiled step is the test above
+    prompt = ids(2, 10)
+    free = decoder.generate(prompt, 8, stop_at_eos=False)
+    row0 = free[0, 10:].tolist()
+    first = next(j for j in range(1, 8) if row0[j] not in row0[:j])  # a token row 0 first emits after its first
+    eos, pad = row0[first], 0 if row0[first] else 1
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = eos, pad
+    out = decoder.generate(prompt, 8)
+
+    def stop(row: list[int]) -> int:  # sequence length when this row alone would stop
+        return 10 + (row.index(eos) + 1 if eos in row else 8)
+
+    stops = [stop(row0), stop(free[1, 10:].tolist())]
+    assert stops[0] == 10 + first + 1 and out.shape[1] == max(stops)
+    for r, end in enumerate(stops):
+        assert torch.equal(out[r, :end], free[r, :end]) and (out[r, end:] == pad).all()
