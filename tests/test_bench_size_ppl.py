@@ -87,8 +87,8 @@ def test_decode_ratios_are_taken_per_round_so_a_drifting_load_cancels(monkeypatc
 
     calls, load = [], iter([1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.25, 0.25, 0.25])  # the machine slows down each round
 
-    def gift(export, args, threads):
-        calls.append(export)
+    def gift(export, args, threads, compiled):
+        calls.append(export + ("+compiled" if compiled else ""))
         return 20.0 * next(load)
 
     def llama(args, threads):
@@ -100,12 +100,14 @@ def test_decode_ratios_are_taken_per_round_so_a_drifting_load_cancels(monkeypatc
     monkeypatch.setattr(bench_decode, "measure_gift", gift)
     monkeypatch.setattr(bench_decode, "measure_llamacpp", llama)
     args = argparse.Namespace(rounds=3)
-    out = bench_decode.bench_threads(args, {"a": "A", "b": "B"}, threads=1)
-    assert calls == ["llama", "A", "B", "B", "A", "llama", "llama", "A", "B"]  # every other round reversed
+    b = "b" + bench_decode.COMPILED  # the same export timed through the compiled decoder
+    out = bench_decode.bench_threads(args, {"a": "A", b: "A"}, threads=1)
+    assert calls == ["llama", "A", "A+compiled", "A+compiled", "A", "llama", "llama", "A", "A+compiled"]  # every
+    # other round reversed
     assert out["ratios"]["a / llama.cpp Q4_0"] == {"median": 0.5, "min": 0.5, "max": 0.5, "n": 3}
-    assert out["ratios"]["b / llama.cpp Q2_K"]["median"] == pytest.approx(0.4)
+    assert out["ratios"][f"{b} / llama.cpp Q2_K"]["median"] == pytest.approx(0.4)
     assert out["tok_s"]["a"] == {"median": 10.0, "min": 5.0, "max": 20.0, "n": 3}
     assert out["llamacpp_bytes"] == {"llama.cpp Q4_0": 91_700_000, "llama.cpp Q2_K": 88_200_000}
-    doc = {"bytes": {**out["llamacpp_bytes"], "a": 89.4e6, "b": 80e6}, "by_threads": [out]}
+    doc = {"bytes": {**out["llamacpp_bytes"], "a": 89.4e6, b: 89.4e6}, "by_threads": [out]}
     text = bench_decode.table(doc)
     assert "| a | 89.4 | 10.0 (5.0–20.0) |" in text and "| a / llama.cpp Q4_0 | 0.50x (0.50–0.50) |" in text
