@@ -12,8 +12,10 @@ transformers' ``eager`` implementation (matmul and softmax, which Inductor fuses
 flash kernel cost ≈ 0.5 ms a call, 4x the whole matmul form, at 512 slots.
 
 The compiled step skips Dynamo's guards on the model's modules (``skip_guard_on_all_nn_modules_unsafe``: checking
-them costs milliseconds per token): it keeps the weights and kernel forms it was traced with, so make a new
-decoder after moving, reloading or editing the model.
+them costs milliseconds per token), so it does not notice changes to them (which kernel form a linear has, its
+shapes, moves): make a new decoder after moving, reloading or editing the model. Each decoder, cache size and
+batch size is one more compiled entry of the same step, and Dynamo keeps at most
+``torch._dynamo.config.recompile_limit`` (8) before running it eagerly: in a long-lived process, keep one decoder.
 """
 
 from __future__ import annotations
@@ -33,17 +35,21 @@ class CompiledDecoder:
     """``generate(input_ids, max_new_tokens)`` → the prompt followed by the greedy tokens, as
     ``model.generate(input_ids, do_sample=False, max_new_tokens=...)`` returns them: rows stop at the generation
     config's EOS ids (``stop_at_eos``) and are padded with its pad id (the first EOS id when it names none) until
-    every row has stopped. The first call for a cache size compiles (about a minute for a 30-layer model on
-    2 cores); later calls reuse the step. ``compile=False`` runs the same loop eagerly (a reference)."""
+    every row has stopped. Rows are prompts of one length (no attention mask: left-padded batches are not
+    supported); decoding is greedy only, and the generation config's logits processors (``repetition_penalty``,
+    ``suppress_tokens``, ``min_new_tokens``, ...) are not applied. The first call for a cache size compiles
+    (30–80 s for a 30-layer model on one core); later calls reuse the step. ``compile=False`` runs the same loop
+    eagerly (a reference)."""
 
     def __init__(self, model: nn.Module, compile: bool = True) -> None:
         self.model = model.eval()
         self.model.set_attn_implementation("eager")
-        self.caches: dict[int, object] = {}
+        self.caches: dict[tuple, object] = {}
         self.step = self._step
         if compile:
-            self.step = torch.compile(self._step, dynamic=False, fullgraph=True, options={
-                "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+            skip_guards = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)  # absent in older torch
+            options = {} if skip_guards is None else {"guard_filter_fn": skip_guards}
+            self.step = torch.compile(self._step, dynamic=False, fullgraph=True, options=options)
 
     def _logits_argmax(self, ids: torch.Tensor, position: torch.Tensor, cache) -> torch.Tensor:
         out = self.model(input_ids=ids, cache=cache, cache_position=position, use_cache=True, logits_to_keep=1)
@@ -52,13 +58,15 @@ class CompiledDecoder:
     def _step(self, token: torch.Tensor, position: torch.Tensor, cache) -> torch.Tensor:
         return self._logits_argmax(token.view(-1, 1), position, cache)
 
-    def _cache(self, tokens: int):
+    def _cache(self, tokens: int, ids: torch.Tensor):
+        """A reset static cache for ``tokens`` positions of this batch: a StaticCache takes its batch size, dtype
+        and device from its first use and keeps them."""
         from transformers import StaticCache
 
-        size = cache_len(tokens)
-        if size not in self.caches:
-            self.caches[size] = StaticCache(config=self.model.config, max_cache_len=size)
-        cache = self.caches[size]
+        key = (cache_len(tokens), ids.shape[0], ids.device, self.model.dtype)
+        if key not in self.caches:
+            self.caches[key] = StaticCache(config=self.model.config, max_cache_len=key[0])
+        cache = self.caches[key]
         cache.reset()
         return cache
 
@@ -68,9 +76,12 @@ class CompiledDecoder:
             return input_ids
         batch, prompt_len = input_ids.shape
         device = input_ids.device
-        cache = self._cache(prompt_len + max_new_tokens)
+        cache = self._cache(prompt_len + max_new_tokens, input_ids)
         eos, pad = self._eos_pad(device) if stop_at_eos else (None, None)
         token = self._logits_argmax(input_ids, torch.arange(prompt_len, device=device), cache)
+        if cache.get_seq_length() != prompt_len:  # a transformers that took no `cache=` would drop the context
+            raise RuntimeError(f"the model did not fill the static cache ({cache.get_seq_length()} of "
+                               f"{prompt_len} positions): this transformers version is not supported")
         tokens = [token]
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         for position in range(prompt_len, prompt_len + max_new_tokens - 1):

@@ -102,8 +102,8 @@ def test_decode_ratios_are_taken_per_round_so_a_drifting_load_cancels(monkeypatc
     args = argparse.Namespace(rounds=3)
     b = "b" + bench_decode.COMPILED  # the same export timed through the compiled decoder
     out = bench_decode.bench_threads(args, {"a": "A", b: "A"}, threads=1)
-    assert calls == ["llama", "A", "A+compiled", "A+compiled", "A", "llama", "llama", "A", "A+compiled"]  # every
-    # other round reversed
+    # Every other round reversed.
+    assert calls == ["llama", "A", "A+compiled", "A+compiled", "A", "llama", "llama", "A", "A+compiled"]
     assert out["ratios"]["a / llama.cpp Q4_0"] == {"median": 0.5, "min": 0.5, "max": 0.5, "n": 3}
     assert out["ratios"][f"{b} / llama.cpp Q2_K"]["median"] == pytest.approx(0.4)
     assert out["tok_s"]["a"] == {"median": 10.0, "min": 5.0, "max": 20.0, "n": 3}

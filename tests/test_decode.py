@@ -16,7 +16,6 @@ from gift_quant.decode import MIN_CACHE_LEN, CompiledDecoder, cache_len
 from gift_quant.export import export_packed
 
 
-
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory):
     model = quantize(tiny_llama(tie=True), spec_of=lambda name: QuantSpec(bits=4, group_size=-1, sym=True))
@@ -53,6 +52,17 @@ def test_compiled_tokens_are_the_eager_models_greedy_choices(packed, dtype):
     # Decode rows run the int4 kernel in bf16 (8 significant bits) for float32 models too; the full-sequence eager
     # forward runs the dense float32 path: near-ties within that rounding may go either way.
     assert_greedy(model, out, 10, tol=0.01)
+
+
+def test_one_decoder_serves_other_batch_and_cache_sizes(packed):
+    model = load(packed, torch.float32)
+    decoder = CompiledDecoder(model)
+    for batch, prompt_len, new in ((2, 10, 4), (1, 10, 4), (1, 120, 12)):  # the last one needs a 256-slot cache
+        prompt = torch.randint(0, 128, (batch, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
+        out = decoder.generate(prompt, new, stop_at_eos=False)
+        assert out.shape == (batch, prompt_len + new)
+        assert_greedy(model, out, prompt_len, tol=0.01)
+    assert sorted(key[:2] for key in decoder.caches) == [(MIN_CACHE_LEN, 1), (MIN_CACHE_LEN, 2), (256, 1)]
 
 
 def test_eos_stops_rows_and_pads_them_as_generate_does(packed):

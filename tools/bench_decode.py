@@ -9,7 +9,7 @@ WikiText-2 windows, made here when missing). Decode tokens/s = 64 greedy tokens 
 prefill excluded, best of --repeats: gift_quant through ``generate`` on the export loaded with ``from_pretrained`` in
 bf16 (as bench_size_ppl and bench_inference) and, with --compiled, also through
 :class:`gift_quant.decode.CompiledDecoder` (static cache, compiled step; its compilation is a warm-up call, not
-timed, and its seconds go to stderr), llama.cpp through ``Llama.eval`` in the side environment
+timed), llama.cpp through ``Llama.eval`` in the side environment
 (``tools/llamacpp_side.py --decode-only``, which makes a missing type's file as bench_size_ppl does). Every
 measurement runs in its own process. Per thread count of --threads the points alternate --rounds times (the order
 reversed every other round); each point's tok/s is the median and range over rounds, and each ratio gift_quant /
@@ -24,7 +24,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +41,7 @@ COMPILED = ", compiled decode"  # label suffix of the --compiled measurements
 
 def child(export: Path, prompt_file: Path, repeats: int, compiled: bool) -> float:
     """One gift_quant measurement, in this (child) process: through ``generate``, or through
-    :class:`gift_quant.decode.CompiledDecoder` (its compilation done in a warm-up call, not timed)."""
+    :class:`gift_quant.decode.CompiledDecoder` (its compilation done in the warm-up call, not timed)."""
     import gift_quant  # noqa: F401  registers the quantizer with transformers
     from transformers import AutoModelForCausalLM
 
@@ -52,15 +51,9 @@ def child(export: Path, prompt_file: Path, repeats: int, compiled: bool) -> floa
         return decode_speed(model, prompt, NEW_TOKENS, repeats)
     from gift_quant.decode import CompiledDecoder
 
-    decoder = CompiledDecoder(model)
-
-    def timed(n: int) -> float:
-        start = time.perf_counter()
-        decoder.generate(prompt, n, stop_at_eos=False)
-        return time.perf_counter() - start
-
-    print(f"compile + first call: {timed(2):.1f} s", file=sys.stderr)
-    return NEW_TOKENS / min(timed(NEW_TOKENS + 1) - timed(1) for _ in range(repeats))
+    decoder = CompiledDecoder(model)  # compiles in decode_speed's warm-up call
+    return decode_speed(model, prompt, NEW_TOKENS, repeats,
+                        generate=lambda ids, n: decoder.generate(ids, n, stop_at_eos=False))
 
 
 def last_line(cmd: list[str], threads: int) -> str:
@@ -175,8 +168,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         gifts.update({label + COMPILED: d for label, d in list(gifts.items())})
     by_threads = [bench_threads(args, gifts, int(t)) for t in args.threads.split(",")]
     doc = {"new_tokens": NEW_TOKENS, "prompt_tokens": PROMPT_TOKENS, "repeats": args.repeats,
-           "rounds": args.rounds, "no_repack": args.no_repack, "compiled": args.compiled, "gift": gifts, "bytes": file_bytes(gifts, by_threads[0]["llamacpp_bytes"]),
-           "by_threads": by_threads}
+           "rounds": args.rounds, "no_repack": args.no_repack, "compiled": args.compiled, "gift": gifts,
+           "bytes": file_bytes(gifts, by_threads[0]["llamacpp_bytes"]), "by_threads": by_threads}
     text = table(doc)
     print(text)
     if args.json:

@@ -135,11 +135,16 @@ def export_record(run_dir: Path) -> dict:
 
 
 @torch.no_grad()
-def decode_speed(model, prompt: torch.Tensor, new_tokens: int, repeats: int) -> float:
-    """Greedy tokens/s after the prompt, best of ``repeats``: (t(new + 1) − t(1)) times ``new_tokens`` tokens."""
+def decode_speed(model, prompt: torch.Tensor, new_tokens: int, repeats: int, generate=None) -> float:
+    """Greedy tokens/s after the prompt, best of ``repeats``: (t(new + 1) − t(1)) times ``new_tokens`` tokens.
+    ``generate(prompt, n)`` makes n tokens (default: ``model.generate``); a warm-up call comes first."""
+    if generate is None:
+        def generate(prompt: torch.Tensor, n: int) -> None:
+            model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
     def timed(n: int) -> float:
         start = time.perf_counter()
-        model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        generate(prompt, n)
         return time.perf_counter() - start
 
     timed(2)  # warm-up
