@@ -13,12 +13,18 @@ flash kernel cost ≈ 0.5 ms a call, 4x the whole matmul form, at 512 slots.
 
 The compiled step skips Dynamo's guards on the model's modules (``skip_guard_on_all_nn_modules_unsafe``: checking
 them costs milliseconds per token), so it does not notice changes to them (which kernel form a linear has, its
-shapes, moves): make a new decoder after moving, reloading or editing the model. Each decoder, cache size and
-batch size is one more compiled entry of the same step, and Dynamo keeps at most
-``torch._dynamo.config.recompile_limit`` (8) before running it eagerly: in a long-lived process, keep one decoder.
+shapes, moves): make a new decoder after moving, reloading or editing the model. Each decoder compiles a code object
+of its own (Dynamo caches per code object: two decoders sharing one would run one model's graph on the other), and
+each of its cache and batch sizes is one more compiled entry of it; Dynamo keeps at most
+``torch._dynamo.config.recompile_limit`` (8) before running it eagerly. By default Inductor writes the step's
+wrapper in C++ (``cpp_wrapper``): a few thousand kernel launches a token then cost no Python (measured 5-15 % more
+tokens/s on SmolLM2, docs/size_perplexity.md), the wrapper compiled apart from the kernels to keep the first call
+near the Python wrapper's compile time.
 """
 
 from __future__ import annotations
+
+import types
 
 import torch
 from torch import nn
@@ -31,6 +37,15 @@ def cache_len(tokens: int) -> int:
     return max(MIN_CACHE_LEN, 1 << max(tokens - 1, 0).bit_length())
 
 
+def _own_code(method):
+    """``method`` bound to a copy of its code object. Dynamo keeps its compiled graphs per code object, and the
+    step skips the guards that would tell two models apart: without a code object of its own, a second decoder would
+    run the first one's graph (its structure, dtypes and kernel forms) on another model."""
+    fn = method.__func__
+    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    return types.MethodType(own, method.__self__)
+
+
 class CompiledDecoder:
     """``generate(input_ids, max_new_tokens)`` → the prompt followed by the greedy tokens, as
     ``model.generate(input_ids, do_sample=False, max_new_tokens=...)`` returns them: rows stop at the generation
@@ -38,10 +53,11 @@ class CompiledDecoder:
     every row has stopped. Rows are prompts of one length (no attention mask: left-padded batches are not
     supported); decoding is greedy only, and the generation config's logits processors (``repetition_penalty``,
     ``suppress_tokens``, ``min_new_tokens``, ...) are not applied. The first call for a cache size compiles
-    (30–80 s for a 30-layer model on one core); later calls reuse the step. ``compile=False`` runs the same loop
-    eagerly (a reference)."""
+    (30–110 s for a 30-layer model on one core; Inductor's cache shortens later processes' first calls); later calls
+    reuse the step. ``compile=False`` runs the same loop eagerly (a reference); ``cpp_wrapper=False`` keeps
+    Inductor's Python wrapper."""
 
-    def __init__(self, model: nn.Module, compile: bool = True) -> None:
+    def __init__(self, model: nn.Module, compile: bool = True, cpp_wrapper: bool = True) -> None:
         self.model = model.eval()
         self.model.set_attn_implementation("eager")
         self.caches: dict[tuple, object] = {}
@@ -49,7 +65,9 @@ class CompiledDecoder:
         if compile:
             skip_guards = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)  # absent in older torch
             options = {} if skip_guards is None else {"guard_filter_fn": skip_guards}
-            self.step = torch.compile(self._step, dynamic=False, fullgraph=True, options=options)
+            if cpp_wrapper:
+                options.update(cpp_wrapper=True, cpp_wrapper_build_separate=True)
+            self.step = torch.compile(_own_code(self._step), dynamic=False, fullgraph=True, options=options)
 
     def _logits_argmax(self, ids: torch.Tensor, position: torch.Tensor, cache) -> torch.Tensor:
         out = self.model(input_ids=ids, cache=cache, cache_position=position, use_cache=True, logits_to_keep=1)

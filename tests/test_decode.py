@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from gift_quant.decode import MIN_CACHE_LEN, CompiledDecoder, cache_len
 from gift_quant.export import export_packed
+from gift_quant.packing import set_kernel
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +84,16 @@ def test_eos_stops_rows_and_pads_them_as_generate_does(packed):
     assert stops[0] == 10 + first + 1 and out.shape[1] == max(stops)
     for r, end in enumerate(stops):
         assert torch.equal(out[r, :end], free[r, :end]) and (out[r, end:] == pad).all()
+
+
+def test_decoders_of_different_models_keep_their_own_graphs(packed):
+    """The compiled step skips the guards that tell two models apart, so each decoder compiles its own: a second
+    decoder (here on a model whose linears run the reference path instead of the int4 kernel, then the two
+    alternating) must not run the first one's graph."""
+    models = [load(packed, torch.float32), load(packed, torch.float32)]
+    set_kernel(models[1], "reference")
+    decoders = [CompiledDecoder(m) for m in models]
+    prompt = ids(1, 10)
+    for model, decoder in [*zip(models, decoders), *zip(models, decoders)]:
+        out = decoder.generate(prompt, 6, stop_at_eos=False)
+        assert_greedy(model, out, 10, tol=0.01)
