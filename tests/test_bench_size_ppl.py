@@ -87,8 +87,8 @@ def test_decode_ratios_are_taken_per_round_so_a_drifting_load_cancels(monkeypatc
 
     calls, load = [], iter([1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.25, 0.25, 0.25])  # the machine slows down each round
 
-    def gift(export, args, threads, compiled):
-        calls.append(export + ("+compiled" if compiled else ""))
+    def gift(export, args, threads, label):
+        calls.append(export + ("+compiled" if label.endswith(bench_decode.COMPILED) else ""))
         return 20.0 * next(load)
 
     def llama(args, threads):

@@ -37,9 +37,10 @@ from bench_size_ppl import decode_speed, token_windows  # noqa: E402
 
 NEW_TOKENS, PROMPT_TOKENS = 64, 32
 COMPILED = ", compiled decode"  # label suffix of the --compiled measurements
+PYTHON_WRAPPER = ", compiled decode, Python wrapper"  # --python-wrapper: CompiledDecoder(cpp_wrapper=False)
 
 
-def child(export: Path, prompt_file: Path, repeats: int, compiled: bool) -> float:
+def child(export: Path, prompt_file: Path, repeats: int, compiled: bool, cpp_wrapper: bool = True) -> float:
     """One gift_quant measurement, in this (child) process: through ``generate``, or through
     :class:`gift_quant.decode.CompiledDecoder` (its compilation done in the warm-up call, not timed)."""
     import gift_quant  # noqa: F401  registers the quantizer with transformers
@@ -51,7 +52,7 @@ def child(export: Path, prompt_file: Path, repeats: int, compiled: bool) -> floa
         return decode_speed(model, prompt, NEW_TOKENS, repeats)
     from gift_quant.decode import CompiledDecoder
 
-    decoder = CompiledDecoder(model)  # compiles in decode_speed's warm-up call
+    decoder = CompiledDecoder(model, cpp_wrapper=cpp_wrapper)  # compiles in decode_speed's warm-up call
     return decode_speed(model, prompt, NEW_TOKENS, repeats,
                         generate=lambda ids, n: decoder.generate(ids, n, stop_at_eos=False))
 
@@ -64,10 +65,12 @@ def last_line(cmd: list[str], threads: int) -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-def measure_gift(export: str, args: argparse.Namespace, threads: int, compiled: bool) -> float:
+def measure_gift(export: str, args: argparse.Namespace, threads: int, label: str) -> float:
+    compiled = label.endswith((COMPILED, PYTHON_WRAPPER))
     return float(last_line([sys.executable, __file__, "--child", export, "--work", str(args.work),
                             "--repeats", str(args.repeats), "--threads", str(threads)]
-                           + (["--compiled"] if compiled else []), threads))
+                           + (["--compiled"] if compiled else [])
+                           + (["--python-wrapper"] if label.endswith(PYTHON_WRAPPER) else []), threads))
 
 
 def measure_llamacpp(args: argparse.Namespace, threads: int) -> dict[str, dict]:
@@ -95,8 +98,7 @@ def bench_threads(args: argparse.Namespace, gifts: dict[str, str], threads: int)
                 speeds[label], sizes[label] = point["decode_tok_s"], point["bytes"]
 
         steps = [llamacpp] + [
-            (lambda label=label, d=d: speeds.__setitem__(label, measure_gift(d, args, threads,
-                                                                             label.endswith(COMPILED))))
+            (lambda label=label, d=d: speeds.__setitem__(label, measure_gift(d, args, threads, label)))
             for label, d in gifts.items()]
         for step in (steps if r % 2 == 0 else steps[::-1]):
             step()
@@ -145,6 +147,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="best of this many per measurement")
     p.add_argument("--compiled", action="store_true",
                    help="also time each --gift export through gift_quant.decode.CompiledDecoder")
+    p.add_argument("--python-wrapper", action="store_true",
+                   help="with --compiled, also time the decoder with Inductor's Python wrapper (cpp_wrapper=False)")
     p.add_argument("--json", type=Path)
     p.add_argument("--table", type=Path)
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -158,14 +162,16 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = parse(argv)
     if args.child is not None:
         torch.set_num_threads(int(args.threads))
-        print(child(Path(args.child), args.work / "windows.npy", args.repeats, args.compiled))
+        print(child(Path(args.child), args.work / "windows.npy", args.repeats, args.compiled,
+                    cpp_wrapper=not args.python_wrapper))
         return None
     args.work.mkdir(parents=True, exist_ok=True)
     if not (args.work / "windows.npy").is_file():
         np.save(args.work / "windows.npy", token_windows(2048, 16).numpy().astype(np.int32))
     gifts = dict(item.partition("=")[::2] for item in args.gift)
     if args.compiled:
-        gifts.update({label + COMPILED: d for label, d in list(gifts.items())})
+        suffixes = [COMPILED] + ([PYTHON_WRAPPER] if args.python_wrapper else [])
+        gifts.update({label + suffix: d for label, d in list(gifts.items()) for suffix in suffixes})
     by_threads = [bench_threads(args, gifts, int(t)) for t in args.threads.split(",")]
     doc = {"new_tokens": NEW_TOKENS, "prompt_tokens": PROMPT_TOKENS, "repeats": args.repeats,
            "rounds": args.rounds, "no_repack": args.no_repack, "compiled": args.compiled, "gift": gifts,
