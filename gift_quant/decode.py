@@ -16,10 +16,10 @@ them costs milliseconds per token), so it does not notice changes to them (which
 shapes, moves): make a new decoder after moving, reloading or editing the model. Each decoder compiles a code object
 of its own (Dynamo caches per code object: two decoders sharing one would run one model's graph on the other), and
 each of its cache and batch sizes is one more compiled entry of it; Dynamo keeps at most
-``torch._dynamo.config.recompile_limit`` (8) before running it eagerly. By default Inductor writes the step's
-wrapper in C++ (``cpp_wrapper``): a few thousand kernel launches a token then cost no Python (measured 5-15 % more
-tokens/s on SmolLM2, docs/size_perplexity.md), the wrapper compiled apart from the kernels to keep the first call
-near the Python wrapper's compile time.
+``torch._dynamo.config.recompile_limit`` (8) before running it eagerly. ``cpp_wrapper=True`` has Inductor write the
+step's wrapper in C++ (compiled apart from the kernels, so the first call stays near the Python wrapper's compile
+time); on SmolLM2 it decoded no faster than the Python wrapper on a quiet machine (docs/size_perplexity.md), so it
+is off by default.
 """
 
 from __future__ import annotations
@@ -54,10 +54,10 @@ class CompiledDecoder:
     supported); decoding is greedy only, and the generation config's logits processors (``repetition_penalty``,
     ``suppress_tokens``, ``min_new_tokens``, ...) are not applied. The first call for a cache size compiles
     (30–110 s for a 30-layer model on one core; Inductor's cache shortens later processes' first calls); later calls
-    reuse the step. ``compile=False`` runs the same loop eagerly (a reference); ``cpp_wrapper=False`` keeps
-    Inductor's Python wrapper."""
+    reuse the step. ``compile=False`` runs the same loop eagerly (a reference); ``cpp_wrapper=True`` uses Inductor's
+    C++ wrapper."""
 
-    def __init__(self, model: nn.Module, compile: bool = True, cpp_wrapper: bool = True) -> None:
+    def __init__(self, model: nn.Module, compile: bool = True, cpp_wrapper: bool = False) -> None:
         self.model = model.eval()
         self.model.set_attn_implementation("eager")
         self.caches: dict[tuple, object] = {}

@@ -37,10 +37,10 @@ from bench_size_ppl import decode_speed, token_windows  # noqa: E402
 
 NEW_TOKENS, PROMPT_TOKENS = 64, 32
 COMPILED = ", compiled decode"  # label suffix of the --compiled measurements
-PYTHON_WRAPPER = ", compiled decode, Python wrapper"  # --python-wrapper: CompiledDecoder(cpp_wrapper=False)
+CPP_WRAPPER = ", compiled decode, C++ wrapper"  # --cpp-wrapper: CompiledDecoder(cpp_wrapper=True)
 
 
-def child(export: Path, prompt_file: Path, repeats: int, compiled: bool, cpp_wrapper: bool = True) -> float:
+def child(export: Path, prompt_file: Path, repeats: int, compiled: bool, cpp_wrapper: bool = False) -> float:
     """One gift_quant measurement, in this (child) process: through ``generate``, or through
     :class:`gift_quant.decode.CompiledDecoder` (its compilation done in the warm-up call, not timed)."""
     import gift_quant  # noqa: F401  registers the quantizer with transformers
@@ -66,11 +66,11 @@ def last_line(cmd: list[str], threads: int) -> str:
 
 
 def measure_gift(export: str, args: argparse.Namespace, threads: int, label: str) -> float:
-    compiled = label.endswith((COMPILED, PYTHON_WRAPPER))
+    compiled = label.endswith((COMPILED, CPP_WRAPPER))
     return float(last_line([sys.executable, __file__, "--child", export, "--work", str(args.work),
                             "--repeats", str(args.repeats), "--threads", str(threads)]
                            + (["--compiled"] if compiled else [])
-                           + (["--python-wrapper"] if label.endswith(PYTHON_WRAPPER) else []), threads))
+                           + (["--cpp-wrapper"] if label.endswith(CPP_WRAPPER) else []), threads))
 
 
 def measure_llamacpp(args: argparse.Namespace, threads: int) -> dict[str, dict]:
@@ -147,8 +147,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="best of this many per measurement")
     p.add_argument("--compiled", action="store_true",
                    help="also time each --gift export through gift_quant.decode.CompiledDecoder")
-    p.add_argument("--python-wrapper", action="store_true",
-                   help="with --compiled, also time the decoder with Inductor's Python wrapper (cpp_wrapper=False)")
+    p.add_argument("--cpp-wrapper", action="store_true",
+                   help="with --compiled, also time the decoder with Inductor's C++ wrapper (cpp_wrapper=True)")
     p.add_argument("--json", type=Path)
     p.add_argument("--table", type=Path)
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -163,14 +163,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.child is not None:
         torch.set_num_threads(int(args.threads))
         print(child(Path(args.child), args.work / "windows.npy", args.repeats, args.compiled,
-                    cpp_wrapper=not args.python_wrapper))
+                    cpp_wrapper=args.cpp_wrapper))
         return None
     args.work.mkdir(parents=True, exist_ok=True)
     if not (args.work / "windows.npy").is_file():
         np.save(args.work / "windows.npy", token_windows(2048, 16).numpy().astype(np.int32))
     gifts = dict(item.partition("=")[::2] for item in args.gift)
     if args.compiled:
-        suffixes = [COMPILED] + ([PYTHON_WRAPPER] if args.python_wrapper else [])
+        suffixes = [COMPILED] + ([CPP_WRAPPER] if args.cpp_wrapper else [])
         gifts.update({label + suffix: d for label, d in list(gifts.items()) for suffix in suffixes})
     by_threads = [bench_threads(args, gifts, int(t)) for t in args.threads.split(",")]
     doc = {"new_tokens": NEW_TOKENS, "prompt_tokens": PROMPT_TOKENS, "repeats": args.repeats,
