@@ -111,3 +111,46 @@ def test_decode_ratios_are_taken_per_round_so_a_drifting_load_cancels(monkeypatc
     doc = {"bytes": {**out["llamacpp_bytes"], "a": 89.4e6, b: 89.4e6}, "by_threads": [out]}
     text = bench_decode.table(doc)
     assert "| a | 89.4 | 10.0 (5.0–20.0) |" in text and "| a / llama.cpp Q4_0 | 0.50x (0.50–0.50) |" in text
+
+
+def test_front_reads_the_target_size_by_size():
+    """Each span between two points' sizes compares the best of each side no larger than the span's start."""
+    points = {"llama.cpp Q2_K": {"kind": "llama.cpp", "bytes": 88e6, "ppl": 29.5},
+              "llama.cpp Q4_1": {"kind": "llama.cpp", "bytes": 98e6, "ppl": 21.1},
+              "g3": {"kind": "gift_quant", "bytes": 76e6, "ppl": 27.4},
+              "g4": {"kind": "gift_quant", "bytes": 89e6, "ppl": 23.3},
+              "fp": {"kind": "fp", "ppl": 21.0}}
+    rows = bench_size_ppl.front(points, 60, 140).splitlines()[2:]
+    assert rows == ["| 60.0–76.0 | none | none | no gift_quant point |",
+                    "| 76.0–88.0 | g3 (27.40) | none | no llama.cpp type (gift_quant alone) |",
+                    "| 88.0–89.0 | g3 (27.40) | llama.cpp Q2_K (29.50) | gift_quant by 2.10 |",
+                    "| 89.0–98.0 | g4 (23.30) | llama.cpp Q2_K (29.50) | gift_quant by 6.20 |",
+                    "| 98.0–140.0 | g4 (23.30) | llama.cpp Q4_1 (21.10) | **llama.cpp by 2.20** |"]
+
+
+def test_raw_tensor_table_agrees_with_gguf_py(tmp_path):
+    """The header-only reader (for types gguf-py does not know) gives gguf-py's tensors, sizes and types."""
+    gguf = pytest.importorskip("gguf")
+    from gguf.quants import quantize
+
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_string("general.name", "x" * 7)
+    w.add_array("tokenizer.ggml.tokens", ["a", "bc"])
+    w.add_uint32("general.alignment", 64)
+    rng = np.random.default_rng(0)
+    w.add_tensor("token_embd.weight", rng.standard_normal((8, 64)).astype(np.float32))
+    q = quantize(rng.standard_normal((32, 64)).astype(np.float32), gguf.GGMLQuantizationType.Q4_0)
+    w.add_tensor("blk.0.attn_q.weight", q, raw_dtype=gguf.GGMLQuantizationType.Q4_0)
+    w.add_tensor("blk.0.attn_norm.weight", np.ones(64, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    rows, types, embedding = llamacpp_side.raw_tensor_table(path)
+    want_rows, want_types, want_embedding = llamacpp_side.tensor_table(path)
+    assert (types, embedding) == (want_types, want_embedding) == ({"Q4_0": 1}, "F32")
+    padded = {name: -(-b // 64) * 64 for name, _, b in want_rows}  # each tensor padded to the file's alignment
+    assert [(n, e) for n, e, _ in rows] == [(n, e) for n, e, _ in want_rows]
+    assert {name: b for name, _, b in rows} == padded
+    assert llamacpp_side.linear_bits(rows) == pytest.approx(4.5)

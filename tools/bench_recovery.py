@@ -12,7 +12,7 @@ with several seeds, mean ± std. The plot is perplexity (the evaluations at ``--
 minutes.
 
     python tools/bench_recovery.py --recipe recipes/smollm2_3bit.yaml --base OUT/base --work OUT/runs \\
-        --variants paper kd kd_scales blockwise blockwise_kd --minutes 30 --seeds 0 --out docs/recovery_3bit
+        --variants paper kd kd_scales blockwise blockwise_kd --minutes 30 --seeds 0 --out OUT/table
 """
 
 from __future__ import annotations

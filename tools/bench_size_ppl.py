@@ -170,6 +170,14 @@ def gift_point(run_dir: Path, windows: torch.Tensor) -> dict:
     return point
 
 
+COLLAPSED = 1e3  # perplexity above which a point counts as collapsed: named under the plot instead of drawn
+
+
+def ppl_text(x: float, sign: str = "") -> str:
+    """Two decimals, or e-notation for collapsed models' millions."""
+    return f"{x:{sign}.2f}" if abs(x) < 1e4 else f"{x:{sign}.1e}"
+
+
 def best_below(size: float, others: list[dict]) -> dict | None:
     """The lowest-perplexity point of ``others`` whose file is no larger than ``size``."""
     fitting = [o for o in others if o["bytes"] <= size]
@@ -180,6 +188,35 @@ def smallest_as_good(ppl: float, others: list[dict]) -> dict | None:
     """The smallest point of ``others`` whose perplexity is no worse than ``ppl``."""
     good = [o for o in others if o["ppl"] <= ppl]
     return min(good, key=lambda o: o["bytes"]) if good else None
+
+
+def front(points: dict[str, dict], lo_mb: float, hi_mb: float) -> str:
+    """The issue's target read size by size: on each span of [lo, hi] MB between two points' sizes, the best
+    gift_quant export no larger than the span's start against llama.cpp's best type no larger (both step functions
+    change only at a point's size)."""
+    kinds = {kind: [dict(p, label=k) for k, p in points.items() if p["kind"] == kind] for kind in ("gift_quant",
+                                                                                                 "llama.cpp")}
+    cuts = sorted({lo_mb, hi_mb} | {p["bytes"] / MB for ps in kinds.values() for p in ps
+                                     if lo_mb < p["bytes"] / MB < hi_mb})
+    spans: list[list] = []  # [start, end, gift, llama], neighbours with the same two rivals merged
+    for start, end in zip(cuts, cuts[1:]):
+        gift, llama = (best_below(start * MB, kinds[k]) for k in ("gift_quant", "llama.cpp"))
+        if spans and (spans[-1][2], spans[-1][3]) == (gift, llama):
+            spans[-1][1] = end
+        else:
+            spans.append([start, end, gift, llama])
+    lines = ["| size span (MB) | best gift_quant no larger | best llama.cpp no larger | verdict |", "|---|---|---|---|"]
+    for start, end, gift, llama in spans:
+        name = [f"{r['label']} ({ppl_text(r['ppl'])})" if r else "none" for r in (gift, llama)]
+        if gift is None:
+            verdict = "no gift_quant point"
+        elif llama is None:
+            verdict = "no llama.cpp type (gift_quant alone)"
+        else:
+            verdict = (f"gift_quant by {ppl_text(llama['ppl'] - gift['ppl'])}" if gift["ppl"] < llama["ppl"]
+                       else f"**llama.cpp by {ppl_text(gift['ppl'] - llama['ppl'])}**")
+        lines.append(f"| {start:.1f}–{end:.1f} | {name[0]} | {name[1]} | {verdict} |")
+    return "\n".join(lines) + "\n"
 
 
 def table(points: dict[str, dict], source_bytes: int, fp16_bytes: int) -> str:
@@ -196,12 +233,13 @@ def table(points: dict[str, dict], source_bytes: int, fp16_bytes: int) -> str:
         rivals = ["", ""]
         if p["kind"] == "gift_quant":
             below, good = best_below(p["bytes"], llama), smallest_as_good(p["ppl"], llama)
-            rivals = [f"{r['label']}: {r['ppl']:.2f} at {r['bytes'] / MB:.1f} MB ({p['ppl'] - r['ppl']:+.2f} ppl, "
+            rivals = [f"{r['label']}: {ppl_text(r['ppl'])} at {r['bytes'] / MB:.1f} MB "
+                      f"({ppl_text(p['ppl'] - r['ppl'], '+')} ppl, "
                       f"{(p['bytes'] - r['bytes']) / MB:+.1f} MB)" if r else "none" for r in (below, good)]
         tok_s = f"{p['decode_tok_s']:.0f}" if p.get("decode_tok_s") else ""
         lines.append(f"| {label} | {p['bytes'] / MB:.1f} | {p['bytes'] / source_bytes:.3f}x | "
                      f"{p['bytes'] / fp16_bytes:.3f}x | {p['linear_bits']:.2f} | {p['embedding_type']} | "
-                     f"{p['ppl']:.2f} | {tok_s} | {rivals[0]} | {rivals[1]} |")
+                     f"{ppl_text(p['ppl'])} | {tok_s} | {rivals[0]} | {rivals[1]} |")
     return "\n".join(lines) + "\n"
 
 
@@ -215,7 +253,7 @@ def plot(points: dict[str, dict], source_bytes: int, path: Path) -> None:
     style = {"llama.cpp": ("o", "tab:blue"), "gift_quant": ("s", "tab:red")}
     for ax, key, xlabel in ((axes[0], "bytes", "file size (MB)"), (axes[1], "linear_bits", "linear bits/weight")):
         for kind, (marker, color) in style.items():
-            chosen = {k: p for k, p in points.items() if p["kind"] == kind}
+            chosen = {k: p for k, p in points.items() if p["kind"] == kind and p["ppl"] < COLLAPSED}
             xs = [p[key] / (MB if key == "bytes" else 1) for p in chosen.values()]
             ax.scatter(xs, [p["ppl"] for p in chosen.values()], marker=marker, color=color, label=kind)
             for (label, p), x in zip(chosen.items(), xs):
@@ -230,7 +268,9 @@ def plot(points: dict[str, dict], source_bytes: int, path: Path) -> None:
         ax.set_ylabel("WikiText-2 perplexity (16 x 2048)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("SmolLM2-135M: perplexity against size, gift_quant (PTQ, int8 embedding) and llama.cpp")
+    collapsed = [f"{k} ({ppl_text(p['ppl'])})" for k, p in points.items() if p["ppl"] >= COLLAPSED]
+    fig.suptitle("SmolLM2-135M: perplexity against size, gift_quant exports and llama.cpp types"
+                 + (f"\nnot drawn (collapsed): {', '.join(collapsed)}" if collapsed else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -244,6 +284,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fp", action="store_true", help="measure gift_quant's fp model on the same windows")
     p.add_argument("--gift", action="append", default=[], metavar="LABEL=RUN_DIR")
     p.add_argument("--refresh", action="append", default=[], metavar="LABEL")
+    p.add_argument("--front", type=float, nargs=2, default=(60.0, 140.0), metavar=("LO_MB", "HI_MB"),
+                   help="size range of the target's size-by-size table (issue #27: 60-140 MB)")
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--threads", type=int, default=1)
@@ -284,6 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     source_bytes = smollm2_gguf().stat().st_size
     text = table(points, source_bytes, fp16_bytes(smollm2_gguf()))
+    text += f"\nThe target size by size, {args.front[0]:g}–{args.front[1]:g} MB:\n\n" + front(points, *args.front)
     print(text)
     if args.table:
         args.table.write_text(text)

@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
+import struct
 import time
 from pathlib import Path
 
@@ -59,7 +61,10 @@ def tensor_table(path: Path) -> tuple[list[tuple[str, int, int]], dict[str, int]
     """(name, elements, bytes) per tensor, the linears' type counts, and the embedding's type."""
     from gguf import GGUFReader
 
-    reader = GGUFReader(path)
+    try:
+        reader = GGUFReader(path)
+    except ValueError:  # a type newer than gguf-py (llama.cpp's Q2_0 in gguf 0.19): read the tensor infos alone
+        return raw_tensor_table(path)
     rows = [(t.name, int(t.n_elements), int(t.n_bytes)) for t in reader.tensors]
     types: dict[str, int] = {}
     for t in reader.tensors:
@@ -67,6 +72,74 @@ def tensor_table(path: Path) -> tuple[list[tuple[str, int, int]], dict[str, int]
             types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
     embedding = next(t.tensor_type.name for t in reader.tensors if t.name == "token_embd.weight")
     return rows, types, embedding
+
+
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def raw_tensor_table(path: Path) -> tuple[list[tuple[str, int, int]], dict[str, int], str]:
+    """tensor_table from the GGUF header alone, for files whose types gguf-py does not know: a tensor's bytes are
+    the distance to the next tensor's offset (padding to the file's alignment included); types by id."""
+    data = path.read_bytes()
+    pos = 0
+
+    def take(fmt: str):
+        nonlocal pos
+        values = struct.unpack_from("<" + fmt, data, pos)
+        pos += struct.calcsize("<" + fmt)
+        return values[0]
+
+    def string() -> str:
+        nonlocal pos
+        n = take("Q")
+        pos += n
+        return data[pos - n:pos].decode()
+
+    def skip(kind: int) -> None:
+        if kind == 8:
+            string()
+        elif kind == 9:
+            inner, n = take("I"), take("Q")
+            for _ in range(n):
+                skip(inner)
+        else:
+            take(_SCALARS[kind])
+
+    if take("4s") != b"GGUF":
+        raise ValueError(f"{path} is not a GGUF file")
+    take("I")
+    n_tensors, n_kv = take("Q"), take("Q")
+    alignment = 32
+    for _ in range(n_kv):
+        key, kind = string(), take("I")
+        if key == "general.alignment":
+            alignment = take("I")
+        else:
+            skip(kind)
+    infos = []
+    for _ in range(n_tensors):
+        name, dims = string(), take("I")
+        shape = [take("Q") for _ in range(dims)]
+        infos.append((name, math.prod(shape), take("I"), take("Q")))
+    start = -(-pos // alignment) * alignment
+    ends = sorted(off for *_, off in infos)[1:] + [len(data) - start]
+    end_of = dict(zip(sorted(off for *_, off in infos), ends))
+    rows = [(name, n, end_of[off] - off) for name, n, _, off in infos]
+    types: dict[str, int] = {}
+    for name, _, kind, _ in infos:
+        if LINEAR.match(name):
+            types[_type_name(kind)] = types.get(_type_name(kind), 0) + 1
+    embedding = next(_type_name(kind) for name, _, kind, _ in infos if name == "token_embd.weight")
+    return rows, types, embedding
+
+
+def _type_name(kind: int) -> str:
+    from gguf import GGMLQuantizationType
+
+    try:
+        return GGMLQuantizationType(kind).name
+    except ValueError:
+        return f"type {kind}"
 
 
 def write_fp32(source: Path, out: Path) -> None:
