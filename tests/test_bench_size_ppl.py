@@ -117,12 +117,12 @@ def test_front_reads_the_target_size_by_size():
     """Each span between two points' sizes compares the best of each side no larger than the span's start."""
     points = {"llama.cpp Q2_K": {"kind": "llama.cpp", "bytes": 88e6, "ppl": 29.5},
               "llama.cpp Q4_1": {"kind": "llama.cpp", "bytes": 98e6, "ppl": 21.1},
-              "g3": {"kind": "gift_quant", "bytes": 76e6, "ppl": 27.4},
+              "g3": {"kind": "gift_quant", "bytes": 76_345_679, "ppl": 27.4},  # counts from exactly its size
               "g4": {"kind": "gift_quant", "bytes": 89e6, "ppl": 23.3},
               "fp": {"kind": "fp", "ppl": 21.0}}
     rows = bench_size_ppl.front(points, 60, 140).splitlines()[2:]
-    assert rows == ["| 60.0–76.0 | none | none | no gift_quant point |",
-                    "| 76.0–88.0 | g3 (27.40) | none | no llama.cpp type (gift_quant alone) |",
+    assert rows == ["| 60.0–76.3 | none | none | no gift_quant point |",
+                    "| 76.3–88.0 | g3 (27.40) | none | no llama.cpp type (gift_quant alone) |",
                     "| 88.0–89.0 | g3 (27.40) | llama.cpp Q2_K (29.50) | gift_quant by 2.10 |",
                     "| 89.0–98.0 | g4 (23.30) | llama.cpp Q2_K (29.50) | gift_quant by 6.20 |",
                     "| 98.0–140.0 | g4 (23.30) | llama.cpp Q4_1 (21.10) | **llama.cpp by 2.20** |"]

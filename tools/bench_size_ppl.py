@@ -196,11 +196,11 @@ def front(points: dict[str, dict], lo_mb: float, hi_mb: float) -> str:
     change only at a point's size)."""
     kinds = {kind: [dict(p, label=k) for k, p in points.items() if p["kind"] == kind] for kind in ("gift_quant",
                                                                                                  "llama.cpp")}
-    cuts = sorted({lo_mb, hi_mb} | {p["bytes"] / MB for ps in kinds.values() for p in ps
-                                     if lo_mb < p["bytes"] / MB < hi_mb})
+    lo, hi = lo_mb * MB, hi_mb * MB  # in bytes, so a point counts from exactly its own size on
+    cuts = sorted({lo, hi} | {p["bytes"] for ps in kinds.values() for p in ps if lo < p["bytes"] < hi})
     spans: list[list] = []  # [start, end, gift, llama], neighbours with the same two rivals merged
     for start, end in zip(cuts, cuts[1:]):
-        gift, llama = (best_below(start * MB, kinds[k]) for k in ("gift_quant", "llama.cpp"))
+        gift, llama = (best_below(start, kinds[k]) for k in ("gift_quant", "llama.cpp"))
         if spans and (spans[-1][2], spans[-1][3]) == (gift, llama):
             spans[-1][1] = end
         else:
@@ -215,7 +215,7 @@ def front(points: dict[str, dict], lo_mb: float, hi_mb: float) -> str:
         else:
             verdict = (f"gift_quant by {ppl_text(llama['ppl'] - gift['ppl'])}" if gift["ppl"] < llama["ppl"]
                        else f"**llama.cpp by {ppl_text(gift['ppl'] - llama['ppl'])}**")
-        lines.append(f"| {start:.1f}–{end:.1f} | {name[0]} | {name[1]} | {verdict} |")
+        lines.append(f"| {start / MB:.1f}–{end / MB:.1f} | {name[0]} | {name[1]} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 
