@@ -128,7 +128,7 @@ def test_front_reads_the_target_size_by_size():
                     "| 98.0–140.0 | g4 (23.30) | llama.cpp Q4_1 (21.10) | **llama.cpp by 2.20** |"]
 
 
-def test_raw_tensor_table_agrees_with_gguf_py(tmp_path):
+def test_header_tensors_agree_with_gguf_py(tmp_path):
     """The header-only reader (for types gguf-py does not know) gives gguf-py's tensors, sizes and types."""
     gguf = pytest.importorskip("gguf")
     from gguf.quants import quantize
@@ -147,10 +147,11 @@ def test_raw_tensor_table_agrees_with_gguf_py(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    rows, types, embedding = llamacpp_side.raw_tensor_table(path)
-    want_rows, want_types, want_embedding = llamacpp_side.tensor_table(path)
-    assert (types, embedding) == (want_types, want_embedding) == ({"Q4_0": 1}, "F32")
-    padded = {name: -(-b // 64) * 64 for name, _, b in want_rows}  # each tensor padded to the file's alignment
-    assert [(n, e) for n, e, _ in rows] == [(n, e) for n, e, _ in want_rows]
-    assert {name: b for name, _, b in rows} == padded
-    assert llamacpp_side.linear_bits(rows) == pytest.approx(4.5)
+    header = llamacpp_side.header_tensors(path)
+    want = [(t.name, int(t.n_elements), int(t.n_bytes), t.tensor_type.name) for t in gguf.GGUFReader(path).tensors]
+    assert [(n, e, k) for n, e, _, k in header] == [(n, e, k) for n, e, _, k in want]
+    padded = {name: -(-b // 64) * 64 for name, _, b, _ in want}  # each tensor padded to the file's alignment
+    assert {name: b for name, _, b, _ in header} == padded
+    rows, types, embedding = llamacpp_side.tensor_table(path)
+    assert (types, embedding) == ({"Q4_0": 1}, "F32")
+    assert llamacpp_side.linear_bits([(n, e, b) for n, e, b, _ in header]) == pytest.approx(4.5)

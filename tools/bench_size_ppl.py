@@ -178,6 +178,11 @@ def ppl_text(x: float, sign: str = "") -> str:
     return f"{x:{sign}.2f}" if abs(x) < 1e4 else f"{x:{sign}.1e}"
 
 
+def of_kind(points: dict[str, dict], kind: str) -> list[dict]:
+    """The points of one kind, each with its label."""
+    return [dict(p, label=k) for k, p in points.items() if p["kind"] == kind]
+
+
 def best_below(size: float, others: list[dict]) -> dict | None:
     """The lowest-perplexity point of ``others`` whose file is no larger than ``size``."""
     fitting = [o for o in others if o["bytes"] <= size]
@@ -194,8 +199,7 @@ def front(points: dict[str, dict], lo_mb: float, hi_mb: float) -> str:
     """The issue's target read size by size: on each span of [lo, hi] MB between two points' sizes, the best
     gift_quant export no larger than the span's start against llama.cpp's best type no larger (both step functions
     change only at a point's size)."""
-    kinds = {kind: [dict(p, label=k) for k, p in points.items() if p["kind"] == kind] for kind in ("gift_quant",
-                                                                                                 "llama.cpp")}
+    kinds = {kind: of_kind(points, kind) for kind in ("gift_quant", "llama.cpp")}
     lo, hi = lo_mb * MB, hi_mb * MB  # in bytes, so a point counts from exactly its own size on
     cuts = sorted({lo, hi} | {p["bytes"] for ps in kinds.values() for p in ps if lo < p["bytes"] < hi})
     spans: list[list] = []  # [start, end, gift, llama], neighbours with the same two rivals merged
@@ -225,7 +229,7 @@ def table(points: dict[str, dict], source_bytes: int, fp16_bytes: int) -> str:
     lines = ["| point | file MB | vs source GGUF | vs fp16 | linear bits/weight | embedding | WikiText-2 ppl | "
              "decode tok/s | best llama.cpp type no larger | smallest llama.cpp type as good |",
              "|---|---:|---:|---:|---:|---|---:|---:|---|---|"]
-    llama = [dict(p, label=k) for k, p in points.items() if p["kind"] == "llama.cpp"]
+    llama = of_kind(points, "llama.cpp")
     for label, p in sorted(points.items(), key=lambda kv: -kv[1].get("bytes", 1e18)):
         if p["kind"] == "fp":
             lines.append(f"| {label} | | | | 32 | float32 | {p['ppl']:.2f} | | | |")

@@ -62,24 +62,23 @@ def tensor_table(path: Path) -> tuple[list[tuple[str, int, int]], dict[str, int]
     from gguf import GGUFReader
 
     try:
-        reader = GGUFReader(path)
+        tensors = [(t.name, int(t.n_elements), int(t.n_bytes), t.tensor_type.name) for t in GGUFReader(path).tensors]
     except ValueError:  # a type newer than gguf-py (llama.cpp's Q2_0 in gguf 0.19): read the tensor infos alone
-        return raw_tensor_table(path)
-    rows = [(t.name, int(t.n_elements), int(t.n_bytes)) for t in reader.tensors]
+        tensors = header_tensors(path)
     types: dict[str, int] = {}
-    for t in reader.tensors:
-        if LINEAR.match(t.name):
-            types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
-    embedding = next(t.tensor_type.name for t in reader.tensors if t.name == "token_embd.weight")
-    return rows, types, embedding
+    for name, _, _, kind in tensors:
+        if LINEAR.match(name):
+            types[kind] = types.get(kind, 0) + 1
+    embedding = next(kind for name, _, _, kind in tensors if name == "token_embd.weight")
+    return [(name, n, size) for name, n, size, _ in tensors], types, embedding
 
 
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 
 
-def raw_tensor_table(path: Path) -> tuple[list[tuple[str, int, int]], dict[str, int], str]:
-    """tensor_table from the GGUF header alone, for files whose types gguf-py does not know: a tensor's bytes are
-    the distance to the next tensor's offset (padding to the file's alignment included); types by id."""
+def header_tensors(path: Path) -> list[tuple[str, int, int, str]]:
+    """(name, elements, bytes, type) per tensor from the GGUF header alone, for files whose types gguf-py does not
+    know: a tensor's bytes are the distance to the next tensor's offset (padding to the file's alignment included)."""
     data = path.read_bytes()
     pos = 0
 
@@ -121,16 +120,10 @@ def raw_tensor_table(path: Path) -> tuple[list[tuple[str, int, int]], dict[str, 
         name, dims = string(), take("I")
         shape = [take("Q") for _ in range(dims)]
         infos.append((name, math.prod(shape), take("I"), take("Q")))
-    start = -(-pos // alignment) * alignment
-    ends = sorted(off for *_, off in infos)[1:] + [len(data) - start]
-    end_of = dict(zip(sorted(off for *_, off in infos), ends))
-    rows = [(name, n, end_of[off] - off) for name, n, _, off in infos]
-    types: dict[str, int] = {}
-    for name, _, kind, _ in infos:
-        if LINEAR.match(name):
-            types[_type_name(kind)] = types.get(_type_name(kind), 0) + 1
-    embedding = next(_type_name(kind) for name, _, kind, _ in infos if name == "token_embd.weight")
-    return rows, types, embedding
+    data_bytes = len(data) - -(-pos // alignment) * alignment  # tensor data starts at the next aligned byte
+    offsets = sorted(off for *_, off in infos)
+    end_of = dict(zip(offsets, offsets[1:] + [data_bytes]))
+    return [(name, n, end_of[off] - off, _type_name(kind)) for name, n, kind, off in infos]
 
 
 def _type_name(kind: int) -> str:
