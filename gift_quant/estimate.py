@@ -176,6 +176,7 @@ class Context:
     select: SelectConfig | None = None
     bits: int = 4
     group_size: int = -1
+    sym: bool = True
     form: str = "fp"  # fp | dense (quantized, codes + dense Ŵ) | packed
 
     @property
@@ -319,7 +320,7 @@ def quantize(ctx: Context, cfg, calib) -> StageEstimate:
     hessian = max((len(g) + 4) * lin[g[0]][1] ** 2 * 4 + max(lin[j][1] * lin[j][2] for j in g) * 10 for g in s.groups)
     # Collecting them: one batch of windows through the layer, and the float32 input copies the accumulation makes.
     forward = batch * seq * ((3 * s.intermediate + 4 * s.hidden) * b + 2 * max(i for _, i, _ in lin) * 4)
-    ctx.bits, ctx.group_size = cfg.bits, cfg.group_size
+    ctx.bits, ctx.group_size, ctx.sym = cfg.bits, cfg.group_size, cfg.sym
     # The layer's quantized linears, and the full-precision weight of the one being replaced.
     layer = sum(linear_bytes(ctx, name, i, o, "dense") for name, i, o in lin) + largest_linear(s) * b
     device = {"calibration activations": 2 * n * seq * (s.hidden + 2 * s.head_dim) * b,  # + rotary cos/sin
@@ -355,15 +356,16 @@ def trainable_count(ctx: Context, cfg) -> int:
     s, groups = ctx.shape, lambda i: 1 if ctx.group_size == -1 else i // ctx.group_size  # noqa: E731
     spec = METHOD_SPECS[cfg.method]
     steps = s.layers * sum(o * groups(i) for _, i, o in s.linears())
+    grid = steps * (1 if ctx.sym or not spec.zero_points else 2)  # the step sizes, and the zero points when trained
     salient_cols = s.layers * sum(o * salient(ctx, n, i) for n, i, o in s.linears())
     if spec.salient:
-        return salient_cols + (steps if cfg.train_scales else 0)
+        return salient_cols + (grid if cfg.train_scales else 0)
     if spec.latent:  # every weight; STE's salient columns are among them, block_ap keeps them apart
-        return s.layers * s.block_weights + (steps if spec.learns_scales else 0)
+        return s.layers * s.block_weights + (grid if spec.learns_scales else 0)
     if spec.adapters:
         per_rank = s.layers * sum(i + o for _, i, o in s.linears())
         return (cfg.lora_rank or max(1, round(salient_cols / per_rank))) * per_rank
-    return steps if spec.learns_scales else 0
+    return grid if spec.learns_scales else 0
 
 
 def training_parts(ctx: Context, cfg: RecoverConfig, tokens: int) -> tuple[dict[str, float], str]:

@@ -28,6 +28,7 @@ class MethodSpec:
     packable: bool = False  # trains beside a frozen low-bit part that ``frozen: packed`` can keep bit-packed
     latent_bytes: int = 0  # > 0: every weight trains as a latent value; bytes autograd keeps per latent weight
     learns_scales: bool = False  # the step sizes train by definition
+    zero_points: bool = True  # where the step sizes train, an asymmetric grid's zero points train with them
     exportable: bool = True  # the result is a quantized model the packed format holds
     blockwise: bool = True  # usable by block-wise reconstruction (trains only tensors inside the blocks)
     needs_fp_weights: bool = False  # latents start from the weights before quantization
@@ -47,9 +48,9 @@ METHOD_SPECS: dict[str, MethodSpec] = {s.name: s for s in (
     MethodSpec("ste", "latent weights from their codes' cell centres (straight-through)", latent_bytes=8,
                blockwise=False),
     MethodSpec("ste_lsq", "latent weights from their codes' cell centres and step sizes (LSQ)", latent_bytes=12,
-               learns_scales=True, blockwise=False),
+               learns_scales=True, zero_points=False, blockwise=False),
     MethodSpec("qat_fp", "latent weights from the fp weights on their RTN grid, step sizes (LSQ; LLM-QAT-style "
-               "QAT, step 0 is RTN)", latent_bytes=12, learns_scales=True, blockwise=False, needs_fp_weights=True),
+               "QAT, step 0 is RTN)", latent_bytes=12, learns_scales=True, zero_points=False, blockwise=False, needs_fp_weights=True),
     MethodSpec("block_ap", "every weight through the quantizer from its code's cell centre, step sizes (and zero "
                "points), salient columns", latent_bytes=12, learns_scales=True),
     MethodSpec("lora", "LoRA adapters (rank matched to gift_sw's parameter count); unmerged, so not exportable",

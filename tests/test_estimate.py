@@ -41,11 +41,12 @@ def held(model) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
-def quantize(model, bits: int, fraction: float) -> None:
+def quantize(model, bits: int, fraction: float, group_size: int = -1, sym: bool = True) -> None:
     records = {}
     for name, lin in find_linears(model, TARGETS).items():
         k = round(fraction * lin.in_features)
-        records[name] = rtn(lin.weight, QuantSpec(bits=bits), torch.arange(k) * (lin.in_features // max(k, 1)))
+        spec = QuantSpec(bits=bits, group_size=group_size, sym=sym)
+        records[name] = rtn(lin.weight, spec, torch.arange(k) * (lin.in_features // max(k, 1)))
     replace_linears(model, records, MixedPrecisionLinear.from_quantized)
 
 
@@ -102,14 +103,16 @@ def rank_of(model) -> int:
     return next((m.r["default"] for m in model.modules() if hasattr(m, "r") and isinstance(m.r, dict)), 0)
 
 
+@pytest.mark.parametrize("group_size, sym", [(-1, True), (16, False)])  # asymmetric: the zero points may train too
 @pytest.mark.parametrize("method, scales", [("gift_sw", False), ("gift_sw", True), ("scales_only", False),
                                             ("ste", False), ("ste_lsq", False), ("lora", False)])
-def test_trainable_counts_are_what_the_methods_train(method, scales):
+def test_trainable_counts_are_what_the_methods_train(method, scales, group_size, sym):
     model, cfg = tiny()
-    quantize(model, 3, 0.125)
+    quantize(model, 3, 0.125, group_size, sym)
     rc = RecoverConfig(method=method, train_scales=scales)
     n = METHODS[method].prepare(model, setup_of(rc, torch.device("cpu"), torch.float32))
-    ctx = Context(Shape.from_config(cfg), 4, cuda=False, select=SelectConfig(fraction=0.125), bits=3)
+    ctx = Context(Shape.from_config(cfg), 4, cuda=False, select=SelectConfig(fraction=0.125), bits=3,
+                  group_size=group_size, sym=sym)
     assert trainable_count(ctx, rc) == n
 
 

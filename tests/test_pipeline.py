@@ -6,6 +6,8 @@ import csv
 import json
 import math
 
+import pytest
+
 
 RECIPE = """
 model: {name: tiny}
@@ -37,6 +39,22 @@ def test_quantize_and_export_recipe_end_to_end(tiny_run):
     log = list(csv.DictReader((out / "quantize_log.csv").open()))
     assert len(log) == 14 and {row["salient"] for row in log} == {"8", "16"}
     assert all(float(row["gptq_loss"]) >= 0 for row in log)
+
+
+@pytest.mark.parametrize("static_groups", [True, False])
+def test_grouped_act_order_format_of_the_llama_recipes_exports_and_reloads(tiny_run, static_groups):
+    # The Llama-2 recipes' format: groups with zero points, columns in act order; static groups keep each group
+    # contiguous (the packed layer's fast path), dynamic ones store a permuted g_idx. Both must reload to the same model.
+    quantize = f"{{method: gptq, bits: 2, group_size: 16, sym: false, mse: true, act_order: true, static_groups: {str(static_groups).lower()}}}"
+    rc, out = tiny_run(RECIPE.replace("{method: gptq, bits: 3, mse: true}", quantize))
+    assert rc == 0
+    r = rows(out)
+    fp, quant = [x["value"] for x in r if x["metric"] == "eval_ppl"]
+    (reloaded,) = [x for x in r if x["metric"].endswith("_ppl_reloaded")]
+    assert math.isfinite(quant) and quant != fp
+    assert math.isclose(reloaded["value"], quant, rel_tol=1e-3)
+    config = json.loads((out / "packed" / "config.json").read_text())["quantization_config"]
+    assert (config["group_size"], config["sym"], config["desc_act"]) == (16, False, not static_groups)
 
 
 def test_rerun_resumes_quantization_and_a_changed_setting_starts_over(tiny_run):
