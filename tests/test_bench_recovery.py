@@ -46,3 +46,14 @@ def test_report_states_the_target_and_the_gap_closed(tmp_path: Path) -> None:
     assert "target of ≥ 50 % of the gap: ≤ 30.00" in half
     assert "| 30.00 ± 1.41 | 50.0 ± 7.1 % |" in half  # (40 − 29)/20 = 55 %, (40 − 31)/20 = 45 %
     assert "target: ≤ 60.00" in bench_recovery.report(_args(tmp_path, "--target", "60"), 20.0, 200.0, results)
+
+
+@pytest.mark.parametrize("name", sorted(bench_recovery.VARIANTS))
+def test_every_variant_is_a_valid_recipe(tmp_path: Path, name: str) -> None:
+    from gift_quant.stages import parse_recipe
+
+    base = {"model": {"name": "tiny"}, "stages": [
+        {"calibrate": {"dataset": "c4", "num_samples": 8, "seq_len": 64}}, {"select": {"metric": "gift", "fraction": 0.1}},
+        {"quantize": {"method": "gptq", "bits": 3}}, {"evaluate": {"dataset": "wikitext2", "seq_len": 64}}]}
+    recipe = parse_recipe(bench_recovery.variant_recipe(_args(tmp_path, "--seeds", "2"), base, name, 2))
+    assert [type(s.config).__name__ for s in recipe.stages][:3] == ["CalibrateConfig", "SelectConfig", "QuantizeConfig"]
