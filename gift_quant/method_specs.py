@@ -50,7 +50,8 @@ METHOD_SPECS: dict[str, MethodSpec] = {s.name: s for s in (
     MethodSpec("ste_lsq", "latent weights from their codes' cell centres and step sizes (LSQ)", latent_bytes=12,
                learns_scales=True, zero_points=False, blockwise=False),
     MethodSpec("qat_fp", "latent weights from the fp weights on their RTN grid, step sizes (LSQ; LLM-QAT-style "
-               "QAT, step 0 is RTN)", latent_bytes=12, learns_scales=True, zero_points=False, blockwise=False, needs_fp_weights=True),
+               "QAT, step 0 is RTN)", latent_bytes=12, learns_scales=True, zero_points=False, blockwise=False,
+               needs_fp_weights=True),
     MethodSpec("block_ap", "every weight through the quantizer from its code's cell centre, step sizes (and zero "
                "points), salient columns", latent_bytes=12, learns_scales=True),
     MethodSpec("lora", "LoRA adapters (rank matched to gift_sw's parameter count); unmerged, so not exportable",

@@ -53,7 +53,8 @@ def test_every_variant_is_a_valid_recipe(tmp_path: Path, name: str) -> None:
     from gift_quant.stages import parse_recipe
 
     base = {"model": {"name": "tiny"}, "stages": [
-        {"calibrate": {"dataset": "c4", "num_samples": 8, "seq_len": 64}}, {"select": {"metric": "gift", "fraction": 0.1}},
+        {"calibrate": {"dataset": "c4", "num_samples": 8, "seq_len": 64}},
+        {"select": {"metric": "gift", "fraction": 0.1}},
         {"quantize": {"method": "gptq", "bits": 3}}, {"evaluate": {"dataset": "wikitext2", "seq_len": 64}}]}
     recipe = parse_recipe(bench_recovery.variant_recipe(_args(tmp_path, "--seeds", "2"), base, name, 2))
     assert [type(s.config).__name__ for s in recipe.stages][:3] == ["CalibrateConfig", "SelectConfig", "QuantizeConfig"]

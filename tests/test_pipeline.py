@@ -44,8 +44,9 @@ def test_quantize_and_export_recipe_end_to_end(tiny_run):
 @pytest.mark.parametrize("static_groups", [True, False])
 def test_grouped_act_order_format_of_the_llama_recipes_exports_and_reloads(tiny_run, static_groups):
     # The Llama-2 recipes' format: groups with zero points, columns in act order; static groups keep each group
-    # contiguous (the packed layer's fast path), dynamic ones store a permuted g_idx. Both must reload to the same model.
-    quantize = f"{{method: gptq, bits: 2, group_size: 16, sym: false, mse: true, act_order: true, static_groups: {str(static_groups).lower()}}}"
+    # contiguous (the packed layer's fast path), dynamic ones store a permuted g_idx. Both reload to the same model.
+    quantize = ("{method: gptq, bits: 2, group_size: 16, sym: false, mse: true, act_order: true, "
+                f"static_groups: {str(static_groups).lower()}}}")
     rc, out = tiny_run(RECIPE.replace("{method: gptq, bits: 3, mse: true}", quantize))
     assert rc == 0
     r = rows(out)
