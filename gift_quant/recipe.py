@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from .config import Recipe
-from .stages import parse_recipe
+from .stages import parse_recipe, stage_name
 from .errors import Interrupted, UserError
 
 EXIT_USER_ERROR = 2
@@ -146,8 +146,7 @@ def _child(node: Any, part: str, where: str) -> Any:
 def _index(stages: list, part: str, where: str) -> int:
     if part.isdigit() and int(part) < len(stages):
         return int(part)
-    names = [next(iter(s)) if isinstance(s, dict) else s for s in stages]
-    hits = [i for i, n in enumerate(names) if n == part]
+    hits = [i for i, s in enumerate(stages) if stage_name(s) == part]
     if len(hits) != 1:
         why = "no stage" if not hits else f"{len(hits)} stages"
         raise UserError(f"--set {where}: {why} named '{part}'; use the stage's position (stages.N.key)")

@@ -96,6 +96,11 @@ def _settings_rules(stages: list[Stage], i: int, where: str, q: int | None) -> N
                          f"export after another method, or drop the export stage")
 
 
+def stage_name(item: Any) -> str:
+    """The stage name of one raw recipe entry (`- name: {...}` or a bare `- name`), before validation."""
+    return next(iter(item)) if isinstance(item, dict) else item
+
+
 def parse_stage(index: int, item: Any) -> Stage:
     """One `- name: {settings}` entry; a bare `- name` means default settings."""
     if isinstance(item, str):

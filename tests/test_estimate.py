@@ -238,3 +238,21 @@ def test_the_teacher_runs_layer_by_layer_where_it_does_not_fit():
     assert parts["teacher layer (layered)"] == held(model.model.layers[0]) - norms
     hidden = small.shape.hidden + 2 * small.shape.head_dim  # hidden states + the rotary cos/sin per token
     assert parts["teacher activations (layered)"] == 2 * 8 * 32 * hidden * 4
+
+
+def test_scaling_table_rows_are_the_stages_they_label():
+    # The docs' Llama-2 table labels its rows by position: its recipe must be the shipped recipe's stages through the
+    # quantized evaluation, then the table's own two recoveries, packed evaluation and export (not the recipe's own).
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    try:
+        import scaling_table
+    finally:
+        sys.path.pop(0)
+    stages = scaling_table.recipe().stages
+    assert [s.name for s in stages] == ["evaluate", "calibrate", "select", "quantize", "evaluate", "recover",
+                                        "recover", "evaluate", "export"]
+    assert len(stages) == len(scaling_table.LABELS)
+    assert [s.config.frozen for s in stages if s.name == "recover"] == ["dense", "packed"]

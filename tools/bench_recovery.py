@@ -32,6 +32,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from gift_quant.stages import stage_name  # noqa: E402
+
 # name -> (label, stages after quantize); {M} is the budget in minutes ({H} half of it), {S} the seed, {T} the token
 # cap, {E} the evaluation marks. Salient columns train at 3e-4 and scales at 3e-5 unless the row says otherwise (the
 # paper's 1e-4 is its own row); noise is σ = ½·Δ of a 4-bit grid (the paper's post-quantization setting).
@@ -112,10 +114,9 @@ def base_stages(recipe: dict) -> tuple[list, dict]:
     """The recipe's stages up to quantize (no evaluations) and its last evaluate stage."""
     stages, last_eval = [], None
     for item in recipe["stages"]:
-        name = next(iter(item)) if isinstance(item, dict) else item
-        if name == "evaluate":
+        if stage_name(item) == "evaluate":
             last_eval = item
-        elif not stages or next(iter(stages[-1])) != "quantize":
+        elif not stages or stage_name(stages[-1]) != "quantize":
             stages.append(item)
     return stages, last_eval
 

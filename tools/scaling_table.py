@@ -18,6 +18,7 @@ sys.path.insert(0, str(ROOT))
 
 from gift_quant.estimate import BUILTIN, GB, GPU_MEMORY, Shape, estimate  # noqa: E402
 from gift_quant.recipe import load_recipe  # noqa: E402
+from gift_quant.stages import parse_recipe, stage_name  # noqa: E402
 
 MODELS = {"7B": "meta-llama/Llama-2-7b-hf", "13B": "meta-llama/Llama-2-13b-hf", "70B": "meta-llama/Llama-2-70b-hf"}
 RECOVER = dict(method="gift_sw", batch_size=4, gradient_accumulation_steps=4, seq_len=1024,
@@ -28,7 +29,7 @@ LABELS = ["evaluate (fp16)", "calibrate", "select", "quantize (3-bit GPTQ)", "ev
 
 def _through_quantized_evaluation(stages: list) -> list:
     """The recipe's stages up to the evaluation of the quantized model (the table adds its own recovery rows)."""
-    names = [next(iter(s)) if isinstance(s, dict) else s for s in stages]
+    names = [stage_name(s) for s in stages]
     after = names.index("quantize") + 1
     return stages[:after + (names[after:after + 1] == ["evaluate"])]
 
@@ -38,8 +39,6 @@ def recipe():
     base["stages"] = _through_quantized_evaluation(base["stages"]) + [
         {"recover": RECOVER}, {"recover": {**RECOVER, "frozen": "packed"}},
         {"evaluate": {"dataset": "wikitext2", "seq_len": 2048}}, {"export": {"format": "packed", "verify": "float16"}}]
-    from gift_quant.stages import parse_recipe
-
     return parse_recipe(base)
 
 
