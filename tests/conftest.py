@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,15 @@ torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("GIFT_QUANT_DATA", REPO.parent / "shared" / "data"))
+
+
+def import_tool(name: str):
+    """A script of ``tools/`` as a module (the tools are scripts, not a package; ``tools/`` leaves sys.path after)."""
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
 
 
 def tiny_llama(seed: int = 0, tie: bool = False, dtype=torch.float32, **overrides) -> LlamaForCausalLM:

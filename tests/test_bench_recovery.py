@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-try:
-    import bench_recovery
-finally:
-    sys.path.pop(0)
+from conftest import import_tool
+
+bench_recovery = import_tool("bench_recovery")
 
 
 def _args(tmp_path: Path, *extra: str):

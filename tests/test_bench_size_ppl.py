@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import bench_size_ppl  # noqa: E402
-import llamacpp_side  # noqa: E402
+from conftest import import_tool
+
+bench_size_ppl = import_tool("bench_size_ppl")
+llamacpp_side = import_tool("llamacpp_side")
 
 
 def test_window_nll_is_float64_cross_entropy_of_the_next_token():

@@ -9,6 +9,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import import_tool
+
 from gift_quant.config import RecoverConfig, SelectConfig
 from gift_quant.estimate import (BUILTIN, Context, Shape, find_config, model_bytes, report, saved_per_token,
                                  trainable_count, training_parts)
@@ -243,14 +245,7 @@ def test_the_teacher_runs_layer_by_layer_where_it_does_not_fit():
 def test_scaling_table_rows_are_the_stages_they_label():
     # The docs' Llama-2 table labels its rows by position: its recipe must be the shipped recipe's stages through the
     # quantized evaluation, then the table's own two recoveries, packed evaluation and export (not the recipe's own).
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-    try:
-        import scaling_table
-    finally:
-        sys.path.pop(0)
+    scaling_table = import_tool("scaling_table")
     stages = scaling_table.recipe().stages
     assert [s.name for s in stages] == ["evaluate", "calibrate", "select", "quantize", "evaluate", "recover",
                                         "recover", "evaluate", "export"]

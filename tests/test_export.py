@@ -19,6 +19,8 @@ from safetensors import safe_open
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from conftest import import_tool
+
 from gift_quant.checkpoint import CheckpointError
 from gift_quant.hf_quantizer import load_quantized
 from gift_quant.export import export_dense, export_packed, size_report
@@ -419,11 +421,7 @@ def test_zero_salient_4bit_sym_export_follows_gptq_v1(tmp_path):
 
 
 def test_gptq_interop_tool_structure_check(tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        import check_gptq_interop
-    finally:
-        sys.path.pop(0)
+    check_gptq_interop = import_tool("check_gptq_interop")
     gptq_like = quantize(tiny_llama(), spec_of=lambda n: QuantSpec(bits=4, group_size=16, sym=True), k=0)
     export_packed(gptq_like, None, tmp_path / "gptq_like", quant_info={})
     _, problems = check_gptq_interop.structure_problems(tmp_path / "gptq_like")
@@ -448,11 +446,7 @@ def test_gptq_interop_tool(tmp_path):
 
 
 def test_bench_inference_tiny_smoke(capsys):
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        import bench_inference
-    finally:
-        sys.path.pop(0)
+    bench_inference = import_tool("bench_inference")
     args = ["--tiny", "--new-tokens", "4", "--prompt-tokens", "4", "--repeats", "1", "--in-process"]
     result = bench_inference.main(args)
     printed = capsys.readouterr().out

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 
+from conftest import import_tool
+
 from gift_quant.compare import compare_stage, earlier_perplexities, gap_recovered
 from gift_quant.config import CalibrateConfig, CompareConfig, EvaluateConfig, QuantizeConfig, Recipe, RecoverConfig, SelectConfig, Stage
 from gift_quant.layers import MixedPrecisionLinear, NoiseSpec, STELinear, replace_linears
@@ -493,13 +495,7 @@ def test_compare_writes_table_json_and_plot(tmp_path: Path, texts) -> None:
 def _merged_parts(saved: dict, order: list[str], out: Path) -> str:
     """Split a comparison's methods into parts as separate runs would write them, merge them with the tool, and
     return the merged report; disagreeing parts are refused."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-    try:
-        import render_comparison
-    finally:
-        sys.path.pop(0)
+    render_comparison = import_tool("render_comparison")
     parts = [{**saved, "methods": saved["methods"][:2]}, {**saved, "methods": saved["methods"][1:]}]
     render_comparison.write_outputs(out, render_comparison.merge(parts, order))
     with pytest.raises(ValueError, match="ptq_ppl"):

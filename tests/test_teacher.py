@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import import_tool
+
 from gift_quant.teacher import kd_loss, kd_loss_full
 
 
@@ -204,15 +206,7 @@ def test_a_failing_layered_pass_leaves_the_teacher_in_place() -> None:
 
 def _measure_teacher():
     """tools/measure_teacher.py: its tracker of created tensors and its check of two sets of top-k targets."""
-    import importlib
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-    try:
-        return importlib.import_module("measure_teacher")
-    finally:
-        sys.path.pop(0)
+    return import_tool("measure_teacher")
 
 
 def test_same_targets_accepts_rounding_and_a_swap_at_the_cut_only() -> None:
