@@ -79,7 +79,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "block_ap_kd": ("block_ap, then end-to-end kd: gift_sw + scales + norms (noise)",
                     [BLOCK_AP, _e2e("gift_sw", "kd", "3.0e-4", SCALES)]),
     # Issue #23's long table: the QAT baselines at this protocol, each at its 40-step screen's pick (docs/results.md;
-    # LoRA's, 3e-4, sat at the top of its sweep and was not extended). Not yet run at this protocol.
+    # LoRA's, 3e-4, sat at the top of its sweep and was not extended). ste_kd's rows: docs/results.md, "The long table".
     "ste_kd": ("STE from the GPTQ codes' cell centres, kd (lr 1e-3)", [_e2e("ste", "kd", "1.0e-3")]),
     "lora_kd": ("LoRA on the quantized model, rank matched, kd (lr 3e-4)", [_e2e("lora", "kd", "3.0e-4")]),
     "efficientqat_kd": ("EfficientQAT-style: block_ap, then step sizes only end to end, kd (lr 3e-5)",
