@@ -55,3 +55,14 @@ def test_every_variant_is_a_valid_recipe(tmp_path: Path, name: str) -> None:
         {"quantize": {"method": "gptq", "bits": 3}}, {"evaluate": {"dataset": "wikitext2", "seq_len": 64}}]}
     recipe = parse_recipe(bench_recovery.variant_recipe(_args(tmp_path, "--seeds", "2"), base, name, 2))
     assert [type(s.config).__name__ for s in recipe.stages][:3] == ["CalibrateConfig", "SelectConfig", "QuantizeConfig"]
+
+
+def test_mean_curve_keeps_marks_apart_from_finals_of_unmarked_seeds() -> None:
+    marked = [{"curve": [{"minutes": 10.0, "ppl": 30.0}, {"minutes": 30.0, "ppl": 28.0}]},
+              {"curve": [{"minutes": 10.0, "ppl": 32.0}, {"minutes": 30.0, "ppl": 29.0}]}]
+    bare = {"curve": [{"minutes": 30.0, "ppl": 27.0}]}
+    curve = bench_recovery.mean_curve(marked + [bare])
+    assert [p["minutes"] for p in curve] == [10.0, 30.0]
+    assert curve[0]["ppl"] == pytest.approx(31.0) and curve[0]["ppl_std"] == pytest.approx(2 ** 0.5)
+    assert curve[1]["ppl"] == pytest.approx(28.0) and curve[1]["ppl_std"] == pytest.approx(1.0)
+    assert bench_recovery.mean_curve([bare]) == [{"minutes": 30.0, "ppl": 27.0, "ppl_std": 0.0}]

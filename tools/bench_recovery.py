@@ -188,11 +188,17 @@ def _pm(values: list[float], fmt: str = ".2f") -> str:
 
 
 def mean_curve(runs: list[dict]) -> list[dict[str, float]]:
-    """The seeds' curves share their evaluation marks: per mark, the mean minutes and the mean ± std perplexity (one
-    seed: its curve, std 0). The last mark is the final evaluation."""
-    marks = [[r["curve"][i] for r in runs] for i in range(min(len(r["curve"]) for r in runs))]
-    return [{"minutes": statistics.fmean(p["minutes"] for p in mark), "ppl": statistics.fmean(p["ppl"] for p in mark),
-             "ppl_std": statistics.stdev(p["ppl"] for p in mark) if len(mark) > 1 else 0.0} for mark in marks]
+    """Per evaluation mark, the mean minutes and the mean ± std perplexity (one seed: std 0). The last mark is the
+    final evaluation, over every run; the marks before it only over the runs evaluated along the way (a seed run with
+    bare ``--eval-minutes`` has no marks, and its final point must not stand in for another seed's first mark)."""
+    def mean(points: list[dict]) -> dict[str, float]:
+        return {"minutes": statistics.fmean(p["minutes"] for p in points),
+                "ppl": statistics.fmean(p["ppl"] for p in points),
+                "ppl_std": statistics.stdev(p["ppl"] for p in points) if len(points) > 1 else 0.0}
+
+    marked = [r["curve"][:-1] for r in runs if len(r["curve"]) > 1]
+    shared = min(map(len, marked), default=0)
+    return [mean([c[i] for c in marked]) for i in range(shared)] + [mean([r["curve"][-1] for r in runs])]
 
 
 def target_line(args, fp: float, ptq: float) -> tuple[float, str]:
