@@ -32,6 +32,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from gift_quant.comparison_report import mean_std  # noqa: E402
 from gift_quant.stages import stage_name  # noqa: E402
 
 # name -> (label, stages after quantize); {M} is the budget in minutes ({H} half of it), {S} the seed, {T} the token
@@ -192,9 +193,8 @@ def mean_curve(runs: list[dict]) -> list[dict[str, float]]:
     final evaluation, over every run; the marks before it only over the runs evaluated along the way (a seed run with
     bare ``--eval-minutes`` has no marks, and its final point must not stand in for another seed's first mark)."""
     def mean(points: list[dict]) -> dict[str, float]:
-        return {"minutes": statistics.fmean(p["minutes"] for p in points),
-                "ppl": statistics.fmean(p["ppl"] for p in points),
-                "ppl_std": statistics.stdev(p["ppl"] for p in points) if len(points) > 1 else 0.0}
+        ppl, std = mean_std([p["ppl"] for p in points])
+        return {"minutes": statistics.fmean(p["minutes"] for p in points), "ppl": ppl, "ppl_std": std or 0.0}
 
     marked = [r["curve"][:-1] for r in runs if len(r["curve"]) > 1]
     shared = min(map(len, marked), default=0)
