@@ -66,3 +66,13 @@ def test_mean_curve_keeps_marks_apart_from_finals_of_unmarked_seeds() -> None:
     assert curve[0]["ppl"] == pytest.approx(31.0) and curve[0]["ppl_std"] == pytest.approx(2 ** 0.5)
     assert curve[1]["ppl"] == pytest.approx(28.0) and curve[1]["ppl_std"] == pytest.approx(1.0)
     assert bench_recovery.mean_curve([bare]) == [{"minutes": 30.0, "ppl": 27.0, "ppl_std": 0.0}]
+
+
+def test_a_rate_override_is_named_in_the_rows_label(tmp_path: Path) -> None:
+    plain = _args(tmp_path)
+    assert bench_recovery.variant_label(plain, "ste_kd") == bench_recovery.VARIANTS["ste_kd"][0]
+    faster = _args(tmp_path, "--set", "stages.recover.learning_rate=3.0e-3")
+    assert "lr 3e-3" in bench_recovery.variant_label(faster, "ste_kd")
+    assert "lr 1e-3" not in bench_recovery.variant_label(faster, "ste_kd")
+    assert bench_recovery.variant_label(faster, "kd_scales_nonoise").endswith("(lr 3e-3)")  # no rate in its text
+    assert "lr 3e-3" in bench_recovery.report(faster, 20.0, 40.0, {"ste_kd": [_run(30.0)]})

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -208,6 +209,18 @@ def target_line(args, fp: float, ptq: float) -> tuple[float, str]:
     return ptq - 0.5 * (ptq - fp), "target of ≥ 50 % of the gap"
 
 
+def variant_label(args, name: str) -> str:
+    """The variant's description, with the recover stage's rate as run when --set overrides it."""
+    text = VARIANTS[name][0]
+    rates = [o.split("=", 1)[1] for o in args.overrides if o.startswith("stages.recover.learning_rate=")]
+    if not rates:
+        return text
+    mantissa, exponent = f"{float(rates[-1]):e}".split("e")
+    rate = f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"  # 3e-3, as the variants write their rates
+    named = re.sub(r"\blr [0-9.e+-]+", f"lr {rate}", text)
+    return named if named != text else f"{text} (lr {rate})"
+
+
 def report(args, fp: float, ptq: float, results: dict[str, list[dict]]) -> str:
     gap = lambda p: 100 * (ptq - p) / (ptq - fp)  # noqa: E731
     target, label = target_line(args, fp, ptq)
@@ -219,7 +232,7 @@ def report(args, fp: float, ptq: float, results: dict[str, list[dict]]) -> str:
         if not runs:
             continue
         curve = ", ".join(f"{p['minutes']:.0f}: {p['ppl']:.2f}" for p in mean_curve(runs)[:-1])  # [-1]: the final
-        lines.append(f"| {VARIANTS[name][0]} | {len(runs)} | {curve} | {_pm([r['ppl'] for r in runs])} | "
+        lines.append(f"| {variant_label(args, name)} | {len(runs)} | {curve} | {_pm([r['ppl'] for r in runs])} | "
                      f"{_pm([gap(r['ppl']) for r in runs], '.1f')} % | {_pm([r['minutes'] for r in runs], '.1f')} | "
                      f"{_pm([r['cpu_seconds'] for r in runs], '.0f')} | "
                      f"{_pm([r['teacher_cpu_seconds'] for r in runs], '.0f')} |")
@@ -239,8 +252,8 @@ def plot(args, path: Path, fp: float, ptq: float, results: dict[str, list[dict]]
         curve = mean_curve(runs)
         x, y = [0.0] + [p["minutes"] for p in curve], [ptq] + [p["ppl"] for p in curve]
         err = [0.0] + [p["ppl_std"] for p in curve]
-        label = VARIANTS[name][0] + (f" ({len(runs)} seeds)" if len(runs) > 1 else "")
-        ax.errorbar(x, y, yerr=err, marker=marker, capsize=3, label=label, alpha=0.85)
+        text = variant_label(args, name) + (f" ({len(runs)} seeds)" if len(runs) > 1 else "")
+        ax.errorbar(x, y, yerr=err, marker=marker, capsize=3, label=text, alpha=0.85)
     target, label = target_line(args, fp, ptq)
     ax.axhline(target, color="grey", linestyle=":", label=f"{label}: ≤ {target:.2f}")
     ax.set_xlabel("minutes of recovery (process CPU clock, 1 thread)")
