@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import import_tool
 
@@ -39,10 +40,11 @@ def test_given_reference_perplexities_need_no_base_results(tmp_path: Path) -> No
 
 def test_report_states_the_target_and_the_gap_closed(tmp_path: Path) -> None:
     results = {"kd_scales_nonoise": [_run(29.0), _run(31.0)]}
-    half = bench_recovery.report(_args(tmp_path), 20.0, 40.0, results)
+    labels = {"kd_scales_nonoise": bench_recovery.VARIANTS["kd_scales_nonoise"][0]}
+    half = bench_recovery.report(_args(tmp_path), 20.0, 40.0, results, labels)
     assert "target of ≥ 50 % of the gap: ≤ 30.00" in half
     assert "| 30.00 ± 1.41 | 50.0 ± 7.1 % |" in half  # (40 − 29)/20 = 55 %, (40 − 31)/20 = 45 %
-    assert "target: ≤ 60.00" in bench_recovery.report(_args(tmp_path, "--target", "60"), 20.0, 200.0, results)
+    assert "target: ≤ 60.00" in bench_recovery.report(_args(tmp_path, "--target", "60"), 20.0, 200.0, results, labels)
 
 
 @pytest.mark.parametrize("name", sorted(bench_recovery.VARIANTS))
@@ -70,9 +72,11 @@ def test_mean_curve_keeps_marks_apart_from_finals_of_unmarked_seeds() -> None:
 
 def test_a_rate_override_is_named_in_the_rows_label(tmp_path: Path) -> None:
     plain = _args(tmp_path)
-    assert bench_recovery.variant_label(plain, "ste_kd") == bench_recovery.VARIANTS["ste_kd"][0]
+    base = yaml.safe_load(plain.recipe.read_text())
+    assert bench_recovery.variant_label(plain, base, "ste_kd") == bench_recovery.VARIANTS["ste_kd"][0]
     faster = _args(tmp_path, "--set", "stages.recover.learning_rate=3.0e-3")
-    assert "lr 3e-3" in bench_recovery.variant_label(faster, "ste_kd")
-    assert "lr 1e-3" not in bench_recovery.variant_label(faster, "ste_kd")
-    assert bench_recovery.variant_label(faster, "kd_scales_nonoise").endswith("(lr 3e-3)")  # no rate in its text
-    assert "lr 3e-3" in bench_recovery.report(faster, 20.0, 40.0, {"ste_kd": [_run(30.0)]})
+    assert "lr 3e-3" in bench_recovery.variant_label(faster, base, "ste_kd")
+    assert "lr 1e-3" not in bench_recovery.variant_label(faster, base, "ste_kd")
+    assert bench_recovery.variant_label(faster, base, "kd_scales_nonoise").endswith("(lr 3e-3)")  # no rate in its text
+    labels = {"ste_kd": bench_recovery.variant_label(faster, base, "ste_kd")}
+    assert "lr 3e-3" in bench_recovery.report(faster, 20.0, 40.0, {"ste_kd": [_run(30.0)]}, labels)

@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from gift_quant.comparison_report import mean_std  # noqa: E402
+from gift_quant.recipe import apply_override  # noqa: E402
 from gift_quant.stages import stage_name  # noqa: E402
 
 # name -> (label, stages after quantize); {M} is the budget in minutes ({H} half of it), {S} the seed, {T} the token
@@ -209,19 +210,29 @@ def target_line(args, fp: float, ptq: float) -> tuple[float, str]:
     return ptq - 0.5 * (ptq - fp), "target of ≥ 50 % of the gap"
 
 
-def variant_label(args, name: str) -> str:
-    """The variant's description, with the recover stage's rate as run when --set overrides it."""
-    text = VARIANTS[name][0]
-    rates = [o.split("=", 1)[1] for o in args.overrides if o.startswith("stages.recover.learning_rate=")]
-    if not rates:
+def _recover_rate(recipe: dict) -> float | None:
+    rates = [body.get("learning_rate") for item in recipe["stages"] if stage_name(item) == "recover"
+             for body in item.values()]
+    return float(rates[-1]) if rates and rates[-1] is not None else None
+
+
+def variant_label(args, base: dict, name: str) -> str:
+    """The variant's description; where --set changes its recover stage's rate (applied as the recipe CLI applies
+    it), the rate as run."""
+    recipe = variant_recipe(args, base, name, seed=0)
+    own = _recover_rate(recipe)
+    for item in args.overrides:
+        apply_override(recipe, item)
+    rate, text = _recover_rate(recipe), VARIANTS[name][0]
+    if rate is None or rate == own:
         return text
-    mantissa, exponent = f"{float(rates[-1]):e}".split("e")
-    rate = f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"  # 3e-3, as the variants write their rates
-    named = re.sub(r"\blr [0-9.e+-]+", f"lr {rate}", text)
-    return named if named != text else f"{text} (lr {rate})"
+    mantissa, exponent = f"{rate:e}".split("e")
+    written = f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"  # 3e-3, as the variants write their rates
+    named = re.sub(r"\blr [0-9.e+-]+", f"lr {written}", text)
+    return named if named != text else f"{text} (lr {written})"
 
 
-def report(args, fp: float, ptq: float, results: dict[str, list[dict]]) -> str:
+def report(args, fp: float, ptq: float, results: dict[str, list[dict]], labels: dict[str, str]) -> str:
     gap = lambda p: 100 * (ptq - p) / (ptq - fp)  # noqa: E731
     target, label = target_line(args, fp, ptq)
     lines = [f"Perplexity: full precision {fp:.2f}, after quantization {ptq:.2f}; {label}: ≤ {target:.2f}.", "",
@@ -232,14 +243,14 @@ def report(args, fp: float, ptq: float, results: dict[str, list[dict]]) -> str:
         if not runs:
             continue
         curve = ", ".join(f"{p['minutes']:.0f}: {p['ppl']:.2f}" for p in mean_curve(runs)[:-1])  # [-1]: the final
-        lines.append(f"| {variant_label(args, name)} | {len(runs)} | {curve} | {_pm([r['ppl'] for r in runs])} | "
+        lines.append(f"| {labels[name]} | {len(runs)} | {curve} | {_pm([r['ppl'] for r in runs])} | "
                      f"{_pm([gap(r['ppl']) for r in runs], '.1f')} % | {_pm([r['minutes'] for r in runs], '.1f')} | "
                      f"{_pm([r['cpu_seconds'] for r in runs], '.0f')} | "
                      f"{_pm([r['teacher_cpu_seconds'] for r in runs], '.0f')} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(args, path: Path, fp: float, ptq: float, results: dict[str, list[dict]]) -> None:
+def plot(args, path: Path, fp: float, ptq: float, results: dict[str, list[dict]], labels: dict[str, str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -252,7 +263,7 @@ def plot(args, path: Path, fp: float, ptq: float, results: dict[str, list[dict]]
         curve = mean_curve(runs)
         x, y = [0.0] + [p["minutes"] for p in curve], [ptq] + [p["ppl"] for p in curve]
         err = [0.0] + [p["ppl_std"] for p in curve]
-        text = variant_label(args, name) + (f" ({len(runs)} seeds)" if len(runs) > 1 else "")
+        text = labels[name] + (f" ({len(runs)} seeds)" if len(runs) > 1 else "")
         ax.errorbar(x, y, yerr=err, marker=marker, capsize=3, label=text, alpha=0.85)
     target, label = target_line(args, fp, ptq)
     ax.axhline(target, color="grey", linestyle=":", label=f"{label}: ≤ {target:.2f}")
@@ -298,8 +309,9 @@ def main(argv=None) -> None:
     summary = {"fp": fp, "ptq": ptq, "target": target_line(args, fp, ptq)[0], "minutes": args.minutes,
                "overrides": args.overrides, "results": results}
     args.out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(report(args, fp, ptq, results))
-    plot(args, args.out.with_suffix(".png"), fp, ptq, results)
+    labels = {name: variant_label(args, base, name) for name in args.variants}
+    args.out.with_suffix(".md").write_text(report(args, fp, ptq, results, labels))
+    plot(args, args.out.with_suffix(".png"), fp, ptq, results, labels)
     print(args.out.with_suffix(".md").read_text())
 
 
