@@ -15,7 +15,8 @@ from gift_quant.stages import parse_recipe, parse_stage
 from gift_quant.recipe import load_recipe, main
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+# The main recipes and the ones docs/ quotes beside its measured numbers: both are commands users copy.
+RECIPES = sorted((REPO / "recipes").glob("*.yaml")) + sorted((REPO / "docs" / "recovery_runs").glob("*.yaml"))
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -24,7 +25,7 @@ def write(tmp_path: Path, text: str) -> Path:
     return p
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(REPO)))
 def test_shipped_recipes_validate(recipe):
     r = load_recipe(recipe)
     assert r.stages, recipe
