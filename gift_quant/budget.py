@@ -1,6 +1,7 @@
 """A training budget, said once for the trainer, the block-wise stage and ``--dry-run``'s estimate (no torch here):
-the step limit that max_steps and max_tokens give, the clocks that max_minutes reads (wall or process CPU, only the
-training steps counted), and the cosine schedule on the fraction of the budget spent, whichever limit ends first."""
+the step limit that max_steps and max_tokens give, the clocks that max_minutes reads (wall or process CPU; the
+trainer's counts its training steps, the block-wise stage's all of its work), and the cosine schedule on the fraction
+of the budget spent, whichever limit ends first."""
 
 from __future__ import annotations
 
@@ -49,6 +50,48 @@ class BudgetClock:
     def cpu_minutes(self) -> float:
         running = time.process_time() - self._cpu_since if self._cpu_since is not None else 0.0
         return (self.cpu_spent + running) / 60
+
+
+class StageBudget:
+    """The block-wise stage's ``max_minutes`` on its clock, each block's targets, MSE checks and pass to the next block
+    included (at a small budget they cost about as much as the training). A block may spend an even share of what is
+    left when it starts, and trains for that share less its own opening work (targets, MSE before) and its closing
+    work (MSE after, the pass on), the latter as measured on the block before it (on the first, as long as its
+    opening). A block whose share is gone keeps its start; one resumed from a saved result counts as its share."""
+
+    def __init__(self, minutes: float | None, clock: str, blocks: int, now=None) -> None:
+        self.seconds = None if minutes is None else 60 * minutes
+        self.clock, self.blocks_left, self.credited = BudgetClock(clock, now=now), blocks, 0.0
+        self.closing: float | None = None
+        self._block_start = self._trained_at = 0.0
+        self.clock.start()
+
+    def _now(self) -> float:
+        return self.clock.minutes * 60
+
+    def _allotment(self) -> float:
+        return (self.seconds - self.credited - self._block_start) / self.blocks_left
+
+    def start_block(self) -> None:
+        self._block_start = self._now()
+
+    def training_seconds(self) -> float | None:
+        """How long the current block may train, from now (None: no time budget)."""
+        if self.seconds is None:
+            return None
+        opening = self._now() - self._block_start
+        closing = opening if self.closing is None else self.closing
+        return max(0.0, self._allotment() - opening - closing)
+
+    def trained(self) -> None:
+        self._trained_at = self._now()
+
+    def end_block(self, resumed: bool = False) -> None:
+        if resumed and self.seconds is not None:  # its share, less what loading it took (already on the clock)
+            self.credited += self._allotment() - (self._now() - self._block_start)
+        elif not resumed:
+            self.closing = self._now() - self._trained_at
+        self.blocks_left = max(1, self.blocks_left - 1)
 
 
 class RunTime:

@@ -359,7 +359,7 @@ class ReconstructConfig(NoiseSettings, FrozenSettings):
     # MSE before and after is logged beside the training windows' (does the block generalise or fit them?); 0: none
     revert_worse: bool = True  # a block whose MSE on its training windows ends above where it started is put back
     # as it was (discrete code flips can raise it; the held-out windows stay unused for any decision)
-    max_minutes: float | None = Field(default=None, gt=0)  # whole stage; split evenly over the blocks
+    max_minutes: float | None = Field(default=None, gt=0)  # the whole stage, targets and checks included: budget.py
     budget_clock: Literal["wall", "process"] = "wall"  # process: CPU seconds of this process (all its threads)
     seed: Seed = 0
     resume: bool = True  # continue after the last finished block when the fingerprint matches

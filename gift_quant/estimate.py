@@ -537,6 +537,8 @@ def reconstruct(ctx: Context, cfg, calib) -> StageEstimate:
     steps = cfg.epochs * math.ceil(n / cfg.batch_size)
     per_step = cfg.batch_size * seq * 3 * 2 * s.block_weights / ctx.rates.matmul
     seconds = s.layers * (steps * per_step + 3 * n * seq * 2 * s.block_weights / ctx.rates.matmul)
+    if cfg.max_minutes:  # it bounds the whole stage (targets and checks included)
+        seconds = min(seconds, 60 * cfg.max_minutes)
     ctx.form = form
     return _with_host(ctx, "reconstruct", device, host, seconds, f"{cfg.epochs} epochs per block")
 

@@ -37,7 +37,7 @@ from .layers import mixed_linears, pack_frozen
 from .methods import METHODS, make_trainable
 from .models import check_finite
 from .teacher import teacher_model
-from .budget import BudgetClock, budget_spent, cosine_by_progress
+from .budget import BudgetClock, StageBudget, budget_spent, cosine_by_progress
 from .training import SCALE_SUFFIXES, param_groups
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,9 @@ def train_block(block: nn.Module, inputs: list[Chunk], targets: list[Chunk], cfg
                 seconds: float | None, seed: int, progress: tqdm, channel_weight: torch.Tensor | None = None) -> int:
     """Train the block's trainable tensors so that block(inputs) ≈ targets (MSE, each hidden channel's squared error
     times ``channel_weight`` when given: tools/probe_reconstruct.py) for ``cfg.epochs`` or until ``seconds`` pass on
-    the budget's clock; returns the steps taken."""
+    the budget's clock; returns the steps taken (none when ``seconds`` is 0)."""
+    if seconds is not None and seconds <= 0:
+        return 0
     optimizer = _optimizer(block, cfg)
     total = cfg.epochs * len(inputs)
     clock, steps = BudgetClock(cfg.budget_clock), 0
@@ -131,7 +133,7 @@ def _windows(state, cfg: ReconstructConfig) -> tuple[torch.Tensor, torch.Tensor 
 
 
 def _train_one(model: nn.Module, block: nn.Module, index: int, streams: dict[str, tuple[list[Chunk], list[Chunk]]],
-               cfg: ReconstructConfig, device: torch.device, share: float | None, progress: tqdm) -> dict:
+               cfg: ReconstructConfig, device: torch.device, budget: StageBudget, progress: tqdm) -> dict:
     """Train one block in its method's form on ``streams["train"]`` (inputs, targets), end it in evaluation form;
     its log row, with the block MSE on the training and the held-out windows before and after."""
     (inputs, targets), heldout = streams["train"], streams["heldout"]
@@ -139,7 +141,11 @@ def _train_one(model: nn.Module, block: nn.Module, index: int, streams: dict[str
     trainable = make_trainable(model, block, cfg, device, _dtype(block))
     t0, cpu0 = time.perf_counter(), time.process_time()
     before, heldout_before = _mse(block.eval(), inputs, targets), _mse(block, *heldout)
+    share = budget.training_seconds()
+    if share == 0:
+        log.info("block %d: the stage's time budget is spent; it keeps its start", index)
     steps = train_block(block, inputs, targets, cfg, share, cfg.seed * 100003 + index, progress)
+    budget.trained()
     ended = METHODS[cfg.method].finish(block, _dtype(block))
     check_finite(block, f"after reconstructing block {index}, its")
     changed = ended.get("codes_flipped", 0) / max(ended.get("codes_total", 0), 1)
@@ -158,6 +164,7 @@ def _train_one(model: nn.Module, block: nn.Module, index: int, streams: dict[str
 def reconstruct_stage(state, cfg: ReconstructConfig) -> None:
     """Stage `reconstruct` (see the module docstring)."""
     model, device = state.model, state.device
+    budget = StageBudget(cfg.max_minutes, cfg.budget_clock, len(decoder_layers(model)))  # from here on: all counts
     model.requires_grad_(False)  # only each block's declared tensors train, one block at a time
     if cfg.frozen == "packed":
         pack_frozen(model)
@@ -173,11 +180,11 @@ def reconstruct_stage(state, cfg: ReconstructConfig) -> None:
     # The embeddings are not quantized: both streams start the same.
     quant_in = {k: [Chunk(c.hidden.clone(), c.layer_kwargs, c.index) for c in v] if cfg.inputs == "quantized" else []
                 for k, v in fp_in.items()}
-    share = None if cfg.max_minutes is None else 60 * cfg.max_minutes / len(layers)
     rows, start, cpu_start, resumed_cpu = [], time.perf_counter(), time.process_time(), 0.0
-    # One tick per block: with a time budget every block gets the same share, so the ETA holds either way.
+    # One tick per block: with a time budget every block gets an even share of what is left, so the ETA holds.
     with tqdm(total=len(layers), desc=f"reconstruct ({cfg.method})", unit="block") as progress:
         for index, (block, fp_block) in enumerate(zip(layers, fp_layers)):
+            budget.start_block()
             home = next(block.parameters()).device
             block.to(device)
             fp_block.to(device)
@@ -186,9 +193,10 @@ def reconstruct_stage(state, cfg: ReconstructConfig) -> None:
             fp_block.to(home)
             inputs = quant_in if cfg.inputs == "quantized" else fp_in
             row = _load_block(saved, index, model, block)
+            resumed = row is not None
             if row is None:
                 streams = {k: (inputs[k], targets[k]) for k in targets}
-                row = _train_one(model, block, index, streams, cfg, device, share, progress)
+                row = _train_one(model, block, index, streams, cfg, device, budget, progress)
                 saved.save(index, _result(model, block), {k: str(v) for k, v in row.items()})
             else:  # its training's CPU time counts as when it ran (a resumed stage reports the whole cost)
                 resumed_cpu += float(row.get("cpu_seconds") or 0)
@@ -199,6 +207,7 @@ def reconstruct_stage(state, cfg: ReconstructConfig) -> None:
                 quant_in = {k: run_layer(block.eval(), v) if v and not last else [] for k, v in quant_in.items()}
             fp_in = targets
             block.to(home)
+            budget.end_block(resumed=resumed)
     if is_main():
         write_csv(state.output_dir / "reconstruct_log.csv", rows, LOG_FIELDS)
     reduction = [float(r["mse_end"]) / max(float(r["mse_start"]), 1e-30) for r in rows]

@@ -123,6 +123,55 @@ def test_a_time_budget_anneals_the_learning_rate_to_zero_by_its_end(monkeypatch)
     assert optimizers[0].param_groups[0]["lr"] < 0.02 * cfg.learning_rate  # the epochs alone left it at 99 %
 
 
+def test_the_stage_budget_counts_every_blocks_own_work_and_spreads_what_is_left():
+    # A fake clock the test moves by hand: seconds on the budget's clock.
+    from gift_quant.budget import StageBudget
+
+    t = [0.0]
+    budget = StageBudget(minutes=1.0, clock="process", blocks=3, now=lambda: t[0])  # 60 s for 3 blocks
+    t[0] += 6  # loading the teacher and the first inputs counts too
+    budget.start_block()
+    t[0] += 2  # block 0's targets and MSE before
+    assert budget.training_seconds() == pytest.approx(54 / 3 - 2 - 2)  # its share, less its opening, twice
+    t[0] += 14
+    budget.trained()
+    t[0] += 5  # closing: MSE after, the pass on (measured: 5 s)
+    budget.end_block()
+    budget.start_block()  # at 27 s: 33 s left for 2 blocks
+    t[0] += 2
+    assert budget.training_seconds() == pytest.approx(33 / 2 - 2 - 5)
+    t[0] += 40  # it overran
+    budget.trained()
+    t[0] += 5
+    budget.end_block()
+    budget.start_block()
+    t[0] += 2
+    assert budget.training_seconds() == 0  # the budget is spent: the last block keeps its start
+
+
+def test_a_resumed_block_counts_as_its_share_and_no_budget_means_no_limit():
+    from gift_quant.budget import StageBudget
+
+    t = [0.0]
+    budget = StageBudget(minutes=1.0, clock="wall", blocks=2, now=lambda: t[0])
+    budget.start_block()
+    t[0] += 1  # loading a saved block
+    budget.end_block(resumed=True)
+    budget.start_block()
+    assert budget.training_seconds() == pytest.approx(30 - 0 - 0)  # 30 s were its share; no closing measured yet
+    assert StageBudget(None, "wall", 2).training_seconds() is None
+
+
+def test_a_spent_time_budget_leaves_every_block_as_quantized(tiny_run, tmp_path):
+    # max_minutes covers the whole stage: a budget the first block's targets already exceed trains no block.
+    state = run(tiny_run, tmp_path, "out", METHOD="block_ap, max_minutes: 1.0e-7, budget_clock: process")
+    rows = list(csv.DictReader((tmp_path / "out" / "reconstruct_log.csv").open()))
+    assert [int(r["steps"]) for r in rows] == [0, 0] and all(float(r["codes_changed"]) == 0 for r in rows)
+    before = quantized_only(tiny_run, tmp_path).state_dict()
+    for k, v in state.model.state_dict().items():
+        assert torch.equal(before[k], v), k
+
+
 # ------------------------------------------------------------------ block_ap: every weight through the quantizer
 
 
