@@ -61,8 +61,9 @@ BLOCK_AP = ("reconstruct: {method: block_ap, epochs: 2, batch_size: 4, codes_lea
 
 # EfficientQAT's Block-AP as a baseline at equal CPU: the codes' rate that helped (0.01, a block put back when training
 # raised its MSE: docs/results.md, "Why block_ap lost") within half the budget, which the stage's max_minutes counts
-# with its targets and checks. Those cost a few block passes over every window, so 32 windows (2 epochs at most, the
-# clock ends it first) leave a block ~2/3 of its share to train; at 128 its passes alone would use the share here.
+# with its targets and checks. Those cost a few block passes over every window: at 128 windows they alone would use a
+# block's share on a 2-core AVX2 machine, at 32 (2 epochs at most, the clock ends it first) they leave ~2/5 of it
+# (2-4 steps of 4 windows there: docs/results.md, "The EfficientQAT-style row").
 BLOCK_AP_TIMED = ("reconstruct: {method: block_ap, num_samples: 32, epochs: 2, batch_size: 4, "
                   "codes_learning_rate: 0.01, learning_rate: 3.0e-4, scales_learning_rate: 3.0e-5, train_norms: true, "
                   "max_minutes: {H}, budget_clock: process, seed: {S}}")
