@@ -93,7 +93,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "block_ap_kd": ("block_ap, then end-to-end kd: gift_sw + scales + norms (noise)",
                     [BLOCK_AP, _e2e("gift_sw", "kd", "3.0e-4", SCALES)]),
     # Issue #23's long table: STE and LoRA at their 40-step screens' interior picks (docs/results.md, "The long table";
-    # LoRA's: docs/recovery_runs/lora_sweep_3bit_g64.yaml); efficientqat_kd at the block_ap runs' rates, not swept.
+    # LoRA's: docs/recovery_runs/lora_sweep_3bit_g64.yaml); efficientqat_kd at the block_ap runs' rates, its step sizes
+    # at 3e-5 as its documented rows ran, 30x below their later sweep's interior pick (docs/compare_3bit_g64_scales).
     "ste_kd": ("STE from the GPTQ codes' cell centres, kd (lr 1e-3)", [_e2e("ste", "kd", "1.0e-3")]),
     "lora_kd": ("LoRA on the quantized model, rank matched, kd (lr 3e-3)", [_e2e("lora", "kd", "3.0e-3")]),
     "efficientqat_kd": ("EfficientQAT-style: block_ap (½), then step sizes only end to end (½), kd (lr 3e-5)",
