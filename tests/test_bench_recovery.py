@@ -80,3 +80,7 @@ def test_a_rate_override_is_named_in_the_rows_label(tmp_path: Path) -> None:
     assert bench_recovery.variant_label(faster, base, "kd_scales_nonoise").endswith("(lr 3e-3)")  # no rate in its text
     labels = {"ste_kd": bench_recovery.variant_label(faster, base, "ste_kd")}
     assert "lr 3e-3" in bench_recovery.report(faster, 20.0, 40.0, {"ste_kd": [_run(30.0)]}, labels)
+    scales = _args(tmp_path, "--set", "stages.recover.scales_learning_rate=3.0e-4")
+    label = bench_recovery.variant_label(scales, base, "kd_scales")
+    assert label == bench_recovery.VARIANTS["kd_scales"][0] + " (scales lr 3e-4)"
+    assert bench_recovery.variant_label(scales, base, "ste_kd") == bench_recovery.VARIANTS["ste_kd"][0]  # scales fixed

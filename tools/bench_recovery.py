@@ -222,26 +222,33 @@ def target_line(args, fp: float, ptq: float) -> tuple[float, str]:
     return ptq - 0.5 * (ptq - fp), "target of ≥ 50 % of the gap"
 
 
-def _recover_rate(recipe: dict) -> float | None:
-    rates = [body.get("learning_rate") for item in recipe["stages"] if stage_name(item) == "recover"
-             for body in item.values()]
-    return float(rates[-1]) if rates and rates[-1] is not None else None
+def _recover_setting(recipe: dict, key: str) -> float | None:
+    """``key`` of the recipe's last recover stage, as a number (None where that stage leaves it unset)."""
+    values = [body.get(key) for item in recipe["stages"] if stage_name(item) == "recover" for body in item.values()]
+    return float(values[-1]) if values and values[-1] is not None else None
+
+
+def _written(rate: float) -> str:
+    mantissa, exponent = f"{rate:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"  # 3e-3, as the variants write their rates
 
 
 def variant_label(args, base: dict, name: str) -> str:
-    """The variant's description; where --set changes its recover stage's rate (applied as the recipe CLI applies
-    it), the rate as run."""
+    """The variant's description; where --set changes its recover stage's rate or, where they train, its scales'
+    rate (applied as the recipe CLI applies it), the rate as run."""
     recipe = variant_recipe(args, base, name, seed=0)
-    own = _recover_rate(recipe)
+    own = {key: _recover_setting(recipe, key) for key in ("learning_rate", "scales_learning_rate")}
     for item in args.overrides:
         apply_override(recipe, item)
-    rate, text = _recover_rate(recipe), VARIANTS[name][0]
-    if rate is None or rate == own:
-        return text
-    mantissa, exponent = f"{rate:e}".split("e")
-    written = f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"  # 3e-3, as the variants write their rates
-    named = re.sub(r"\blr [0-9.e+-]+", f"lr {written}", text)
-    return named if named != text else f"{text} (lr {written})"
+    text = VARIANTS[name][0]
+    rate = _recover_setting(recipe, "learning_rate")
+    if rate is not None and rate != own["learning_rate"]:
+        named = re.sub(r"\blr [0-9.e+-]+", f"lr {_written(rate)}", text)
+        text = named if named != text else f"{text} (lr {_written(rate)})"
+    scales = _recover_setting(recipe, "scales_learning_rate")
+    if _recover_setting(recipe, "train_scales") and scales is not None and scales != own["scales_learning_rate"]:
+        text = f"{text} (scales lr {_written(scales)})"
+    return text
 
 
 def report(args, fp: float, ptq: float, results: dict[str, list[dict]], labels: dict[str, str]) -> str:
