@@ -84,3 +84,4 @@ def test_a_rate_override_is_named_in_the_rows_label(tmp_path: Path) -> None:
     label = bench_recovery.variant_label(scales, base, "kd_scales")
     assert label == bench_recovery.VARIANTS["kd_scales"][0] + " (scales lr 3e-4)"
     assert bench_recovery.variant_label(scales, base, "ste_kd") == bench_recovery.VARIANTS["ste_kd"][0]  # scales fixed
+    assert bench_recovery.variant_label(scales, base, "efficientqat_kd").endswith("(scales lr 3e-4)")  # by its method

@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from gift_quant.comparison_report import mean_std  # noqa: E402
+from gift_quant.method_specs import METHOD_SPECS  # noqa: E402
 from gift_quant.recipe import apply_override  # noqa: E402
 from gift_quant.stages import stage_name  # noqa: E402
 
@@ -222,10 +223,16 @@ def target_line(args, fp: float, ptq: float) -> tuple[float, str]:
     return ptq - 0.5 * (ptq - fp), "target of ≥ 50 % of the gap"
 
 
+def _last_recover(recipe: dict) -> dict:
+    """The settings of the recipe's last recover stage ({} where it has none)."""
+    bodies = [body for item in recipe["stages"] if stage_name(item) == "recover" for body in item.values()]
+    return bodies[-1] if bodies else {}
+
+
 def _recover_setting(recipe: dict, key: str) -> float | None:
     """``key`` of the recipe's last recover stage, as a number (None where that stage leaves it unset)."""
-    values = [body.get(key) for item in recipe["stages"] if stage_name(item) == "recover" for body in item.values()]
-    return float(values[-1]) if values and values[-1] is not None else None
+    value = _last_recover(recipe).get(key)
+    return None if value is None else float(value)
 
 
 def _written(rate: float) -> str:
@@ -246,9 +253,16 @@ def variant_label(args, base: dict, name: str) -> str:
         named = re.sub(r"\blr [0-9.e+-]+", f"lr {_written(rate)}", text)
         text = named if named != text else f"{text} (lr {_written(rate)})"
     scales = _recover_setting(recipe, "scales_learning_rate")
-    if _recover_setting(recipe, "train_scales") and scales is not None and scales != own["scales_learning_rate"]:
+    if _scales_train(recipe) and scales is not None and scales != own["scales_learning_rate"]:
         text = f"{text} (scales lr {_written(scales)})"
     return text
+
+
+def _scales_train(recipe: dict) -> bool:
+    """Whether the recipe's last recover stage trains the step sizes (by ``train_scales`` or by its method)."""
+    settings = _last_recover(recipe)
+    spec = METHOD_SPECS.get(settings.get("method", ""))
+    return bool(settings.get("train_scales")) or bool(spec and spec.learns_scales)
 
 
 def report(args, fp: float, ptq: float, results: dict[str, list[dict]], labels: dict[str, str]) -> str:
