@@ -29,7 +29,7 @@ from typing import Any
 from .architecture_table import ARCHITECTURES, LLAMA as LLAMA_TABLE, Architecture
 from .budget import sequences_per_step, step_budget
 from .config import Recipe, RecoverConfig, SelectConfig
-from .method_specs import METHOD_SPECS
+from .method_specs import METHOD_SPECS, scales_train
 
 GB = 1e9
 GPU_MEMORY = 80 * GB  # the budget the docs tabulate against: one 80 GB GPU
@@ -244,7 +244,7 @@ def saved_per_token(ctx: Context, method: str, train_scales: bool = False, lora_
     spec = METHOD_SPECS[method]
     if spec.salient:
         elements += sum(salient(ctx, n, i) for n, i, _ in s.linears())
-    if train_scales or spec.learns_scales or spec.latent or spec.adapters:
+    if scales_train(method, train_scales) or spec.latent or spec.adapters:
         elements += 2 * s.hidden + s.intermediate
     return (elements + len(s.linears()) * lora_rank) * ctx.act_bytes
 

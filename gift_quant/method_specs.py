@@ -63,3 +63,10 @@ METHOD_SPECS: dict[str, MethodSpec] = {s.name: s for s in (
 def names(**flags: bool) -> tuple[str, ...]:
     """The methods whose specs have every given attribute at the given value, in the table's order."""
     return tuple(n for n, s in METHOD_SPECS.items() if all(getattr(s, k) == v for k, v in flags.items()))
+
+
+def scales_train(method: str, train_scales: bool) -> bool:
+    """Whether ``method``'s step sizes train: by definition (``learns_scales``), or added to the salient columns by
+    ``train_scales`` (which other methods ignore); the one rule for the trainer, the estimate and the benchmark."""
+    spec = METHOD_SPECS[method]
+    return spec.learns_scales or (train_scales and spec.salient)

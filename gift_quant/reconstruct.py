@@ -34,6 +34,7 @@ from .distributed import is_main
 from .fingerprint import fingerprint
 from .io_utils import write_csv
 from .layers import mixed_linears, pack_frozen
+from .method_specs import scales_train
 from .methods import METHODS, make_trainable
 from .models import check_finite
 from .teacher import teacher_model
@@ -221,7 +222,7 @@ def reconstruct_stage(state, cfg: ReconstructConfig) -> None:
                  trainable_params=sum(int(r["trainable"]) for r in rows),
                  codes_changed=round(sum(changed) / len(changed), 6),
                  blocks_reverted=sum(int(r.get("reverted") or 0) for r in rows),
-                 note=f"reconstruct: {cfg.method}{' + scales' if cfg.train_scales else ''}"
+                 note=f"reconstruct: {cfg.method}{' + scales' if scales_train(cfg.method, cfg.train_scales) else ''}"
                       f"{' + norms' if cfg.train_norms else ''}, {cfg.epochs} epochs over "
                       f"{windows.shape[0]} calibration windows per block ({cfg.inputs} inputs); block MSE "
                       f"after/before on them and on {cfg.heldout_windows} held-out windows, and codes changed, per "

@@ -30,6 +30,7 @@ from gift_quant.quantizer import QuantSpec, rtn
 from gift_quant.layers import mixed_linears
 from gift_quant.methods import METHODS, gift_params, lora_rank
 from gift_quant.methods import setup_of
+from gift_quant.method_specs import scales_train
 from gift_quant.recover import recover_stage, training_blocks
 from gift_quant.training import TokenBlocks, prepare_output, write_checksums
 from gift_quant.training import train as train_blocks
@@ -164,6 +165,8 @@ def test_method_trains_only_its_parameters(method: str, scales: bool, tmp_path: 
     suffix = SUFFIXES[method] + (("scales",) if scales else ())
     assert all(name.endswith(suffix) for name in trainable)
     assert all(any(name.endswith(x) for name in trainable) for x in suffix)
+    # The estimate's and the benchmark's rule for "the step sizes train" is what the method does.
+    assert any(name.endswith("scales") for name in trainable) == scales_train(method, scales)
     if method == "ste":
         assert all(isinstance(model.get_submodule(name.rsplit(".", 1)[0]), STELinear) for name in trainable)
     if method == "lora":

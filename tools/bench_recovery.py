@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from gift_quant.comparison_report import mean_std  # noqa: E402
-from gift_quant.method_specs import METHOD_SPECS  # noqa: E402
+from gift_quant.method_specs import METHOD_SPECS, scales_train  # noqa: E402
 from gift_quant.recipe import apply_override  # noqa: E402
 from gift_quant.stages import stage_name  # noqa: E402
 
@@ -261,8 +261,8 @@ def variant_label(args, base: dict, name: str) -> str:
 def _scales_train(recipe: dict) -> bool:
     """Whether the recipe's last recover stage trains the step sizes (by ``train_scales`` or by its method)."""
     settings = _last_recover(recipe)
-    spec = METHOD_SPECS.get(settings.get("method", ""))
-    return bool(settings.get("train_scales")) or bool(spec and spec.learns_scales)
+    method = settings.get("method", "")
+    return method in METHOD_SPECS and scales_train(method, bool(settings.get("train_scales")))
 
 
 def report(args, fp: float, ptq: float, results: dict[str, list[dict]], labels: dict[str, str]) -> str:
