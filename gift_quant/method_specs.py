@@ -67,6 +67,7 @@ def names(**flags: bool) -> tuple[str, ...]:
 
 def scales_train(method: str, train_scales: bool) -> bool:
     """Whether ``method``'s step sizes train: by definition (``learns_scales``), or added to the salient columns by
-    ``train_scales`` (which other methods ignore); the one rule for the trainer, the estimate and the benchmark."""
+    ``train_scales`` (which other methods ignore); read by the estimate, reconstruct's report and the benchmark, and
+    checked against the trainer's parameters (tests/test_recover.py)."""
     spec = METHOD_SPECS[method]
     return spec.learns_scales or (train_scales and spec.salient)
