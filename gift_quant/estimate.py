@@ -357,15 +357,16 @@ def trainable_count(ctx: Context, cfg) -> int:
     spec = METHOD_SPECS[cfg.method]
     steps = s.layers * sum(o * groups(i) for _, i, o in s.linears())
     grid = steps * (1 if ctx.sym or not spec.zero_points else 2)  # the step sizes, and the zero points when trained
+    scales = grid if scales_train(cfg.method, cfg.train_scales) else 0
     salient_cols = s.layers * sum(o * salient(ctx, n, i) for n, i, o in s.linears())
     if spec.salient:
-        return salient_cols + (grid if cfg.train_scales else 0)
+        return salient_cols + scales
     if spec.latent:  # every weight; STE's salient columns are among them, block_ap keeps them apart
-        return s.layers * s.block_weights + (grid if spec.learns_scales else 0)
+        return s.layers * s.block_weights + scales
     if spec.adapters:
         per_rank = s.layers * sum(i + o for _, i, o in s.linears())
         return (cfg.lora_rank or max(1, round(salient_cols / per_rank))) * per_rank
-    return grid if spec.learns_scales else 0
+    return scales
 
 
 def training_parts(ctx: Context, cfg: RecoverConfig, tokens: int) -> tuple[dict[str, float], str]:
