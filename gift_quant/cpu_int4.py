@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from gift_quant.kernels import scratch
+from gift_quant.memory import scratch
 
 KERNEL_GROUPS = (256, 128, 64, 32)  # what the kernel accepts, widest first (fewest scales)
 DENSE_ROWS = 64  # above this many rows, dequantize and use a dense GEMM (crossover measured on a 2-core AVX-512 CPU)

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from gift_quant.errors import CheckpointError
-from gift_quant.kernels import FAST_DTYPES, scratch
+from gift_quant.kernels import FAST_DTYPES
+from gift_quant.memory import scratch
 from gift_quant.pinning import PinnedDtype
 
 FORMATS = ("int8", "int4")

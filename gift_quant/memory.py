@@ -1,7 +1,10 @@
-"""Peak memory of a block of work: CUDA max allocated, else the process RSS sampled in a thread."""
+"""The process's memory: the peak of a block of work (CUDA max allocated, else the RSS sampled in a thread), the
+per-thread scratch buffers the kernels dequantize into, and handing freed heap back to the OS."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import threading
 from typing import Any
 
@@ -45,3 +48,29 @@ class PeakMemory:
             self._thread.join()
             peak = max(self._peak, self._proc.memory_info().rss)
         self.peak_mb, self.extra_mb = peak / 2**20, (peak - self._start) / 2**20
+
+
+def trim_heap() -> None:
+    """Hand the heap memory freed by the builds' temporaries back to the OS (glibc keeps it otherwise, and it would
+    count as the model's resident memory); glibc's malloc_trim, elsewhere a no-op."""
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        trim = None
+    if trim is not None:
+        trim(0)
+
+
+_scratch = threading.local()
+
+
+def scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One buffer per thread and dtype that the many-row paths dequantize weights into (every packed linear's
+    prefill, the quantized lm_head's chunks): a fresh MB-sized weight per matmul would churn the allocator (glibc
+    keeps such freed blocks: ~50 MB of RSS on SmolLM2). The caller uses it before the next call for the same dtype."""
+    buffers = _scratch.__dict__.setdefault("by_dtype", {})
+    buf = buffers.get(dtype)
+    if buf is None or buf.numel() < numel or buf.device != device:
+        buf = buffers[dtype] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]

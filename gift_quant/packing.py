@@ -12,7 +12,8 @@ from torch import nn
 from gift_quant import cpu_int4
 from gift_quant.bitpack import block_shape, pack_codes, pack_zeros, packed_rows, unpack_codes, unpack_zeros
 from gift_quant.embedding import QuantizedLMHead
-from gift_quant.kernels import FAST_DTYPES, KERNELS, trim_heap
+from gift_quant.kernels import FAST_DTYPES, KERNELS, build_fast
+from gift_quant.memory import trim_heap
 from gift_quant.pinning import PinnedDtype
 from gift_quant.quantized import QuantizedWeight
 
@@ -158,8 +159,6 @@ class PackedLinear(PinnedDtype):
 
     def prepare(self) -> str:
         """Build the fast form for the current buffers and device if they changed; returns ``kernel_used``."""
-        from gift_quant.kernels import build_fast
-
         if self._fast[0] != self._buffers_key():
             self._groups_in_order()  # refreshed with the form: what a compiled graph reads
             self._drop_fast()  # before building the new one (peak memory)
