@@ -155,14 +155,12 @@ def worker(args: argparse.Namespace) -> dict:
 def release_freed_memory() -> None:
     """Hand memory freed while building the model (the fp weights the quantized layers replaced) back to the OS, so
     that the RSS at the start of training is what the model holds (glibc; elsewhere a no-op)."""
-    import ctypes
     import gc
 
+    from gift_quant.memory import trim_heap
+
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    trim_heap()
 
 
 def label(method: str, frozen: str) -> str:
