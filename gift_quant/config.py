@@ -349,7 +349,8 @@ class ReconstructConfig(NoiseSettings, FrozenSettings):
     scales_learning_rate: float | None = Field(default=None, gt=0)  # scales and zero points; None: learning_rate
     codes_learning_rate: float = Field(default=0.01, gt=0)  # block_ap's latent codes, in code units (0.5 flips one;
     # on SmolLM2 at 3 bits 0.03 raised some blocks' MSE above the PTQ block's, 0.1 diverged: docs/results.md)
-    epochs: PositiveInt = 2  # passes over the calibration windows per block
+    epochs: PositiveInt | None = 2  # passes over the calibration windows per block; None: until max_minutes ends the
+    # stage (the cosine then follows the clock alone; how many passes a budget affords depends on the machine)
     batch_size: PositiveInt = 4  # calibration windows per step
     num_samples: PositiveInt | None = None  # windows to train on; None: the calibrate stage's (more are drawn with
     # its source, length and seed, its own windows first)
@@ -366,6 +367,9 @@ class ReconstructConfig(NoiseSettings, FrozenSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> "ReconstructConfig":
+        if self.epochs is None and self.max_minutes is None:
+            raise ValueError("epochs: null trains until max_minutes ends the stage; give max_minutes (or a number of "
+                             "epochs)")
         if self.frozen == "packed" and self.method not in KEEPS_FROZEN_PART:
             raise ValueError(f"frozen: packed keeps the frozen low-bit part packed; method '{self.method}' trains "
                              f"every weight (use it with {', '.join(KEEPS_FROZEN_PART)})")

@@ -535,13 +535,17 @@ def reconstruct(ctx: Context, cfg, calib) -> StageEstimate:
     host = {"model": model_bytes(ctx, form), "teacher (full precision)": model_bytes(ctx, "fp")}
     if not ctx.cuda:
         device.pop("student and teacher block")
-    steps = cfg.epochs * math.ceil(n / cfg.batch_size)
-    per_step = cfg.batch_size * seq * 3 * 2 * s.block_weights / ctx.rates.matmul
-    seconds = s.layers * (steps * per_step + 3 * n * seq * 2 * s.block_weights / ctx.rates.matmul)
+    if cfg.epochs:
+        steps = cfg.epochs * math.ceil(n / cfg.batch_size)
+        per_step = cfg.batch_size * seq * 3 * 2 * s.block_weights / ctx.rates.matmul
+        seconds = s.layers * (steps * per_step + 3 * n * seq * 2 * s.block_weights / ctx.rates.matmul)
+    else:  # epochs: null trains until the clock ends the stage
+        seconds = math.inf
     if cfg.max_minutes:  # it bounds the whole stage (targets and checks included)
         seconds = min(seconds, 60 * cfg.max_minutes)
     ctx.form = form
-    return _with_host(ctx, "reconstruct", device, host, seconds, f"{cfg.epochs} epochs per block")
+    passes = f"{cfg.epochs} epochs per block" if cfg.epochs else f"epochs until {cfg.max_minutes:g} minutes"
+    return _with_host(ctx, "reconstruct", device, host, seconds, passes)
 
 
 def export(ctx: Context, cfg, last_eval) -> StageEstimate:

@@ -16,6 +16,7 @@ The log gives each block's output MSE before and after, and the share of its cod
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import time
@@ -66,11 +67,12 @@ def train_block(block: nn.Module, inputs: list[Chunk], targets: list[Chunk], cfg
                 seconds: float | None, seed: int, progress: tqdm, channel_weight: torch.Tensor | None = None) -> int:
     """Train the block's trainable tensors so that block(inputs) ≈ targets (MSE, each hidden channel's squared error
     times ``channel_weight`` when given: tools/probe_reconstruct.py) for ``cfg.epochs`` or until ``seconds`` pass on
-    the budget's clock; returns the steps taken (none when ``seconds`` is 0)."""
+    the budget's clock (``cfg.epochs`` None: only the clock ends it); returns the steps taken (none when ``seconds``
+    is 0)."""
     if seconds is not None and seconds <= 0:
         return 0
     optimizer = _optimizer(block, cfg)
-    total = cfg.epochs * len(inputs)
+    total = cfg.epochs * len(inputs) if cfg.epochs else None
     clock, steps = BudgetClock(cfg.budget_clock), 0
     spent = budget_spent(clock, seconds / 60 if seconds else None, total)  # the cosine ends with the budget
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_by_progress(0.0, spent))
@@ -78,7 +80,7 @@ def train_block(block: nn.Module, inputs: list[Chunk], targets: list[Chunk], cfg
     torch.manual_seed(seed)  # the noise draws of this block
     block.train()
     clock.start()
-    for _ in range(cfg.epochs):
+    for _ in range(cfg.epochs) if cfg.epochs else itertools.count():
         for i in order.sample(range(len(inputs)), len(inputs)):
             out = block(inputs[i].hidden, **inputs[i].kwargs)
             out, target = (out[0] if isinstance(out, tuple) else out).float(), targets[i].hidden.float()
@@ -223,10 +225,14 @@ def reconstruct_stage(state, cfg: ReconstructConfig) -> None:
                  codes_changed=round(sum(changed) / len(changed), 6),
                  blocks_reverted=sum(int(r.get("reverted") or 0) for r in rows),
                  note=f"reconstruct: {cfg.method}{' + scales' if scales_train(cfg.method, cfg.train_scales) else ''}"
-                      f"{' + norms' if cfg.train_norms else ''}, {cfg.epochs} epochs over "
+                      f"{' + norms' if cfg.train_norms else ''}, {_passes(cfg)} over "
                       f"{windows.shape[0]} calibration windows per block ({cfg.inputs} inputs); block MSE "
                       f"after/before on them and on {cfg.heldout_windows} held-out windows, and codes changed, per "
                       f"block in reconstruct_log.csv")
+
+
+def _passes(cfg: ReconstructConfig) -> str:
+    return f"{cfg.epochs} epochs" if cfg.epochs else f"as many epochs as {cfg.max_minutes:g} minutes allow"
 
 
 def _dtype(block: nn.Module) -> torch.dtype:

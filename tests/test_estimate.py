@@ -184,7 +184,9 @@ def test_a_block_wise_time_budget_bounds_the_whole_stage():
     calib = CalibrateConfig(num_samples=128, seq_len=2048)
     free = reconstruct(ctx(), ReconstructConfig(method="block_ap", epochs=2), calib).seconds
     timed = reconstruct(ctx(), ReconstructConfig(method="block_ap", epochs=2, max_minutes=1.0), calib).seconds
+    until_clock = reconstruct(ctx(), ReconstructConfig(method="block_ap", epochs=None, max_minutes=1.0), calib)
     assert free > 60 and timed == 60  # targets and checks included, as the stage counts them
+    assert until_clock.seconds == 60  # epochs: null trains until the budget ends it
 
 
 def test_compare_counts_every_seed_the_sweep_and_one_teacher_pass():

@@ -91,12 +91,10 @@ def test_packed_frozen_part_reconstructs_as_the_dense_one(tiny_run, tmp_path):
         torch.testing.assert_close(b.scales, a.scales, rtol=0, atol=1e-7)
 
 
-def test_a_time_budget_anneals_the_learning_rate_to_zero_by_its_end(monkeypatch):
-    # A budget in seconds that ends long before the epochs do must still end the cosine schedule. The fake clock reads
-    # one second further at every look, so 20 seconds end training after about 10 of the 400 scheduled steps.
+def _train_on_a_fake_clock(monkeypatch, cfg, seconds: float):
+    """train_block on a 4 → 4 linear and 4 chunks, its clock one second further at every look; (steps, final lr)."""
     import gift_quant.reconstruct as reconstruct
     from gift_quant.calibrate import Chunk
-    from gift_quant.config import ReconstructConfig
     from tqdm.auto import tqdm
 
     class Clock:
@@ -117,10 +115,38 @@ def test_a_time_budget_anneals_the_learning_rate_to_zero_by_its_end(monkeypatch)
     block = torch.nn.Linear(4, 4)
     inputs = [Chunk(torch.randn(2, 4), [{}]) for _ in range(4)]
     targets = [Chunk(torch.randn(2, 4), [{}]) for _ in range(4)]
+    steps = reconstruct.train_block(block, inputs, targets, cfg, seconds=seconds, seed=0, progress=tqdm(disable=True))
+    return steps, optimizers[0].param_groups[0]["lr"]
+
+
+def test_a_time_budget_anneals_the_learning_rate_to_zero_by_its_end(monkeypatch):
+    # A budget in seconds that ends long before the epochs do must still end the cosine schedule: 20 seconds end
+    # training after about 10 of the 400 scheduled steps.
+    from gift_quant.config import ReconstructConfig
+
     cfg = ReconstructConfig(epochs=100, learning_rate=1e-2)
-    steps = reconstruct.train_block(block, inputs, targets, cfg, seconds=20.0, seed=0, progress=tqdm(disable=True))
-    assert 5 <= steps <= 20 < cfg.epochs * len(inputs)
-    assert optimizers[0].param_groups[0]["lr"] < 0.02 * cfg.learning_rate  # the epochs alone left it at 99 %
+    steps, lr = _train_on_a_fake_clock(monkeypatch, cfg, seconds=20.0)
+    assert 5 <= steps <= 20 < cfg.epochs * 4
+    assert lr < 0.02 * cfg.learning_rate  # the epochs alone left it at 99 %
+
+
+def test_without_epochs_only_the_clock_ends_a_block_and_its_schedule(monkeypatch):
+    # epochs: null with a budget: the block trains past any fixed number of passes (here 25 over 4 chunks) until its
+    # seconds are spent, and the cosine reaches its end with them.
+    from gift_quant.config import ReconstructConfig
+
+    cfg = ReconstructConfig(method="block_ap", epochs=None, max_minutes=1.0, learning_rate=1e-2)
+    steps, lr = _train_on_a_fake_clock(monkeypatch, cfg, seconds=200.0)
+    assert 4 * 20 <= steps <= 200
+    assert lr < 0.02 * cfg.learning_rate
+
+
+def test_epochs_null_needs_a_time_budget():
+    from gift_quant.config import ReconstructConfig
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="max_minutes"):
+        ReconstructConfig(method="block_ap", epochs=None)
 
 
 def test_the_stage_budget_counts_every_blocks_own_work_and_spreads_what_is_left():
