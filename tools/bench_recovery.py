@@ -97,7 +97,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # Issue #23's long table: STE and LoRA at their 40-step screens' interior picks (docs/results.md, "The long table";
     # LoRA's: docs/recovery_runs/lora_sweep_3bit_g64.yaml); efficientqat_kd at the block_ap runs' rates, its step sizes
     # at 3e-5 as its 3-bit rows ran, 30x below their later sweep's interior pick (docs/compare_3bit_g64_scales); the
-    # 2-bit row passes its own screen's pick (2.7e-3, docs/compare_2bit_g64_scales) as stages.recover.learning_rate.
+    # 2-bit row passes its own screen's pick (2.7e-3, docs/compare_2bit_g64_scales) as stages.recover.learning_rate,
+    # the 3-bit rerun 9e-4 the same way.
     "ste_kd": ("STE from the GPTQ codes' cell centres, kd (lr 1e-3)", [_e2e("ste", "kd", "1.0e-3")]),
     "lora_kd": ("LoRA on the quantized model, rank matched, kd (lr 3e-3)", [_e2e("lora", "kd", "3.0e-3")]),
     "efficientqat_kd": ("EfficientQAT-style: block_ap (½), then step sizes only end to end (½), kd (lr 3e-5)",
