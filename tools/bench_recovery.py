@@ -103,6 +103,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "lora_kd": ("LoRA on the quantized model, rank matched, kd (lr 3e-3)", [_e2e("lora", "kd", "3.0e-3")]),
     "efficientqat_kd": ("EfficientQAT-style: block_ap (½), then step sizes only end to end (½), kd (lr 3e-5)",
                         [BLOCK_AP_TIMED, _e2e("scales_only", "kd", "3.0e-5", minutes="{H}")]),
+    # Its end-to-end half alone for the whole budget, at the 3-bit sweep's interior pick: what the Block-AP half adds.
+    "e2e_qp_kd": ("E2E-QP alone: step sizes only end to end, kd (lr 9e-4)", [_e2e("scales_only", "kd", "9.0e-4")]),
 }
 
 
