@@ -375,6 +375,11 @@ class ReconstructConfig(NoiseSettings, FrozenSettings):
                              f"every weight (use it with {', '.join(KEEPS_FROZEN_PART)})")
         return self
 
+    @property
+    def passes(self) -> str:
+        """Each block's passes over its windows, in words (the stage's note and the estimate say it alike)."""
+        return f"{self.epochs} epochs" if self.epochs else f"as many epochs as {self.max_minutes:g} minutes allow"
+
 
 class ExportConfig(Strict):
     format: Literal["packed", "dense"] = "packed"

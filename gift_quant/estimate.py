@@ -544,8 +544,7 @@ def reconstruct(ctx: Context, cfg, calib) -> StageEstimate:
     if cfg.max_minutes:  # it bounds the whole stage (targets and checks included)
         seconds = min(seconds, 60 * cfg.max_minutes)
     ctx.form = form
-    passes = f"{cfg.epochs} epochs per block" if cfg.epochs else f"epochs until {cfg.max_minutes:g} minutes"
-    return _with_host(ctx, "reconstruct", device, host, seconds, passes)
+    return _with_host(ctx, "reconstruct", device, host, seconds, f"{cfg.passes} per block")
 
 
 def export(ctx: Context, cfg, last_eval) -> StageEstimate:

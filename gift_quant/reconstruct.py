@@ -71,6 +71,8 @@ def train_block(block: nn.Module, inputs: list[Chunk], targets: list[Chunk], cfg
     is 0)."""
     if seconds is not None and seconds <= 0:
         return 0
+    if seconds is None and not cfg.epochs:  # neither epochs nor a clock would end it (tools/probe_reconstruct.py)
+        raise ValueError("epochs: null trains until a time budget ends it; none was given")
     optimizer = _optimizer(block, cfg)
     total = cfg.epochs * len(inputs) if cfg.epochs else None
     clock, steps = BudgetClock(cfg.budget_clock), 0
@@ -225,14 +227,10 @@ def reconstruct_stage(state, cfg: ReconstructConfig) -> None:
                  codes_changed=round(sum(changed) / len(changed), 6),
                  blocks_reverted=sum(int(r.get("reverted") or 0) for r in rows),
                  note=f"reconstruct: {cfg.method}{' + scales' if scales_train(cfg.method, cfg.train_scales) else ''}"
-                      f"{' + norms' if cfg.train_norms else ''}, {_passes(cfg)} over "
+                      f"{' + norms' if cfg.train_norms else ''}, {cfg.passes} over "
                       f"{windows.shape[0]} calibration windows per block ({cfg.inputs} inputs); block MSE "
                       f"after/before on them and on {cfg.heldout_windows} held-out windows, and codes changed, per "
                       f"block in reconstruct_log.csv")
-
-
-def _passes(cfg: ReconstructConfig) -> str:
-    return f"{cfg.epochs} epochs" if cfg.epochs else f"as many epochs as {cfg.max_minutes:g} minutes allow"
 
 
 def _dtype(block: nn.Module) -> torch.dtype:

@@ -91,7 +91,7 @@ def test_packed_frozen_part_reconstructs_as_the_dense_one(tiny_run, tmp_path):
         torch.testing.assert_close(b.scales, a.scales, rtol=0, atol=1e-7)
 
 
-def _train_on_a_fake_clock(monkeypatch, cfg, seconds: float):
+def _train_on_a_fake_clock(monkeypatch, cfg, seconds: float | None):
     """train_block on a 4 → 4 linear and 4 chunks, its clock one second further at every look; (steps, final lr)."""
     import gift_quant.reconstruct as reconstruct
     from gift_quant.calibrate import Chunk
@@ -147,6 +147,16 @@ def test_epochs_null_needs_a_time_budget():
 
     with pytest.raises(ValidationError, match="max_minutes"):
         ReconstructConfig(method="block_ap", epochs=None)
+
+
+
+def test_a_block_without_epochs_or_seconds_refuses_to_train(monkeypatch):
+    # A caller that gives no seconds (tools/probe_reconstruct.py) must not loop forever on epochs: null.
+    from gift_quant.config import ReconstructConfig
+
+    cfg = ReconstructConfig(method="block_ap", epochs=None, max_minutes=1.0)
+    with pytest.raises(ValueError, match="time budget"):
+        _train_on_a_fake_clock(monkeypatch, cfg, seconds=None)
 
 
 def test_the_stage_budget_counts_every_blocks_own_work_and_spreads_what_is_left():
