@@ -12,8 +12,9 @@ weight is within scale/2 of its dequantized value; code × scale is exact in flo
 
 :class:`QuantizedEmbedding` gathers the rows of the ids and dequantizes only those (the same elementwise products
 as the whole dequantized matrix). :class:`QuantizedLMHead` keeps no dequantized copy either (tied, it reads the
-embedding's tensors: they are stored once): a few rows (decode) of an int8 head run torch's int8 kernel
-(``_weight_int8pack_mm``: bf16, summed in an ISA-dependent order, close to float64 and not bit for bit), more rows
+embedding's tensors: they are stored once): a few rows (decode) of an int8 head run gift_quant's int8 op
+(:mod:`gift_quant.cpu_int8`: activations to int16 per block of 64 columns, the same bits on every CPU) or, where it
+cannot be built, torch's (``_weight_int8pack_mm``: bf16, summed in an ISA-dependent order, close to float64), more rows
 multiply vocabulary chunks dequantized one at a time (the reference's float32 products), and ``kernel="reference"``
 (or autograd) multiplies the whole dequantized matrix like an ``nn.Linear`` holding it, bit for bit.
 """
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gift_quant import cpu_int8
 from gift_quant.errors import CheckpointError
 from gift_quant.kernels import FAST_DTYPES
 from gift_quant.memory import scratch
@@ -35,7 +37,7 @@ FORMATS = ("int8", "int4")
 QMAX = {"int8": 127, "int4": 7}
 STORED_DTYPES = {"int8": torch.int8, "int4": torch.uint8}
 _FP16_MAX = torch.finfo(torch.float16).max
-KERNEL_ROWS = 16  # at most this many rows run the int8 kernel (crossover with the chunks measured on a 2-core AVX-512)
+KERNEL_ROWS = 16  # the most rows torch's int8 kernel runs (crossover with the chunks measured on a 2-core AVX-512)
 CHUNK_VALUES = 2**20  # weights dequantized per lm_head chunk: 4 MB in float32, about the packed linears' buffer
 
 
@@ -223,22 +225,46 @@ class QuantizedLMHead(PinnedDtype):
         return self._chunked(x)
 
     def _int8_kernel_fits(self, x: torch.Tensor) -> bool:
-        """Whether torch's int8 kernel runs these logits: few rows on the CPU, and ``in_features`` a multiple of 16
-        (its vector loops read whole blocks of 16 columns: other widths read past the rows, seen with torch 2.13)."""
+        """Whether a few-row int8 kernel runs these logits: few rows on the CPU; torch's (the fallback) also needs
+        ``in_features`` a multiple of 16 (its vector loops read whole blocks of 16 columns: other widths read past
+        the rows, seen with torch 2.13)."""
         qweight, _ = self.tensors()
-        return (self.fmt == "int8" and x.device.type == "cpu" and x.dtype in FAST_DTYPES
-                and 0 < x.numel() <= KERNEL_ROWS * self.in_features and self.in_features % 16 == 0
-                and qweight.is_contiguous() and hasattr(torch, "_weight_int8pack_mm"))
+        if not (self.fmt == "int8" and x.device.type == "cpu" and x.dtype in FAST_DTYPES and x.numel() > 0
+                and qweight.is_contiguous()):
+            return False
+        if not cpu_int8.READY and not torch.compiler.is_compiling():
+            cpu_int8.load()  # the first few-row forward of the process builds or loads the op (then a no-op)
+        if x.numel() > self.kernel_rows() * self.in_features:
+            return False
+        return cpu_int8.READY or (self.in_features % 16 == 0 and hasattr(torch, "_weight_int8pack_mm"))
+
+    @staticmethod
+    def kernel_rows() -> int:
+        """The most rows the few-row kernel runs: gift_quant's op costs ~1.6 ms a row on SmolLM2's head and
+        passes the chunks' cost at ~8 rows, torch's at ~16."""
+        return cpu_int8.MAX_ROWS if cpu_int8.READY else KERNEL_ROWS
 
     def _int8_kernel(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits from the int8 codes and per-row scales, in bf16 (activations and scales rounded to it, as the
-        packed linears' int4 kernel does), the scale applied to the codes inside the kernel."""
-        qweight, _ = self.tensors()
+        """Logits from the int8 codes and per-row scales: on gift_quant's op (:mod:`gift_quant.cpu_int8`:
+        activations to int16 per block of 64, exact integer sums, float32 out) when it is built, else on torch's
+        (bf16: activations and scales rounded to it, as the packed linears' int4 kernel does)."""
+        qweight, scales = self.tensors()
+        if cpu_int8.READY:
+            y = cpu_int8.rows_mm(x.reshape(-1, self.in_features), qweight, scales)
+            return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         # A fresh copy: the kernel's vector loads need 32-byte aligned rows (a view into x may not be aligned).
         flat = torch.empty(x.numel() // self.in_features, self.in_features, dtype=torch.bfloat16)
         flat.copy_(x.reshape(-1, self.in_features))
         y = torch._weight_int8pack_mm(flat, qweight, self.kernel_scales())
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def prepare(self) -> None:
+        """Make the few-row kernel ready before the first forward (not inside a compiled graph's tracing): build or
+        load gift_quant's op, else keep torch's kernel's bf16 scales."""
+        if self.fmt != "int8" or self.tensors()[0].device.type != "cpu":
+            return
+        if cpu_int8.load() is not None:
+            self.kernel_scales()
 
     def kernel_scales(self) -> torch.Tensor:
         """The int8 kernel's bf16 scales (vocab,), kept between forwards (2 bytes a row): a compiled graph needs

@@ -286,8 +286,7 @@ def set_kernel(model: nn.Module, kernel: str = "auto") -> Counter:
     for m in model.modules():
         if isinstance(m, QuantizedLMHead):
             m.kernel = kernel
-            if m.fmt == "int8":
-                m.kernel_scales()
+            m.prepare()
     modules = packed_linears(model).values()
     used = Counter()
     for m in modules:

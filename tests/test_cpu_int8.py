@@ -1,0 +1,96 @@
+"""gift_quant's few-row int8 op (gift_quant/cpu_int8.py, csrc/int8_rows.cpp).
+
+Oracles: the op's arithmetic written out in torch float32 (``cpu_int8.reference``: each step rounded once) must be
+matched bit for bit — also under other CPUs' ATen kernels (`make test` reruns this file with them), since the op's
+sums are exact integers plus a fixed order of float32 steps — and float64 products within the closed-form bound of
+int16 activations. The error bound against float64 is tested on the lm_head (tests/test_embedding.py).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from gift_quant import cpu_int8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    assert cpu_int8.load() is None  # this project's machines have the C++ compiler Inductor needs
+
+
+def case(rows: int, k: int, n: int = 37, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=g) * torch.logspace(-3, 2, k)[torch.randperm(k, generator=g)]  # outliers
+    qweight = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    scales = (torch.rand(n, generator=g) * 0.02).half()
+    return x, qweight, scales
+
+
+@pytest.mark.parametrize("k", [1, 63, 64, 65, 576, 1000])
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_the_op_is_its_float32_arithmetic_bit_for_bit(k, rows):
+    x, qweight, scales = case(rows, k, seed=k * rows)
+    x[0, : min(k, 64)] = 0.0  # an all-zero block: step 0
+    y = cpu_int8.rows_mm(x, qweight, scales)
+    assert y.dtype == torch.float32 and y.shape == (rows, qweight.shape[0])
+    assert torch.equal(y, cpu_int8.reference(x, qweight, scales))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_op_takes_any_float_activations_and_a_non_contiguous_weight(dtype):
+    x, qweight, scales = case(2, 130)
+    x = x.to(dtype)
+    wide = torch.cat([qweight, qweight], dim=1)[:, :130]  # a strided view: the op makes it contiguous
+    assert torch.equal(cpu_int8.rows_mm(x, wide, scales), cpu_int8.reference(x, qweight, scales))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_activation_spreads_over_its_row_only(bad):
+    x, qweight, scales = case(3, 100)
+    x[1, 70] = bad
+    y = cpu_int8.rows_mm(x, qweight, scales)
+    dense = x.double() @ (qweight.double() * scales.double()[:, None]).T
+    assert torch.equal(y[[0, 2]], cpu_int8.reference(x[[0, 2]], qweight, scales))
+    assert torch.equal(y[1].isnan(), dense[1].isnan()) and torch.equal(y[1].isinf(), dense[1].isinf())
+    assert torch.equal(y[1][y[1].isinf()].sign(), dense[1][dense[1].isinf()].sign().float())
+
+
+def test_the_reference_is_within_half_an_int16_step_of_float64():
+    x, qweight, scales = case(4, 300)
+    y64 = x.double() @ (qweight.double() * scales.double()[:, None]).T
+    blocks = torch.nn.functional.pad(x.double().abs(), (0, 20)).view(4, 5, 64)
+    step = (blocks.amax(-1, keepdim=True) / 32767).expand(-1, -1, 64).reshape(4, 320)[:, :300]
+    w = qweight.double().abs() * scales.double()[:, None]
+    bound = (step / 2) @ w.T + 8 * 2.0**-24 * (x.double().abs() @ w.T)
+    assert ((cpu_int8.reference(x, qweight, scales).double() - y64).abs() <= bound).all()
+
+
+def test_a_failed_build_leaves_torch_s_kernel_and_says_why_once(monkeypatch, caplog):
+    import torch.utils.cpp_extension as cpp_extension
+
+    def no_compiler(**kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions\nmore lines")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(cpu_int8, "READY", False)
+    monkeypatch.setattr(cpu_int8, "_tried", None)
+    with caplog.at_level(logging.WARNING, logger="gift_quant.cpu_int8"):
+        reason = cpu_int8.load()
+        assert cpu_int8.load() == reason
+    assert reason == "building int8_rows.cpp failed (RuntimeError: Ninja is required to load C++ extensions)"
+    assert not cpu_int8.READY and len(caplog.records) == 1 and reason in caplog.records[0].getMessage()
+
+
+def test_the_build_is_named_for_the_cpu_and_the_flags(tmp_path, monkeypatch):
+    """A build cache shared by two machines (a home directory on a cluster) must not hand an AVX2 CPU an AVX-512
+    binary: the name hashes the CPU's flags line (and the compiler flags)."""
+    avx2, avx512 = tmp_path / "avx2", tmp_path / "avx512"
+    avx2.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    avx512.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma avx512f avx512bw\n")
+    tags = {cpu_int8._cpu_tag(avx2), cpu_int8._cpu_tag(avx512), cpu_int8._cpu_tag(avx2)}
+    monkeypatch.setattr(cpu_int8, "CFLAGS", (*cpu_int8.CFLAGS, "-DNDEBUG"))
+    tags.add(cpu_int8._cpu_tag(avx2))
+    assert len(tags) == 3 and all(len(t) == 12 for t in tags)
