@@ -3,8 +3,9 @@
 Decoding one token multiplies one row of activations by the whole vocabulary (49152 x 576 int8 on SmolLM2: 28 MB a
 token). torch's ``_weight_int8pack_mm`` does it at about 6 GB/s on one core, a quarter of a decode step; this op
 streams the rows at about 2.2x that (docs/size_perplexity.md) and is more accurate: activations rounded to int16 per
-block of 64 columns (2⁻¹⁵ of the block's largest value, where the torch kernel rounds each to bf16's 2⁻⁹), products
-summed exactly in int32, blocks in float32 in a fixed order — the same bits on every CPU (see the source's header).
+block of 64 columns (within 2⁻¹⁶ of the block's largest value, where torch's kernel rounds each to bf16, within 2⁻⁹
+of itself), products summed exactly in int32, blocks in float32 in a fixed order — the same bits on every CPU (see
+the source's header; tests/test_cpu_int8.py writes that arithmetic out in torch).
 
 The op is compiled with ``torch.utils.cpp_extension`` (a C++ compiler, as Inductor needs, and ninja) for this CPU
 (``-march=native``): the build's name carries a hash of the CPU's flags, so a cache shared between machines never
@@ -25,9 +26,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "int8_rows.cpp"
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp")  # no FMA contraction: the same sums everywhere
-BLOCK = 64  # activation columns per int16 step (the source's kBlock)
 MAX_ROWS = 8  # above, the head's dequantized chunks are faster (1 and 2 threads, 49152 x 576, a Zen 4 core)
-INT16_MAX = 32767.0
 
 READY = False  # the op is registered in this process (a plain global: compiled graphs read it as a constant)
 _tried: str | None = None  # why it is not, once tried ("" when it is)
@@ -75,21 +74,3 @@ def rows_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> tor
     """float32 (M, N) = x (M, K) · (qweight (N, K) int8 · scales (N,) fp16)ᵀ; :func:`load` must have succeeded."""
     return torch.ops.gift_quant.int8_rows_mm(x, qweight, scales)
 
-
-def reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """The op's arithmetic in torch, step by step in float32 (each op rounded once, no FMA): what the op must give
-    bit for bit, for finite x."""
-    x = x.float()
-    rows, k = x.shape
-    blocks = -(-k // BLOCK)
-    xb = torch.nn.functional.pad(x, (0, blocks * BLOCK - k)).view(rows, blocks, BLOCK)
-    amax = xb.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, torch.full_like(amax, INT16_MAX).div(amax), 0.0)  # a division, as in C++ (not 1/amax·c)
-    q = torch.round(xb * inv).clamp(-INT16_MAX, INT16_MAX).to(torch.int64)
-    step = amax / INT16_MAX
-    w = torch.nn.functional.pad(qweight.to(torch.int64), (0, blocks * BLOCK - k)).view(-1, blocks, BLOCK)
-    acc = torch.einsum("mbj,nbj->mnb", q, w)  # exact integers
-    total = torch.zeros(rows, qweight.shape[0], dtype=torch.float32)
-    for b in range(blocks):
-        total = total + acc[:, :, b].float() * step[:, b]
-    return total * scales.float().view(1, -1)
