@@ -295,8 +295,9 @@ def int8_kernel(request, monkeypatch) -> str:
     """The few-row int8 kernel the head runs: gift_quant's op (built here: this project's machines have the C++
     compiler Inductor needs) or torch's, the fallback where the op cannot be built."""
     if request.param == "torch":
-        monkeypatch.setattr(cpu_int8, "READY", False)
-        monkeypatch.setattr(cpu_int8, "_tried", "switched off by the test")
+        monkeypatch.setattr(cpu_int8, "READY", cpu_int8.READY)  # put back after the test
+        monkeypatch.setattr(cpu_int8, "_tried", cpu_int8._tried)
+        cpu_int8.switch_off("the test runs torch's kernel")
     else:
         assert cpu_int8.load() is None
     return request.param
@@ -306,8 +307,9 @@ def int8_kernel(request, monkeypatch) -> str:
 @pytest.mark.parametrize("most", [False, True])
 def test_lm_head_decodes_on_a_few_row_kernel_within_its_rounding(monkeypatch, int8_kernel, dtype, most):
     head, w64 = head_and_reference("int8", None)
-    n_rows = QuantizedLMHead.kernel_rows() if most else 1
-    assert n_rows == {"gift_quant": cpu_int8.MAX_ROWS, "torch": embedding_module.KERNEL_ROWS}[int8_kernel] or not most
+    limit = {"gift_quant": cpu_int8.MAX_ROWS, "torch": embedding_module.KERNEL_ROWS}[int8_kernel]
+    assert QuantizedLMHead.kernel_rows() == limit
+    n_rows = limit if most else 1
     calls = spy(monkeypatch, torch, "_weight_int8pack_mm")
     ops = spy(monkeypatch, cpu_int8, "rows_mm")
     big = torch.randn(n_rows * 64 + 1).to(dtype)

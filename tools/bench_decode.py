@@ -52,7 +52,7 @@ def child(export: Path, prompt_file: Path, repeats: int, compiled: bool, cpp_wra
     from transformers import AutoModelForCausalLM
 
     if torch_head:
-        cpu_int8._tried = "switched off by bench_decode --torch-head"
+        cpu_int8.switch_off("bench_decode --torch-head")
 
     model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.bfloat16).eval()
     prompt = torch.from_numpy(np.load(prompt_file)[:1, :PROMPT_TOKENS].astype(np.int64))
