@@ -10,7 +10,7 @@ the source's header; tests/test_cpu_int8.py writes that arithmetic out in torch)
 The op is compiled with ``torch.utils.cpp_extension`` (a C++ compiler, as Inductor needs, and ninja) for this CPU
 (``-march=native``): the build's name carries a hash of the CPU's flags, so a cache shared between machines never
 hands one CPU another's binary. Built once per machine (~10 s), then loaded from torch's extensions cache. Where it
-cannot be built, :func:`load` says why once and the head keeps torch's kernel.
+cannot be built, :func:`load` says why once and the head keeps torch's kernel (:func:`switch_off` chooses that).
 """
 
 from __future__ import annotations
