@@ -10,7 +10,7 @@ RECIPE ?= recipes/smollm2_3bit.yaml
 # (ATEN_CPU_CAPABILITY emulates them: AVX2, and none) so no test holds on one machine's roundings only (~1.5 min).
 PORTABLE_TESTS := tests/test_gptq.py tests/test_kernels.py tests/test_packing.py tests/test_quantizer.py \
 	tests/test_layers.py tests/test_saliency.py tests/test_quantize.py tests/test_rotate.py \
-	tests/test_architectures.py tests/test_export.py tests/test_hf_quantizer.py tests/test_cpu_int8.py
+	tests/test_architectures.py tests/test_export.py tests/test_hf_quantizer.py tests/test_cpu_rows.py
 CPU_CAPABILITIES := avx2 default
 # Deselected there: bf16 attention over long sequences, which on an AMX machine with an emulated capability calls
 # torch's AVX-512-only packing (its hardware check and kernel dispatch disagree; a real AVX2 CPU does not pack).

@@ -12,9 +12,9 @@ weight is within scale/2 of its dequantized value; code × scale is exact in flo
 
 :class:`QuantizedEmbedding` gathers the rows of the ids and dequantizes only those (the same elementwise products
 as the whole dequantized matrix). :class:`QuantizedLMHead` keeps no dequantized copy either (tied, it reads the
-embedding's tensors: they are stored once): a few rows (decode) of an int8 head run gift_quant's int8 op
-(:mod:`gift_quant.cpu_int8`: activations to int16 per block of 64 columns, the same bits on every CPU) or, where it
-cannot be built, torch's (``_weight_int8pack_mm``: bf16, summed in an ISA-dependent order, close to float64), more rows
+embedding's tensors: they are stored once): a few rows (decode) run gift_quant's ops (:mod:`gift_quant.cpu_rows`:
+activations to int16 per block, the same bits on every CPU) or, for int8 where they cannot be built, torch's
+(``_weight_int8pack_mm``: bf16, summed in an ISA-dependent order, close to float64), more rows
 multiply vocabulary chunks dequantized one at a time (the reference's float32 products), and ``kernel="reference"``
 (or autograd) multiplies the whole dequantized matrix like an ``nn.Linear`` holding it, bit for bit.
 """
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gift_quant import cpu_int8
+from gift_quant import cpu_rows
 from gift_quant.errors import CheckpointError
 from gift_quant.kernels import FAST_DTYPES
 from gift_quant.memory import scratch
@@ -220,50 +220,54 @@ class QuantizedLMHead(PinnedDtype):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "reference" or (x.requires_grad and torch.is_grad_enabled()):
             return F.linear(x, self.dequantized(x.dtype))  # a transient dense copy, as the in-memory model's
-        if self._int8_kernel_fits(x):
-            return self._int8_kernel(x)
+        if self._few_rows_fit(x):
+            return self._few_rows(x)
         return self._chunked(x)
 
-    def _int8_kernel_fits(self, x: torch.Tensor) -> bool:
-        """Whether a few-row int8 kernel runs these logits: few rows on the CPU; torch's (the fallback) also needs
-        ``in_features`` a multiple of 16 (its vector loops read whole blocks of 16 columns: other widths read past
-        the rows, seen with torch 2.13)."""
+    def _few_rows_fit(self, x: torch.Tensor) -> bool:
+        """Whether a few-row kernel runs these logits: few rows on the CPU, on gift_quant's ops (int8; int4 with an
+        even group of at most ``MAX_GROUP4`` columns) or, for int8 where they cannot be built, on torch's, which
+        also needs ``in_features`` a multiple of 16 (its vector loops read whole blocks of 16 columns: other widths
+        read past the rows, seen with torch 2.13)."""
         qweight, _ = self.tensors()
-        if not (self.fmt == "int8" and x.device.type == "cpu" and x.dtype in FAST_DTYPES and x.numel() > 0
-                and qweight.is_contiguous()):
+        if not (x.device.type == "cpu" and x.dtype in FAST_DTYPES and x.numel() > 0 and qweight.is_contiguous()):
             return False
-        if not cpu_int8.READY and not torch.compiler.is_compiling():
-            cpu_int8.load()  # the first few-row forward of the process builds or loads the op (then a no-op)
+        if not cpu_rows.READY and not torch.compiler.is_compiling():
+            cpu_rows.load()  # the first few-row forward of the process builds or loads the ops (then a no-op)
         if x.numel() > self.kernel_rows() * self.in_features:
             return False
-        return cpu_int8.READY or (self.in_features % 16 == 0 and hasattr(torch, "_weight_int8pack_mm"))
+        if self.fmt == "int4":
+            return cpu_rows.READY and self.group_size % 2 == 0 and self.group_size <= cpu_rows.MAX_GROUP4
+        return cpu_rows.READY or (self.in_features % 16 == 0 and hasattr(torch, "_weight_int8pack_mm"))
 
     @staticmethod
     def kernel_rows() -> int:
-        """The most rows the few-row kernel runs: gift_quant's op costs ~1.6 ms a row on SmolLM2's head and
-        passes the chunks' cost at ~8 rows, torch's at ~16."""
-        return cpu_int8.MAX_ROWS if cpu_int8.READY else KERNEL_ROWS
+        """The most rows the few-row kernel runs: gift_quant's ops cost ~1.6 ms a row on SmolLM2's head and pass
+        the chunks' cost at ~8 rows, torch's int8 kernel at ~16."""
+        return cpu_rows.MAX_ROWS if cpu_rows.READY else KERNEL_ROWS
 
-    def _int8_kernel(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits from the int8 codes and per-row scales: on gift_quant's op (:mod:`gift_quant.cpu_int8`:
-        activations to int16 per block of 64, exact integer sums, float32 out) when it is built, else on torch's
-        (bf16: activations and scales rounded to it, as the packed linears' int4 kernel does)."""
+    def _few_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits from the codes and scales: on gift_quant's ops (:mod:`gift_quant.cpu_rows`: activations to int16
+        per block, exact integer sums, float32 out) when they are built, else (int8) on torch's kernel (bf16:
+        activations and scales rounded to it, as the packed linears' int4 kernel does)."""
         qweight, scales = self.tensors()
-        if cpu_int8.READY:
-            y = cpu_int8.rows_mm(x.reshape(-1, self.in_features), qweight, scales)
+        flat = x.reshape(-1, self.in_features)
+        if cpu_rows.READY:
+            y = (cpu_rows.rows_mm(flat, qweight, scales) if self.fmt == "int8"
+                 else cpu_rows.rows_mm4(flat, qweight, scales, self.group_size))
             return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         # A fresh copy: the kernel's vector loads need 32-byte aligned rows (a view into x may not be aligned).
-        flat = torch.empty(x.numel() // self.in_features, self.in_features, dtype=torch.bfloat16)
-        flat.copy_(x.reshape(-1, self.in_features))
-        y = torch._weight_int8pack_mm(flat, qweight, self.kernel_scales())
+        aligned = torch.empty(flat.shape, dtype=torch.bfloat16)
+        aligned.copy_(flat)
+        y = torch._weight_int8pack_mm(aligned, qweight, self.kernel_scales())
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def prepare(self) -> None:
         """Make the few-row kernel ready before the first forward (not inside a compiled graph's tracing): build or
-        load gift_quant's op, else keep torch's kernel's bf16 scales."""
-        if self.fmt != "int8" or self.tensors()[0].device.type != "cpu":
+        load gift_quant's ops, else keep torch's int8 kernel's bf16 scales."""
+        if self.tensors()[0].device.type != "cpu":
             return
-        if cpu_int8.load() is not None:
+        if cpu_rows.load() is not None and self.fmt == "int8":
             self.kernel_scales()
 
     def kernel_scales(self) -> torch.Tensor:

@@ -16,7 +16,7 @@ from test_export import ids, logits, quantize, read_tensors, refresh_manifest, t
 from transformers import AutoModelForCausalLM
 
 from gift_quant.checkpoint import CheckpointError
-from gift_quant import cpu_int8
+from gift_quant import cpu_rows
 from gift_quant import embedding as embedding_module
 from gift_quant.embedding import (
     QuantizedEmbedding,
@@ -295,11 +295,11 @@ def int8_kernel(request, monkeypatch) -> str:
     """The few-row int8 kernel the head runs: gift_quant's op (built here: this project's machines have the C++
     compiler Inductor needs) or torch's, the fallback where the op cannot be built."""
     if request.param == "torch":
-        monkeypatch.setattr(cpu_int8, "READY", cpu_int8.READY)  # put back after the test
-        monkeypatch.setattr(cpu_int8, "_tried", cpu_int8._tried)
-        cpu_int8.switch_off("the test runs torch's kernel")
+        monkeypatch.setattr(cpu_rows, "READY", cpu_rows.READY)  # put back after the test
+        monkeypatch.setattr(cpu_rows, "_tried", cpu_rows._tried)
+        cpu_rows.switch_off("the test runs torch's kernel")
     else:
-        assert cpu_int8.load() is None
+        assert cpu_rows.load() is None
     return request.param
 
 
@@ -307,11 +307,11 @@ def int8_kernel(request, monkeypatch) -> str:
 @pytest.mark.parametrize("most", [False, True])
 def test_lm_head_decodes_on_a_few_row_kernel_within_its_rounding(monkeypatch, int8_kernel, dtype, most):
     head, w64 = head_and_reference("int8", None)
-    limit = {"gift_quant": cpu_int8.MAX_ROWS, "torch": embedding_module.KERNEL_ROWS}[int8_kernel]
+    limit = {"gift_quant": cpu_rows.MAX_ROWS, "torch": embedding_module.KERNEL_ROWS}[int8_kernel]
     assert QuantizedLMHead.kernel_rows() == limit
     n_rows = limit if most else 1
     calls = spy(monkeypatch, torch, "_weight_int8pack_mm")
-    ops = spy(monkeypatch, cpu_int8, "rows_mm")
+    ops = spy(monkeypatch, cpu_rows, "rows_mm")
     big = torch.randn(n_rows * 64 + 1).to(dtype)
     x = big[1:].view(n_rows, 1, 64)  # a view one element in: torch's kernel gets an aligned copy
     y = head(x)
@@ -329,6 +329,27 @@ def test_lm_head_decodes_on_a_few_row_kernel_within_its_rounding(monkeypatch, in
         # torch's rounds activations, scales and logits to bf16 and sums in float32 (K = 64 terms): per logit,
         # 2 roundings of the terms (x, scale) plus the sum's (64·2⁻²⁴) stay under 3u·Σ|x·w|, and u·|y| the output's.
         bound = 3 * BF16_U * absdot + BF16_U * y64.abs()
+    assert ((y.double() - y64).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [16, 5])
+def test_an_int4_head_decodes_on_gift_quant_s_op_or_its_chunks(monkeypatch, int8_kernel, dtype, group):
+    """An even group runs the int4 op (int16 activations per group); an odd one, or no op, the chunks."""
+    head, w64 = head_and_reference("int4", group)
+    ops, chunks = spy(monkeypatch, cpu_rows, "rows_mm4"), spy(monkeypatch, QuantizedLMHead, "_rows")
+    x = torch.randn(cpu_rows.MAX_ROWS, 64).to(dtype)
+    y = head(x)
+    on_op = int8_kernel == "gift_quant" and group % 2 == 0
+    assert bool(ops) == on_op and bool(chunks) != on_op and y.dtype == dtype
+    y64 = x.double() @ w64.T
+    absdot = x.double().abs() @ w64.abs().T
+    u = 2.0**-24 if dtype == torch.float32 else BF16_U
+    if on_op:  # half an int16 step per activation, 4 groups summed in float32, the output's rounding
+        step = x.double().abs().view(-1, 4, 16).amax(-1, keepdim=True).expand(-1, 4, 16).reshape(-1, 64) / 32767
+        bound = (step / 2) @ w64.abs().T + 12 * 2.0**-24 * absdot + u * y64.abs()
+    else:  # the chunks' float32 products of the weights in dtype, summed in float32
+        bound = 64 * 2.0**-24 * absdot + 2 * u * absdot + u * y64.abs()
     assert ((y.double() - y64).abs() <= bound).all()
 
 

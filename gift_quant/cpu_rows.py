@@ -1,16 +1,20 @@
-"""The few-row int8 lm_head kernel: a small C++ op (``csrc/int8_rows.cpp``) built for this CPU on first use.
+"""The few-row lm_head kernels (int8 per row, int4 per group): small C++ ops (``csrc/head_rows.cpp``) built for this
+CPU on first use.
 
 Decoding one token multiplies one row of activations by the whole vocabulary (49152 x 576 int8 on SmolLM2: 28 MB a
-token). torch's ``_weight_int8pack_mm`` does it at about 6 GB/s on one core, a quarter of a decode step; this op
-streams the rows at about 2.2x that (docs/size_perplexity.md) and is more accurate: activations rounded to int16 per
-block of 64 columns (within 2⁻¹⁶ of the block's largest value, where torch's kernel rounds each to bf16, within 2⁻⁹
-of itself), products summed exactly in int32, blocks in float32 in a fixed order — the same bits on every CPU (see
-the source's header; tests/test_cpu_int8.py writes that arithmetic out in torch).
+token). torch's ``_weight_int8pack_mm`` does it at about 6 GB/s on one core, a quarter of a decode step; the int8 op
+streams the rows at about 2.2x that (docs/size_perplexity.md), and an int4 head, which torch has no kernel for, would
+otherwise dequantize its whole matrix a chunk at a time for every token. Both are more accurate than bf16:
+activations rounded to int16 per block (64 columns for int8, the weight's group for int4: within 2⁻¹⁶ of the block's
+largest value, where bf16 rounds each value within 2⁻⁹ of itself), products summed exactly in int32, blocks in
+float32 in a fixed order — the same bits on every CPU (see the source's header; tests/test_cpu_rows.py writes that
+arithmetic out in torch).
 
-The op is compiled with ``torch.utils.cpp_extension`` (a C++ compiler, as Inductor needs, and ninja) for this CPU
+The ops are compiled with ``torch.utils.cpp_extension`` (a C++ compiler, as Inductor needs, and ninja) for this CPU
 (``-march=native``): the build's name carries a hash of the CPU's flags, so a cache shared between machines never
-hands one CPU another's binary. Built once per machine (~10 s), then loaded from torch's extensions cache. Where it
-cannot be built, :func:`load` says why once and the head keeps torch's kernel (:func:`switch_off` chooses that).
+hands one CPU another's binary. Built once per machine (~10 s), then loaded from torch's extensions cache. Where they
+cannot be built, :func:`load` says why once: an int8 head keeps torch's kernel, an int4 head its chunks
+(:func:`switch_off` chooses that).
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "int8_rows.cpp"
+SOURCE = Path(__file__).with_name("csrc") / "head_rows.cpp"
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp")  # no FMA contraction: the same sums everywhere
 MAX_ROWS = 8  # above, the head's dequantized chunks are faster (1 and 2 threads, 49152 x 576, a Zen 4 core)
+MAX_GROUP4 = 4096  # int4 groups the op takes (even widths up to this: its int32 sums cannot overflow)
 
 READY = False  # the op is registered in this process (a plain global: compiled graphs read it as a constant)
 _tried: str | None = None  # why it is not, once tried ("" when it is)
@@ -48,24 +53,25 @@ def load() -> str | None:
         _tried = _build()
         READY = _tried == ""
         if not READY:
-            log.warning("the int8 lm_head runs on torch's kernel: %s", _tried)
+            log.warning("the quantized lm_head runs without gift_quant's ops: %s", _tried)
     return _tried or None
 
 
 def switch_off(why: str) -> None:
-    """Keep this process on torch's kernel (benchmarks and tests compare the two); the op stays registered if built."""
+    """Keep this process off gift_quant's ops (benchmarks and tests compare): torch's int8 kernel, int4 chunks."""
     global READY, _tried
     READY, _tried = False, why
 
 
 def _build() -> str:
-    log.info("loading the int8 lm_head op (%s: built on a machine's first use, ~10 s)", SOURCE.name)
+    log.info("loading the lm_head ops (%s: built on a machine's first use, ~10 s)", SOURCE.name)
     try:
         from torch.utils.cpp_extension import load as build
 
-        build(name=f"gift_quant_int8_rows_{_cpu_tag()}", sources=[str(SOURCE)], extra_cflags=list(CFLAGS),
+        build(name=f"gift_quant_head_rows_{_cpu_tag()}", sources=[str(SOURCE)], extra_cflags=list(CFLAGS),
               extra_ldflags=["-fopenmp"], is_python_module=False)
         torch.library.register_fake("gift_quant::int8_rows_mm")(_shape)
+        torch.library.register_fake("gift_quant::int4_rows_mm")(_shape4)
     except Exception as exc:  # no compiler, no ninja, a failed build: the fallback is torch's kernel
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         return f"building {SOURCE.name} failed ({type(exc).__name__}: {first[:200]})"
@@ -76,7 +82,17 @@ def _shape(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torc
     return x.new_empty((x.shape[0], qweight.shape[0]), dtype=torch.float32)
 
 
+def _shape4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], packed.shape[0]), dtype=torch.float32)
+
+
 def rows_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """float32 (M, N) = x (M, K) · (qweight (N, K) int8 · scales (N,) fp16)ᵀ; :func:`load` must have succeeded."""
     return torch.ops.gift_quant.int8_rows_mm(x, qweight, scales)
+
+
+def rows_mm4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
+    """float32 (M, N) = x (M, K) · Wᵀ for an int4 head (gift_quant.embedding's format: codes + 8 two a byte, even
+    column low; fp16 scales (N, groups) of ``group`` columns, even and at most ``MAX_GROUP4``)."""
+    return torch.ops.gift_quant.int4_rows_mm(x, packed, scales, group)
 

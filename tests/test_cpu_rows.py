@@ -1,4 +1,4 @@
-"""gift_quant's few-row int8 op (gift_quant/cpu_int8.py, csrc/int8_rows.cpp).
+"""gift_quant's few-row lm_head ops, int8 and int4 (gift_quant/cpu_rows.py, csrc/head_rows.cpp).
 
 Oracles: the op's arithmetic written out in torch float32 (``reference`` below: each step rounded once) must be
 matched bit for bit — also under other CPUs' ATen kernels (`make test` reruns this file with them), since the op's
@@ -13,7 +13,8 @@ import logging
 import pytest
 import torch
 
-from gift_quant import cpu_int8
+from gift_quant import cpu_rows
+from gift_quant.embedding import pack_nibbles, unpack_nibbles
 
 
 BLOCK, INT16_MAX = 64, 32767.0  # the source's kBlock and kMax
@@ -38,9 +39,36 @@ def reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> t
     return total * scales.float().view(1, -1)
 
 
+def reference4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
+    """The int4 op's arithmetic written out in torch float32: int16 activations per weight group, exact integer
+    products with the codes, then (sum · step) · scale added group by group."""
+    x = x.float()
+    rows, k = x.shape
+    groups = -(-k // group)
+    xb = torch.nn.functional.pad(x, (0, groups * group - k)).view(rows, groups, group)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.full_like(amax, INT16_MAX).div(amax), 0.0)
+    q = torch.round(xb * inv).clamp(-INT16_MAX, INT16_MAX).to(torch.int64)
+    step = (amax / INT16_MAX).squeeze(-1)
+    codes = torch.nn.functional.pad(unpack_nibbles(packed, k).to(torch.int64), (0, groups * group - k))
+    acc = torch.einsum("mgj,ngj->mng", q, codes.view(-1, groups, group))
+    total = torch.zeros(rows, packed.shape[0], dtype=torch.float32)
+    for g in range(groups):
+        total = total + acc[:, :, g].float() * step[:, g : g + 1] * scales[:, g].float()
+    return total
+
+
+def case4(rows: int, k: int, group: int, n: int = 29, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=g) * torch.logspace(-3, 2, k)[torch.randperm(k, generator=g)]
+    codes = torch.randint(-7, 8, (n, k), dtype=torch.int8, generator=g)
+    scales = (torch.rand(n, -(-k // group), generator=g) * 0.02).half()
+    return x, pack_nibbles(codes), scales, codes
+
+
 @pytest.fixture(scope="module", autouse=True)
 def built():
-    assert cpu_int8.load() is None  # this project's machines have the C++ compiler Inductor needs
+    assert cpu_rows.load() is None  # this project's machines have the C++ compiler Inductor needs
 
 
 def case(rows: int, k: int, n: int = 37, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -56,7 +84,7 @@ def case(rows: int, k: int, n: int = 37, seed: int = 0) -> tuple[torch.Tensor, t
 def test_the_op_is_its_float32_arithmetic_bit_for_bit(k, rows):
     x, qweight, scales = case(rows, k, seed=k * rows)
     x[0, : min(k, 64)] = 0.0  # an all-zero block: step 0
-    y = cpu_int8.rows_mm(x, qweight, scales)
+    y = cpu_rows.rows_mm(x, qweight, scales)
     assert y.dtype == torch.float32 and y.shape == (rows, qweight.shape[0])
     assert torch.equal(y, reference(x, qweight, scales))
 
@@ -66,14 +94,14 @@ def test_the_op_takes_any_float_activations_and_a_non_contiguous_weight(dtype):
     x, qweight, scales = case(2, 130)
     x = x.to(dtype)
     wide = torch.cat([qweight, qweight], dim=1)[:, :130]  # a strided view: the op makes it contiguous
-    assert torch.equal(cpu_int8.rows_mm(x, wide, scales), reference(x, qweight, scales))
+    assert torch.equal(cpu_rows.rows_mm(x, wide, scales), reference(x, qweight, scales))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_a_non_finite_activation_spreads_over_its_row_only(bad):
     x, qweight, scales = case(3, 100)
     x[1, 70] = bad
-    y = cpu_int8.rows_mm(x, qweight, scales)
+    y = cpu_rows.rows_mm(x, qweight, scales)
     dense = x.double() @ (qweight.double() * scales.double()[:, None]).T
     assert torch.equal(y[[0, 2]], reference(x[[0, 2]], qweight, scales))
     assert torch.equal(y[1].isnan(), dense[1].isnan()) and torch.equal(y[1].isinf(), dense[1].isinf())
@@ -87,7 +115,7 @@ def test_the_op_is_within_half_an_int16_step_of_float64():
     step = (blocks.amax(-1, keepdim=True) / 32767).expand(-1, -1, 64).reshape(4, 320)[:, :300]
     w = qweight.double().abs() * scales.double()[:, None]
     bound = (step / 2) @ w.T + 8 * 2.0**-24 * (x.double().abs() @ w.T)
-    assert ((cpu_int8.rows_mm(x, qweight, scales).double() - y64).abs() <= bound).all()
+    assert ((cpu_rows.rows_mm(x, qweight, scales).double() - y64).abs() <= bound).all()
 
 
 def test_a_failed_build_leaves_torch_s_kernel_and_says_why_once(monkeypatch, caplog):
@@ -97,13 +125,13 @@ def test_a_failed_build_leaves_torch_s_kernel_and_says_why_once(monkeypatch, cap
         raise RuntimeError("Ninja is required to load C++ extensions\nmore lines")
 
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
-    monkeypatch.setattr(cpu_int8, "READY", False)
-    monkeypatch.setattr(cpu_int8, "_tried", None)
-    with caplog.at_level(logging.WARNING, logger="gift_quant.cpu_int8"):
-        reason = cpu_int8.load()
-        assert cpu_int8.load() == reason
-    assert reason == "building int8_rows.cpp failed (RuntimeError: Ninja is required to load C++ extensions)"
-    assert not cpu_int8.READY and len(caplog.records) == 1 and reason in caplog.records[0].getMessage()
+    monkeypatch.setattr(cpu_rows, "READY", False)
+    monkeypatch.setattr(cpu_rows, "_tried", None)
+    with caplog.at_level(logging.WARNING, logger="gift_quant.cpu_rows"):
+        reason = cpu_rows.load()
+        assert cpu_rows.load() == reason
+    assert reason == "building head_rows.cpp failed (RuntimeError: Ninja is required to load C++ extensions)"
+    assert not cpu_rows.READY and len(caplog.records) == 1 and reason in caplog.records[0].getMessage()
 
 
 def test_the_build_is_named_for_the_cpu_and_the_flags(tmp_path, monkeypatch):
@@ -112,7 +140,46 @@ def test_the_build_is_named_for_the_cpu_and_the_flags(tmp_path, monkeypatch):
     avx2, avx512 = tmp_path / "avx2", tmp_path / "avx512"
     avx2.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")
     avx512.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma avx512f avx512bw\n")
-    tags = {cpu_int8._cpu_tag(avx2), cpu_int8._cpu_tag(avx512), cpu_int8._cpu_tag(avx2)}
-    monkeypatch.setattr(cpu_int8, "CFLAGS", (*cpu_int8.CFLAGS, "-DNDEBUG"))
-    tags.add(cpu_int8._cpu_tag(avx2))
+    tags = {cpu_rows._cpu_tag(avx2), cpu_rows._cpu_tag(avx512), cpu_rows._cpu_tag(avx2)}
+    monkeypatch.setattr(cpu_rows, "CFLAGS", (*cpu_rows.CFLAGS, "-DNDEBUG"))
+    tags.add(cpu_rows._cpu_tag(avx2))
     assert len(tags) == 3 and all(len(t) == 12 for t in tags)
+
+
+@pytest.mark.parametrize("k,group", [(1, 2), (63, 32), (64, 32), (65, 64), (576, 32), (1000, 128), (300, 4096)])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_the_int4_op_is_its_float32_arithmetic_bit_for_bit(k, group, rows):
+    x, packed, scales, _ = case4(rows, k, group, seed=k + rows)
+    x[-1, : min(k, group)] = 0.0  # an all-zero group
+    y = cpu_rows.rows_mm4(x, packed, scales, group)
+    assert y.dtype == torch.float32 and y.shape == (rows, packed.shape[0])
+    assert torch.equal(y, reference4(x, packed, scales, group))
+
+
+def test_the_int4_op_is_within_half_an_int16_step_of_float64():
+    k, group = 300, 32
+    x, packed, scales, codes = case4(3, k, group)
+    w = (codes.double().view(-1, k) * scales.double().repeat_interleave(group, dim=1)[:, :k])
+    y64 = x.double() @ w.T
+    blocks = torch.nn.functional.pad(x.double().abs(), (0, 20)).view(3, 10, group)
+    step = (blocks.amax(-1, keepdim=True) / 32767).expand(-1, -1, group).reshape(3, 320)[:, :k]
+    bound = (step / 2) @ w.abs().T + 12 * 2.0**-24 * (x.double().abs() @ w.abs().T)
+    assert ((cpu_rows.rows_mm4(x, packed, scales, group).double() - y64).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_activation_spreads_over_its_int4_row_only(bad):
+    x, packed, scales, codes = case4(3, 100, 32)
+    x[1, 41] = bad
+    y = cpu_rows.rows_mm4(x, packed, scales, 32)
+    w = codes.double() * scales.double().repeat_interleave(32, dim=1)[:, :100]
+    dense = x.double() @ w.T
+    assert torch.equal(y[[0, 2]], reference4(x[[0, 2]], packed, scales, 32))
+    assert torch.equal(y[1].isnan(), dense[1].isnan()) and torch.equal(y[1].isinf(), dense[1].isinf())
+
+
+@pytest.mark.parametrize("group", [3, 4098])
+def test_the_int4_op_refuses_groups_it_cannot_sum(group):
+    x, packed, scales, _ = case4(1, 64, 64)
+    with pytest.raises(RuntimeError, match="even group"):
+        cpu_rows.rows_mm4(x, packed, scales[:, :1].expand(-1, -(-64 // group)).contiguous(), group)
