@@ -33,7 +33,7 @@ CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp")  # no FMA con
 MAX_ROWS = 8  # above, the head's dequantized chunks are faster (1 and 2 threads, 49152 x 576, a Zen 4 core)
 MAX_GROUP4 = 4096  # int4 groups the op takes (even widths up to this: its int32 sums cannot overflow)
 
-READY = False  # the op is registered in this process (a plain global: compiled graphs read it as a constant)
+READY = False  # the ops are registered in this process (a plain global: compiled graphs read it as a constant)
 _tried: str | None = None  # why it is not, once tried ("" when it is)
 
 
@@ -47,7 +47,7 @@ def _cpu_tag(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
 
 
 def load() -> str | None:
-    """Build (first time on this machine) or load the op; None when it is ready, else why not (logged once)."""
+    """Build (first time on this machine) or load the ops; None when they are ready, else why not (logged once)."""
     global READY, _tried
     if _tried is None:
         _tried = _build()
@@ -70,20 +70,17 @@ def _build() -> str:
 
         build(name=f"gift_quant_head_rows_{_cpu_tag()}", sources=[str(SOURCE)], extra_cflags=list(CFLAGS),
               extra_ldflags=["-fopenmp"], is_python_module=False)
-        torch.library.register_fake("gift_quant::int8_rows_mm")(_shape)
-        torch.library.register_fake("gift_quant::int4_rows_mm")(_shape4)
-    except Exception as exc:  # no compiler, no ninja, a failed build: the fallback is torch's kernel
+        for op in ("gift_quant::int8_rows_mm", "gift_quant::int4_rows_mm"):
+            torch.library.register_fake(op)(_logits)
+    except Exception as exc:  # no compiler, no ninja, a failed build: torch's int8 kernel, int4 chunks instead
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         return f"building {SOURCE.name} failed ({type(exc).__name__}: {first[:200]})"
     return ""
 
 
-def _shape(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    return x.new_empty((x.shape[0], qweight.shape[0]), dtype=torch.float32)
-
-
-def _shape4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
-    return x.new_empty((x.shape[0], packed.shape[0]), dtype=torch.float32)
+def _logits(x: torch.Tensor, codes: torch.Tensor, *rest) -> torch.Tensor:
+    """Both ops' output for tracing (``torch.compile``): float32 (rows of x, rows of the codes)."""
+    return x.new_empty((x.shape[0], codes.shape[0]), dtype=torch.float32)
 
 
 def rows_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -183,3 +183,4 @@ def test_the_int4_op_refuses_groups_it_cannot_sum(group):
     x, packed, scales, _ = case4(1, 64, 64)
     with pytest.raises(RuntimeError, match="even group"):
         cpu_rows.rows_mm4(x, packed, scales[:, :1].expand(-1, -(-64 // group)).contiguous(), group)
+

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_cpu_rows import case, case4
 from test_export import QuantSpec, ids, quantize, tiny_llama, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
+from gift_quant import cpu_rows
 from gift_quant.decode import MIN_CACHE_LEN, CompiledDecoder, cache_len
 from gift_quant.export import export_packed
 from gift_quant.packing import set_kernel
@@ -97,3 +99,19 @@ def test_decoders_of_different_models_keep_their_own_graphs(packed):
     for model, decoder in [*zip(models, decoders), *zip(models, decoders)]:
         out = decoder.generate(prompt, 6, stop_at_eos=False)
         assert_greedy(model, out, 10, tol=0.01)
+
+
+def test_the_lm_head_ops_run_inside_a_compiled_graph():
+    """gift_quant's lm_head ops (tests/test_cpu_rows.py) in a compiled graph, as in the decoder's step: their fake
+    shapes let torch.compile trace them, and the graph gives eager's results. (Here, not in the portable file:
+    Inductor's code does not build under an emulated ATEN_CPU_CAPABILITY.)"""
+    assert cpu_rows.load() is None
+    x8, w8, s8 = case(2, 100)
+    x4, packed, scales, _ = case4(2, 100, 32)
+
+    def logits(a, b):
+        return cpu_rows.rows_mm(a, w8, s8) + 1, cpu_rows.rows_mm4(b, packed, scales, 32) * 2
+
+    y8, y4 = torch.compile(logits, fullgraph=True)(x8, x4)
+    assert torch.equal(y8, cpu_rows.rows_mm(x8, w8, s8) + 1)
+    assert torch.equal(y4, cpu_rows.rows_mm4(x4, packed, scales, 32) * 2)
