@@ -20,40 +20,43 @@ from gift_quant.embedding import pack_nibbles, unpack_nibbles
 BLOCK, INT16_MAX = 64, 32767.0  # the source's kBlock and kMax
 
 
-def reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """The op's arithmetic written out in torch, step by step in float32 (each op rounded once, no FMA): what the op
-    must give bit for bit, for finite x."""
+def int16_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both ops' activations: x rounded to int16 per block of ``block`` columns (zero-padded to whole blocks), as int64
+    (rows, blocks, block), and each block's float32 step (rows, blocks)."""
     x = x.float()
     rows, k = x.shape
-    blocks = -(-k // BLOCK)
-    xb = torch.nn.functional.pad(x, (0, blocks * BLOCK - k)).view(rows, blocks, BLOCK)
+    blocks = -(-k // block)
+    xb = torch.nn.functional.pad(x, (0, blocks * block - k)).view(rows, blocks, block)
     amax = xb.abs().amax(-1, keepdim=True)
     inv = torch.where(amax > 0, torch.full_like(amax, INT16_MAX).div(amax), 0.0)  # a division, as in C++ (not 1/amax·c)
     q = torch.round(xb * inv).clamp(-INT16_MAX, INT16_MAX).to(torch.int64)
-    step = amax / INT16_MAX
-    w = torch.nn.functional.pad(qweight.to(torch.int64), (0, blocks * BLOCK - k)).view(-1, blocks, BLOCK)
-    acc = torch.einsum("mbj,nbj->mnb", q, w)  # exact integers
-    total = torch.zeros(rows, qweight.shape[0], dtype=torch.float32)
-    for b in range(blocks):
-        total = total + acc[:, :, b].float() * step[:, b]
+    return q, (amax / INT16_MAX).squeeze(-1)
+
+
+def padded_blocks(codes: torch.Tensor, blocks: int, block: int) -> torch.Tensor:
+    """Integer codes (N, K) as int64 (N, blocks, block), zero-padded like the activations."""
+    return torch.nn.functional.pad(codes.to(torch.int64), (0, blocks * block - codes.shape[1])).view(-1, blocks, block)
+
+
+def reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The op's arithmetic written out in torch, step by step in float32 (each op rounded once, no FMA): what the op
+    must give bit for bit, for finite x."""
+    q, step = int16_blocks(x, BLOCK)
+    acc = torch.einsum("mbj,nbj->mnb", q, padded_blocks(qweight, q.shape[1], BLOCK))  # exact integers
+    total = torch.zeros(x.shape[0], qweight.shape[0], dtype=torch.float32)
+    for b in range(q.shape[1]):
+        total = total + acc[:, :, b].float() * step[:, b : b + 1]
     return total * scales.float().view(1, -1)
 
 
 def reference4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
     """The int4 op's arithmetic written out in torch float32: int16 activations per weight group, exact integer
     products with the codes, then (sum · step) · scale added group by group."""
-    x = x.float()
-    rows, k = x.shape
-    groups = -(-k // group)
-    xb = torch.nn.functional.pad(x, (0, groups * group - k)).view(rows, groups, group)
-    amax = xb.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, torch.full_like(amax, INT16_MAX).div(amax), 0.0)
-    q = torch.round(xb * inv).clamp(-INT16_MAX, INT16_MAX).to(torch.int64)
-    step = (amax / INT16_MAX).squeeze(-1)
-    codes = torch.nn.functional.pad(unpack_nibbles(packed, k).to(torch.int64), (0, groups * group - k))
-    acc = torch.einsum("mgj,ngj->mng", q, codes.view(-1, groups, group))
-    total = torch.zeros(rows, packed.shape[0], dtype=torch.float32)
-    for g in range(groups):
+    q, step = int16_blocks(x, group)
+    codes = padded_blocks(unpack_nibbles(packed, x.shape[1]), q.shape[1], group)
+    acc = torch.einsum("mgj,ngj->mng", q, codes)
+    total = torch.zeros(x.shape[0], packed.shape[0], dtype=torch.float32)
+    for g in range(q.shape[1]):
         total = total + acc[:, :, g].float() * step[:, g : g + 1] * scales[:, g].float()
     return total
 

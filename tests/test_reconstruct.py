@@ -149,7 +149,6 @@ def test_epochs_null_needs_a_time_budget():
         ReconstructConfig(method="block_ap", epochs=None)
 
 
-
 def test_a_block_without_epochs_or_seconds_refuses_to_train(monkeypatch):
     # A caller that gives no seconds (tools/probe_reconstruct.py) must not loop forever on epochs: null.
     from gift_quant.config import ReconstructConfig
