@@ -1,4 +1,4 @@
-"""Fast CPU matmul for the packed linears, on torch's weight-only int4 kernel.
+"""Fast CPU matmul for the packed linears: gift_quant's int4 op where it is fast, else torch's weight-only int4 kernel.
 
 ``torch.ops.aten._weight_int4pack_mm_for_cpu`` multiplies bf16 activations by unsigned 4-bit codes q with a scale
 and an offset per group of 32…256 input columns: w = (q − 8)·scale + offset. GPTQ codes of 2, 3 or 4 bits map onto
@@ -11,15 +11,23 @@ disk does not change) and costs half a byte per weight, in place of the checkpoi
 
 The kernel wins for a few rows (decode) and loses to a dense GEMM for many (prefill): above ``DENSE_ROWS`` rows the
 weight is dequantized from the kernel form in float32 — with the float32 scales this is the reference dequantization,
-bit for bit — and multiplied densely, so prefill and perplexity keep float32 accuracy. The kernel path computes in
+bit for bit — and multiplied densely, so prefill and perplexity keep float32 accuracy. torch's kernel computes in
 bf16 (activations, scales and output rounded to 8 significant bits).
 
-Reading the kernel form back needs torch's packing layout, which is private and depends on the CPU (blocks of 64
-rows on AVX-512, 32 on AVX2 and without vector units, each block interleaved its own way, pairs of rows in a
-partial last block). It is never assumed: :func:`layout` packs a probe once per row count and reads off where each
-row went, and every build checks that the layout read back gives its codes exactly; a weight that fails runs on the
-reference path, with the reason in ``kernel_used``. A form that reads back gives its codes back too (:func:`codes`):
-the packed linear then keeps it as the only copy of its codes (see :class:`gift_quant.packing.PackedLinear`).
+Where gift_quant's own op (``csrc/linear_rows.cpp``, built by :mod:`gift_quant.cpu_rows`) has its vector loop (an
+AVX-512 VNNI CPU), the same 4-bit values, scales and offsets are packed in its layout instead (:func:`pack_rows16`:
+16 output rows interleaved, so one load feeds 16 rows and no horizontal sums are needed) and the few-row path runs
+it: int16 activations per group, exact integer sums, float32 out, the same bits on every CPU; about 1.6x torch's
+kernel for one row of a SmolLM2 layer's linears and faster up to ``DENSE_ROWS`` rows (docs/size_perplexity.md).
+Elsewhere its scalar loop would be slower than torch's kernel, so the linears keep torch's layout.
+
+Reading torch's form back needs its packing layout (gift_quant's is its own), which is private and depends on the
+CPU (blocks of 64 rows on AVX-512, 32 on AVX2 and without vector units, each block interleaved its own way, pairs of
+rows in a partial last block). It is never assumed: :func:`layout` packs a probe once per row count and reads off
+where each row went, and every build checks that the layout read back gives its codes exactly; a weight that fails
+runs on the reference path, with the reason in ``kernel_used``. A form that reads back gives its codes back too
+(:func:`codes`): the packed linear then keeps it as the only copy of its codes (see
+:class:`gift_quant.packing.PackedLinear`).
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from gift_quant import cpu_rows
 from gift_quant.memory import scratch
 
 KERNEL_GROUPS = (256, 128, 64, 32)  # what the kernel accepts, widest first (fewest scales)
@@ -52,15 +61,25 @@ class Run:
 
 @dataclass
 class Int4Weight:
-    packed: torch.Tensor  # uint8 (N, K/2), the kernel's layout
-    scale_offset: torch.Tensor  # bf16 (K/G, N, 2), the kernel's scales and offsets
+    packed: torch.Tensor  # uint8: torch's kernel's layout (N, K/2), or gift_quant's (N/16, K/8, 16, 4) with rows16
+    scale_offset: torch.Tensor  # bf16 (K/G, N, 2), the kernel's scales and offsets (both layouts)
     scale: torch.Tensor  # float32 (N, n_groups), per quantization group, for the dense path
     offset: torch.Tensor | None  # float32 (N, n_groups), None when the codes are shifted (offset 0)
     zeros: torch.Tensor | None  # uint8 (N, n_groups): the zero points the codes were shifted by; None with an offset
     groups: torch.Tensor  # (K/G,) quantization group of each kernel group
     group: int  # kernel group width G
     perm: torch.Tensor | None  # input-column order making groups contiguous; None when already in order
-    runs: tuple[Run, ...] | None  # the packed layout, checked against the codes; None when it could not be read
+    runs: tuple[Run, ...] | None  # torch's packed layout, checked against the codes; None when it could not be read
+    rows16: bool = False  # ``packed`` is gift_quant's layout (:func:`pack_rows16`) for its own op, not torch's
+
+    @property
+    def readable(self) -> bool:
+        """Whether the codes can be read back from ``packed`` (gift_quant's layout always can)."""
+        return self.rows16 or self.runs is not None
+
+    @property
+    def out_features(self) -> int:
+        return self.packed.shape[0] * (16 if self.rows16 else 1)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return matmul(x, self, bias)
@@ -168,9 +187,41 @@ def unsupported(bits: int, out_features: int, g_idx: torch.Tensor) -> str | None
     return None
 
 
-def build(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor) -> Int4Weight:
+def pack_rows16(q: torch.Tensor) -> torch.Tensor:
+    """4-bit values q (N, K), N a multiple of 16 and K of 8, in the layout of gift_quant's op
+    (``csrc/linear_rows.cpp``): uint8 (N/16, K/8, 16, 4), byte [b, o, r, j] holding q[16b + r, 8o + j] in its low
+    nibble and q[16b + r, 8o + 4 + j] in its high one."""
+    n, k = q.shape
+    nibbles = q.to(torch.uint8).view(n // 16, 16, k // 8, 2, 4)
+    return (nibbles[:, :, :, 0] | nibbles[:, :, :, 1] << 4).permute(0, 2, 1, 3).contiguous()
+
+
+def unpack_rows16(packed: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The int32 values (N, K) of :func:`pack_rows16`'s layout, into ``out`` (default: a new tensor)."""
+    blocks, octets = packed.shape[:2]
+    n, k = blocks * 16, octets * 8
+    if out is None:
+        out = torch.empty(n * k, dtype=torch.int32, device=packed.device)
+    q = out.view(blocks, 16, octets, 2, 4)
+    rows = packed.permute(0, 2, 1, 3)  # (N/16, 16, K/8, 4)
+    q[:, :, :, 0] = rows & 15
+    q[:, :, :, 1] = rows >> 4
+    return out.view(n, k)
+
+
+def own_layout() -> bool:
+    """Whether linears take gift_quant's layout and op here: built, with its vector loop (an AVX-512 VNNI CPU),
+    where it beats torch's kernel (docs/size_perplexity.md); elsewhere torch's kernel is the faster."""
+    return cpu_rows.load() is None and cpu_rows.LINEAR_VECTORIZED
+
+
+def build(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
+          form: str = "auto") -> Int4Weight:
     """The kernel form of s·(c − z): ``codes`` (N, K) integers, ``scales``/``zeros`` (N, n_groups) float32,
-    ``g_idx`` (K,). Call ``unsupported`` first."""
+    ``g_idx`` (K,); packed for gift_quant's op where :func:`own_layout` (``form="auto"``), else for torch's
+    kernel (``form="torch"``, or the op is not here). Call ``unsupported`` first."""
+    if form not in ("auto", "torch"):
+        raise ValueError(f"form must be 'auto' or 'torch', not {form!r}")
     perm = column_order(g_idx)
     g = g_idx.long() if perm is None else g_idx.long()[perm]
     c = (codes if perm is None else codes[:, perm]).to(torch.int32)
@@ -183,9 +234,12 @@ def build(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx:
     else:
         q, offset, shift = c, scales * (8 - zeros), None
     del shifted
-    packed = _pack(q)
     kernel_offset = torch.zeros_like(scales) if offset is None else offset
     scale_offset = torch.stack([scales[:, first].t(), kernel_offset[:, first].t()], dim=-1).to(torch.bfloat16)
+    if form == "auto" and own_layout():
+        return Int4Weight(pack_rows16(q), scale_offset.contiguous(), scales, offset, shift, first, width, perm, None,
+                          rows16=True)
+    packed = _pack(q)
     runs = layout(q.shape[0])
     if runs is not None and not torch.equal(_unpack(packed, q.shape[1], runs), q):
         runs = None  # the probe's layout does not hold for this weight: nothing is read back from it
@@ -208,11 +262,16 @@ def _unpack(packed: torch.Tensor, in_features: int, runs: tuple[Run, ...],
     return codes
 
 
+def _values(w: Int4Weight, in_features: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernel's 4-bit values (N, K) of either layout."""
+    return unpack_rows16(w.packed, out) if w.rows16 else _unpack(w.packed, in_features, w.runs, out)
+
+
 def codes(w: Int4Weight, in_features: int) -> torch.Tensor:
     """The uint8 codes (N, K) ``w`` was built from, in the original column order: the kernel's 4-bit values read
-    back (``w.runs`` must not be None), less the shift by 8 − z, columns put back where ``perm`` took them."""
-    n = w.packed.shape[0]
-    q = _unpack(w.packed, in_features, w.runs)
+    back (``w.readable`` must hold), less the shift by 8 − z, columns put back where ``perm`` took them."""
+    n = w.out_features
+    q = _values(w, in_features)
     if w.zeros is not None:  # q = c − z + 8, one zero point per kernel group of columns
         q.view(n, -1, w.group).add_(w.zeros[:, w.groups].unsqueeze(2)).sub_(8)
     if w.perm is not None:  # column j of q is column perm[j] of the codes
@@ -223,10 +282,10 @@ def codes(w: Int4Weight, in_features: int) -> torch.Tensor:
 def dequantize(w: Int4Weight, in_features: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """float32 (N, K) weight in the permuted column order, built in place in ``out`` (default: a new tensor);
     with shifted codes exactly s·(c − z), the reference's arithmetic."""
-    n = w.packed.shape[0]
+    n = w.out_features
     if out is None:
         out = torch.empty(n * in_features, dtype=torch.float32, device=w.packed.device)
-    deq = _unpack(w.packed, in_features, w.runs, out).view(n, -1, w.group)
+    deq = _values(w, in_features, out).view(n, -1, w.group)
     deq.sub_(8).mul_(w.scale[:, w.groups].unsqueeze(2))
     if w.offset is not None:
         deq.add_(w.offset[:, w.groups].unsqueeze(2))
@@ -239,10 +298,13 @@ def matmul(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None) -> 
         x = x.index_select(-1, w.perm)
     k = x.shape[-1]
     if x.numel() > DENSE_ROWS * k:
-        weight = dequantize(w, k, scratch(w.packed.shape[0] * k, torch.float32, x.device))
+        weight = dequantize(w, k, scratch(w.out_features * k, torch.float32, x.device))
         return F.linear(x, weight.to(x.dtype), bias)  # bias inside, as the reference path adds it
-    flat = x.reshape(-1, k).to(torch.bfloat16)
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, w.packed, w.group, w.scale_offset)
+    if w.rows16:  # int16 activations, float32 out: more accurate than torch's bf16 kernel
+        y = cpu_rows.linear_mm4(x.reshape(-1, k), w.packed, w.scale_offset, w.group)
+    else:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, k).to(torch.bfloat16), w.packed, w.group,
+                                                      w.scale_offset)
     y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
     return y if bias is None else y + bias
 
@@ -254,6 +316,6 @@ def prepare(module) -> tuple[Int4Weight | None, str]:
         return None, reason
     scales = module.scales.t().to(torch.float32)
     w = build(module.codes(), scales, module.zeros(), module.g_idx)
-    if w.runs is None:  # the dense path could not read it back: computing prefill in bf16 instead would be silent
+    if not w.readable:  # the dense path could not read it back: computing prefill in bf16 instead would be silent
         return None, "reference (torch's int4 packing on this CPU has a layout that could not be read back)"
     return w, "int4_cpu"

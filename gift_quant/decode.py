@@ -12,8 +12,12 @@ transformers' ``eager`` implementation (matmul and softmax, which Inductor fuses
 flash kernel cost ≈ 0.5 ms a call, 4x the whole matmul form, at 512 slots.
 
 The compiled step skips Dynamo's guards on the model's modules (``skip_guard_on_all_nn_modules_unsafe``: checking
-them costs milliseconds per token), so it does not notice changes to them (which kernel form a linear has, its
-shapes, moves): make a new decoder after moving, reloading or editing the model. Each decoder compiles a code object
+them costs milliseconds per token) and Inductor's checks of each input's shape and strides (``size_asserts``: about
+a thousand a token, ~5 % of a SmolLM2 step), so it does not notice changes to the model (which kernel form a linear
+has, its shapes, moves): make a new decoder after moving, reloading or editing the model. What those checks caught
+is checked once per ``generate`` call instead: the shape, strides, dtype and device of every tensor the model's
+modules hold (parameters, buffers, kernel forms) must be those the step was compiled with, else a RuntimeError says
+to make a new decoder. Each decoder compiles a code object
 of its own (Dynamo caches per code object: two decoders sharing one would run one model's graph on the other), and
 each of its cache and batch sizes is one more compiled entry of it; Dynamo keeps at most
 ``torch._dynamo.config.recompile_limit`` (8) before running it eagerly. ``cpp_wrapper=True`` has Inductor write the
@@ -24,7 +28,9 @@ is off by default.
 
 from __future__ import annotations
 
+import dataclasses
 import types
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -46,6 +52,29 @@ def _own_code(method):
     return types.MethodType(own, method.__self__)
 
 
+def _tensors(value: object, depth: int = 3) -> Iterator[torch.Tensor]:
+    """The tensors in a module attribute: itself, or inside dicts, tuples, lists and dataclasses (a kernel form)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif depth and isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item, depth - 1)
+    elif depth and isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors(item, depth - 1)
+    elif depth and dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for field in dataclasses.fields(value):
+            yield from _tensors(getattr(value, field.name), depth - 1)
+
+
+def tensor_layouts(model: nn.Module) -> tuple:
+    """Shape, strides, dtype and device of every tensor held by the model's modules: what a compiled step that
+    checks neither module guards nor input sizes was traced with."""
+    return tuple((name, key, tuple(t.shape), t.stride(), t.dtype, t.device)
+                 for name, module in model.named_modules() for key, value in vars(module).items()
+                 for t in _tensors(value))
+
+
 class CompiledDecoder:
     """``generate(input_ids, max_new_tokens)`` → the prompt followed by the greedy tokens, as
     ``model.generate(input_ids, do_sample=False, max_new_tokens=...)`` returns them: rows stop at the generation
@@ -62,9 +91,13 @@ class CompiledDecoder:
         self.model.set_attn_implementation("eager")
         self.caches: dict[tuple, object] = {}
         self.step = self._step
+        self.compiled = compile
+        self._layouts: tuple | None = None  # the model's tensors as the step was first compiled with them
         if compile:
             skip_guards = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)  # absent in older torch
-            options = {} if skip_guards is None else {"guard_filter_fn": skip_guards}
+            options = {"size_asserts": False}
+            if skip_guards is not None:
+                options["guard_filter_fn"] = skip_guards
             if cpp_wrapper:
                 options.update(cpp_wrapper=True, cpp_wrapper_build_separate=True)
             self.step = torch.compile(_own_code(self._step), dynamic=False, fullgraph=True, options=options)
@@ -100,6 +133,8 @@ class CompiledDecoder:
         if cache.get_seq_length() != prompt_len:  # a transformers that took no `cache=` would drop the context
             raise RuntimeError(f"the model did not fill the static cache ({cache.get_seq_length()} of "
                                f"{prompt_len} positions): this transformers version is not supported")
+        if self.compiled:
+            self._check_layouts()  # after prefill, which builds the kernel forms the step reads
         tokens = [token]
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         for position in range(prompt_len, prompt_len + max_new_tokens - 1):
@@ -112,6 +147,15 @@ class CompiledDecoder:
                 token = torch.where(finished, pad, token)
             tokens.append(token)
         return torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1)
+
+    def _check_layouts(self) -> None:
+        layouts = tensor_layouts(self.model)
+        if self._layouts is None:
+            self._layouts = layouts
+        elif layouts != self._layouts:
+            changed = next((a[:2] for a, b in zip(layouts, self._layouts) if a != b), "the number of tensors")
+            raise RuntimeError(f"the model changed since this decoder compiled its step ({changed}: shape, strides, "
+                               "dtype or device): make a new CompiledDecoder for it")
 
     def _eos_pad(self, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         config = self.model.generation_config

@@ -179,7 +179,7 @@ class PackedLinear(PinnedDtype):
         """Free ``qweight`` when the fast form can give its codes back exactly (the CPU int4 form, whose layout
         was read back at build): the codes are then resident once, in the kernel's half byte per weight."""
         fast = self._fast[1]
-        if not isinstance(fast, cpu_int4.Int4Weight) or fast.runs is None:
+        if not isinstance(fast, cpu_int4.Int4Weight) or not fast.readable:
             return
         self._stub = self._buffers["qweight"] = self.qweight.new_empty(0)
         self._fast = (self._buffers_key(), fast)  # keyed on the stand-in: it does not trigger a rebuild

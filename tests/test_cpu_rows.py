@@ -1,4 +1,5 @@
-"""gift_quant's few-row lm_head ops, int8 and int4 (gift_quant/cpu_rows.py, csrc/head_rows.cpp).
+"""gift_quant's few-row ops: the lm_head's int8 and int4 (csrc/head_rows.cpp) and the packed linears' int4 in
+gift_quant's own layout (csrc/linear_rows.cpp), built by gift_quant/cpu_rows.py.
 
 Oracles: the op's arithmetic written out in torch float32 (``reference`` below: each step rounded once) must be
 matched bit for bit — also under other CPUs' ATen kernels (`make test` reruns this file with them), since the op's
@@ -129,12 +130,15 @@ def test_a_failed_build_leaves_torch_s_kernel_and_says_why_once(monkeypatch, cap
 
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
     monkeypatch.setattr(cpu_rows, "READY", False)
+    monkeypatch.setattr(cpu_rows, "LINEAR_VECTORIZED", False)
     monkeypatch.setattr(cpu_rows, "_tried", None)
     with caplog.at_level(logging.WARNING, logger="gift_quant.cpu_rows"):
         reason = cpu_rows.load()
         assert cpu_rows.load() == reason
-    assert reason == "building head_rows.cpp failed (RuntimeError: Ninja is required to load C++ extensions)"
-    assert not cpu_rows.READY and len(caplog.records) == 1 and reason in caplog.records[0].getMessage()
+    assert reason == ("building head_rows.cpp, linear_rows.cpp failed (RuntimeError: Ninja is required to load C++ "
+                      "extensions)")
+    assert not cpu_rows.READY and not cpu_rows.LINEAR_VECTORIZED
+    assert len(caplog.records) == 1 and reason in caplog.records[0].getMessage()
 
 
 def test_the_build_is_named_for_the_cpu_and_the_flags(tmp_path, monkeypatch):
@@ -187,3 +191,92 @@ def test_the_int4_op_refuses_groups_it_cannot_sum(group):
     with pytest.raises(RuntimeError, match="even group"):
         cpu_rows.rows_mm4(x, packed, scales[:, :1].expand(-1, -(-64 // group)).contiguous(), group)
 
+
+
+# ---------------------------------------------------------------- the packed linears' int4 op (gift_quant's layout)
+
+
+def case_linear(rows: int, k: int, group: int, n: int = 48, seed: int = 0):
+    """x with outliers, 4-bit values q (N, K) and torch's kernel's bf16 (K/group, N, 2) scales and offsets."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=g) * torch.logspace(-3, 2, k)[torch.randperm(k, generator=g)]
+    q = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=g)
+    scale_offset = torch.stack([torch.rand(k // group, n, generator=g) * 0.02,
+                                torch.randn(k // group, n, generator=g) * 0.05], dim=-1).bfloat16()
+    return x, q, scale_offset
+
+
+def dense_linear(q: torch.Tensor, scale_offset: torch.Tensor, group: int) -> torch.Tensor:
+    """W = (q − 8)·scale + offset in float64 (N, K)."""
+    so = scale_offset.double().repeat_interleave(group, dim=0).transpose(0, 1)  # (N, K, 2)
+    return (q.double() - 8) * so[..., 0] + so[..., 1]
+
+
+def reference_linear(x: torch.Tensor, q: torch.Tensor, scale_offset: torch.Tensor, group: int) -> torch.Tensor:
+    """The linear op's arithmetic written out in torch float32: int16 activations per group, Σ (q − 8)·x̂ exactly,
+    then per group t = Σ·step, t·scale, acc + t, acc + offset·(Σx̂·step), in that order."""
+    xq, step = int16_blocks(x, group)
+    qsum = xq.sum(-1)
+    dot = torch.einsum("mgj,ngj->mng", xq, padded_blocks(q, xq.shape[1], group)) - 8 * qsum[:, None, :]
+    offset_weight = qsum.float() * step
+    scale, offset = scale_offset.float().unbind(-1)
+    acc = torch.zeros(x.shape[0], q.shape[0], dtype=torch.float32)
+    for g in range(xq.shape[1]):
+        t = dot[:, :, g].float() * step[:, g : g + 1]
+        acc = acc + t * scale[g]
+        acc = acc + offset[g] * offset_weight[:, g : g + 1]
+    return acc
+
+
+def packed16(q: torch.Tensor) -> torch.Tensor:
+    from gift_quant.cpu_int4 import pack_rows16
+
+    return pack_rows16(q)
+
+
+@pytest.mark.parametrize("vectorized", [True, False])
+@pytest.mark.parametrize("k,group", [(64, 32), (576, 64), (1536, 128), (512, 256), (4096, 4096)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7])
+def test_the_linear_op_is_its_float32_arithmetic_bit_for_bit(k, group, rows, vectorized):
+    """Both loops (AVX-512 VNNI where this CPU has it, scalar always) give the transcription's bits, for one row of x
+    and for chunks of several."""
+    x, q, scale_offset = case_linear(rows, k, group, seed=k + rows)
+    x[-1, :group] = 0.0  # an all-zero group: step 0
+    y = cpu_rows.linear_mm4(x, packed16(q), scale_offset, group, vectorized)
+    assert y.dtype == torch.float32 and y.shape == (rows, q.shape[0])
+    assert torch.equal(y, reference_linear(x, q, scale_offset, group))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_linear_op_takes_any_float_activations(dtype):
+    x, q, scale_offset = case_linear(2, 256, 64)
+    x = x.to(dtype)
+    assert torch.equal(cpu_rows.linear_mm4(x, packed16(q), scale_offset, 64), reference_linear(x, q, scale_offset, 64))
+
+
+def test_the_linear_op_is_within_half_an_int16_step_of_float64():
+    k, group = 512, 64
+    x, q, scale_offset = case_linear(3, k, group)
+    w = dense_linear(q, scale_offset, group)
+    step = (x.double().abs().view(3, -1, group).amax(-1, keepdim=True) / 32767).expand(-1, -1, group).reshape(3, k)
+    bound = (step / 2) @ w.abs().T + 4 * (k // group) * 2.0**-24 * (x.double().abs() @ w.abs().T)
+    y = cpu_rows.linear_mm4(x, packed16(q), scale_offset, group)
+    assert ((y.double() - x.double() @ w.T).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_activation_spreads_over_its_linear_row_only(bad):
+    x, q, scale_offset = case_linear(3, 256, 64)
+    x[1, 99] = bad
+    y = cpu_rows.linear_mm4(x, packed16(q), scale_offset, 64)
+    dense = x.double() @ dense_linear(q, scale_offset, 64).T
+    assert torch.equal(y[[0, 2]], reference_linear(x[[0, 2]], q, scale_offset, 64))
+    assert torch.equal(y[1].isnan(), dense[1].isnan()) and torch.equal(y[1].isinf(), dense[1].isinf())
+
+
+@pytest.mark.parametrize("group", [12, 8192])
+def test_the_linear_op_refuses_groups_it_cannot_sum(group):
+    x, q, _ = case_linear(1, 8192, 4096)
+    scale_offset = torch.zeros(8192 // group, q.shape[0], 2, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="group of at most 4096"):
+        cpu_rows.linear_mm4(x, packed16(q), scale_offset, group)

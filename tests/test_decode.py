@@ -115,3 +115,20 @@ def test_the_lm_head_ops_run_inside_a_compiled_graph():
     y8, y4 = torch.compile(logits, fullgraph=True)(x8, x4)
     assert torch.equal(y8, cpu_rows.rows_mm(x8, w8, s8) + 1)
     assert torch.equal(y4, cpu_rows.rows_mm4(x4, packed, scales, 32) * 2)
+
+
+def test_a_model_changed_after_compiling_is_refused(packed):
+    """The step checks neither module guards nor input sizes (per token, they cost more than they catch): a tensor
+    the model holds with other strides than when the step was compiled (the same values, every other element of a
+    wider buffer) would be read with the old ones. The decoder refuses it at the next call instead."""
+    model = load(packed, torch.float32)
+    decoder = CompiledDecoder(model)
+    prompt = ids(1, 10)
+    before = decoder.generate(prompt, 4, stop_at_eos=False)
+    norm = model.model.norm
+    norm.weight = torch.nn.Parameter(torch.stack([norm.weight.data, norm.weight.data], dim=1)[:, 0])
+    assert norm.weight.stride() == (2,)
+    changed = r"model changed since this decoder compiled.*\('model.norm', '_parameters'\)"
+    with pytest.raises(RuntimeError, match=changed):
+        decoder.generate(prompt, 4, stop_at_eos=False)
+    assert torch.equal(CompiledDecoder(model).generate(prompt, 4, stop_at_eos=False), before)

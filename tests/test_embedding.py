@@ -296,6 +296,7 @@ def int8_kernel(request, monkeypatch) -> str:
     compiler Inductor needs) or torch's, the fallback where the op cannot be built."""
     if request.param == "torch":
         monkeypatch.setattr(cpu_rows, "READY", cpu_rows.READY)  # put back after the test
+        monkeypatch.setattr(cpu_rows, "LINEAR_VECTORIZED", cpu_rows.LINEAR_VECTORIZED)
         monkeypatch.setattr(cpu_rows, "_tried", cpu_rows._tried)
         cpu_rows.switch_off("the test runs torch's kernel")
     else:

@@ -1,8 +1,10 @@
 """The fast paths of PackedLinear against the reference dequantize path and float64.
 
 Weights are built directly as QuantizedWeight records (random codes, scales, zero points, act-order g_idx, salient
-columns), independent of the quantizer. The CPU int4 kernel computes in bf16, so its oracle is float64 on the same
-bf16-rounded activations and scales, within the bf16 output rounding; its dense path (many rows) must be the
+columns), independent of the quantizer. Every test runs on both CPU int4 forms: gift_quant's layout and op (where
+this CPU has its vector loop) and torch's kernel. torch's kernel computes in bf16, so the oracle is float64 on the
+same bf16-rounded activations and scales, within the bf16 output rounding (gift_quant's op, int16 activations and
+float32 out, is well inside it: its own bounds are in tests/test_cpu_rows.py); the dense path (many rows) must be the
 reference bit for bit. A module whose codes live in the kernel form only (``qweight`` released) must be, for every
 reader of its codes, the module that never released them, bit for bit.
 """
@@ -23,6 +25,16 @@ from gift_quant.quantized import QuantizedWeight
 from gift_quant.quantizer import QuantSpec
 
 BF16_REL = 2.0**-7  # bf16 output rounding (2^-9) plus fp32 accumulation order, relative to max |y|
+
+
+@pytest.fixture(autouse=True, params=["gift_quant", "torch"])
+def int4_form(request, monkeypatch):
+    """Which layout the CPU int4 form takes: gift_quant's (skipped where its op has no vector loop) or torch's."""
+    if request.param == "torch":
+        monkeypatch.setattr(cpu_int4, "own_layout", lambda: False)
+    elif not cpu_int4.own_layout():
+        pytest.skip("gift_quant's int4 op has no vector loop on this CPU: linears use torch's kernel")
+    return request.param
 
 
 def record(out_f=128, in_f=256, bits=3, group_size=64, sym=False, act_order=False, k=5, seed=0) -> QuantizedWeight:
@@ -137,6 +149,19 @@ def test_torch_still_has_the_int4_ops():
     assert not missing, f"torch {torch.__version__} has no {missing}: the int4 CPU kernel would never run"
 
 
+def test_gift_quant_s_layout_reads_back():
+    q = torch.randint(0, 16, (48, 96), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    packed = cpu_int4.pack_rows16(q)
+    assert packed.shape == (3, 12, 16, 4) and packed.dtype == torch.uint8
+    assert int(packed[1, 2, 3, 1]) == int(q[19, 17]) | int(q[19, 21]) << 4  # row 16 + 3, columns 8·2 + 1 and + 4
+    assert torch.equal(cpu_int4.unpack_rows16(packed), q)
+
+
+def test_each_form_is_the_one_asked_for(int4_form):
+    m = PackedLinear.from_quantized(record(), dtype=torch.float32)
+    assert m.prepare() == "int4_cpu" and m._fast[1].rows16 == (int4_form == "gift_quant")
+
+
 @pytest.mark.parametrize("rows", [16, 48, 64, 80, 112, 192, 576, 1552])
 def test_layout_reads_back_any_row_count(rows):
     """The probed layout unpacks what torch packed, for full and partial blocks of any CPU's block size."""
@@ -148,6 +173,7 @@ def test_layout_reads_back_any_row_count(rows):
 
 @pytest.mark.parametrize("broken", ["unreadable", "wrong"])
 def test_a_layout_that_does_not_read_back_is_refused(monkeypatch, broken):
+    monkeypatch.setattr(cpu_int4, "own_layout", lambda: False)  # torch's layout is the one probed
     qw = record(bits=3, group_size=64)
     real = cpu_int4.layout(qw.shape[0])
     swapped = tuple(cpu_int4.Run(r.start, r.count, r.rows, r.hi, r.lo) for r in real)  # nibbles the other way

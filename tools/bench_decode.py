@@ -9,7 +9,8 @@ WikiText-2 windows, made here when missing). Decode tokens/s = 64 greedy tokens 
 prefill excluded, best of --repeats: gift_quant through ``generate`` on the export loaded with ``from_pretrained`` in
 bf16 (as bench_size_ppl and bench_inference) and, with --compiled, also through
 :class:`gift_quant.decode.CompiledDecoder` (static cache, compiled step; its compilation is a warm-up call, not
-timed; --no-head-ops adds it with the lm_head off gift_quant's ops: torch's int8 kernel, an int4 head's chunks),
+timed; --torch-linears adds it with the linears on torch's int4 kernel instead of gift_quant's op, --no-ops with
+neither the linears nor the lm_head on gift_quant's ops: torch's int4 and int8 kernels, an int4 head's chunks),
 llama.cpp through ``Llama.eval`` in the side environment (``tools/llamacpp_side.py --decode-only``, which makes a
 missing type's file as bench_size_ppl does). Every measurement runs in its own process. Per thread count of
 --threads the points alternate --rounds times (the order reversed every other round); each point's tok/s is the
@@ -39,20 +40,26 @@ from bench_size_ppl import decode_speed, token_windows  # noqa: E402
 NEW_TOKENS, PROMPT_TOKENS = 64, 32
 COMPILED = ", compiled decode"  # label suffix of the --compiled measurements
 CPP_WRAPPER = ", compiled decode, C++ wrapper"  # --cpp-wrapper: CompiledDecoder(cpp_wrapper=True)
-NO_HEAD_OPS = ", compiled decode, lm_head without gift_quant's ops"  # --no-head-ops (files of 2026-12-06: --torch-head)
+TORCH_LINEARS = ", compiled decode, linears on torch's int4 kernel"  # --torch-linears
+# --no-ops; in the files of 2026-12-06 (before the linears' op) "lm_head without gift_quant's ops" (--no-head-ops)
+# and "torch's int8 lm_head" (--torch-head) name this configuration.
+NO_OPS = ", compiled decode, without gift_quant's ops"
 
 
 def child(export: Path, prompt_file: Path, repeats: int, compiled: bool, cpp_wrapper: bool = False,
-          no_head_ops: bool = False) -> float:
+          torch_linears: bool = False, no_ops: bool = False) -> float:
     """One gift_quant measurement, in this (child) process: through ``generate``, or through
     :class:`gift_quant.decode.CompiledDecoder` (its compilation done in the warm-up call, not timed); with
-    ``no_head_ops`` the lm_head runs as where gift_quant's ops cannot be built (torch's int8 kernel, int4 chunks)."""
+    ``torch_linears`` the linears run torch's int4 kernel, with ``no_ops`` the model runs as where gift_quant's ops
+    cannot be built (torch's int4 and int8 kernels, an int4 head's chunks)."""
     import gift_quant  # noqa: F401  registers the quantizer with transformers
     from gift_quant import cpu_rows
     from transformers import AutoModelForCausalLM
 
-    if no_head_ops:
-        cpu_rows.switch_off("bench_decode --no-head-ops")
+    if no_ops:
+        cpu_rows.switch_off("bench_decode --no-ops")
+    elif torch_linears:
+        cpu_rows.switch_off_linears()
 
     model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.bfloat16).eval()
     prompt = torch.from_numpy(np.load(prompt_file)[:1, :PROMPT_TOKENS].astype(np.int64))
@@ -74,12 +81,13 @@ def last_line(cmd: list[str], threads: int) -> str:
 
 
 def measure_gift(export: str, args: argparse.Namespace, threads: int, label: str) -> float:
-    compiled = label.endswith((COMPILED, CPP_WRAPPER, NO_HEAD_OPS))
+    compiled = label.endswith((COMPILED, CPP_WRAPPER, TORCH_LINEARS, NO_OPS))
     return float(last_line([sys.executable, __file__, "--child", export, "--work", str(args.work),
                             "--repeats", str(args.repeats), "--threads", str(threads)]
                            + (["--compiled"] if compiled else [])
                            + (["--cpp-wrapper"] if label.endswith(CPP_WRAPPER) else [])
-                           + (["--no-head-ops"] if label.endswith(NO_HEAD_OPS) else []), threads))
+                           + (["--torch-linears"] if label.endswith(TORCH_LINEARS) else [])
+                           + (["--no-ops"] if label.endswith(NO_OPS) else []), threads))
 
 
 def measure_llamacpp(args: argparse.Namespace, threads: int) -> dict[str, dict]:
@@ -158,9 +166,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="also time each --gift export through gift_quant.decode.CompiledDecoder")
     p.add_argument("--cpp-wrapper", action="store_true",
                    help="with --compiled, also time the decoder with Inductor's C++ wrapper (cpp_wrapper=True)")
-    p.add_argument("--no-head-ops", action="store_true",
-                   help="with --compiled, also time the decoder with the lm_head off gift_quant's ops "
-                        "(gift_quant/cpu_rows.py): torch's int8 kernel, an int4 head's chunks")
+    p.add_argument("--torch-linears", action="store_true",
+                   help="with --compiled, also time the decoder with the linears on torch's int4 kernel instead of "
+                        "gift_quant's op (gift_quant/cpu_rows.py)")
+    p.add_argument("--no-ops", action="store_true",
+                   help="with --compiled, also time the decoder without gift_quant's ops: torch's int4 and int8 "
+                        "kernels, an int4 head's chunks")
     p.add_argument("--json", type=Path)
     p.add_argument("--table", type=Path)
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -175,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.child is not None:
         torch.set_num_threads(int(args.threads))
         print(child(Path(args.child), args.work / "windows.npy", args.repeats, args.compiled,
-                    cpp_wrapper=args.cpp_wrapper, no_head_ops=args.no_head_ops))
+                    cpp_wrapper=args.cpp_wrapper, torch_linears=args.torch_linears, no_ops=args.no_ops))
         return None
     args.work.mkdir(parents=True, exist_ok=True)
     if not (args.work / "windows.npy").is_file():
@@ -183,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     gifts = dict(item.partition("=")[::2] for item in args.gift)
     if args.compiled:
         suffixes = ([COMPILED] + ([CPP_WRAPPER] if args.cpp_wrapper else [])
-                    + ([NO_HEAD_OPS] if args.no_head_ops else []))
+                    + ([TORCH_LINEARS] if args.torch_linears else []) + ([NO_OPS] if args.no_ops else []))
         gifts.update({label + suffix: d for label, d in list(gifts.items()) for suffix in suffixes})
     by_threads = [bench_threads(args, gifts, int(t)) for t in args.threads.split(",")]
     doc = {"new_tokens": NEW_TOKENS, "prompt_tokens": PROMPT_TOKENS, "repeats": args.repeats,
