@@ -17,13 +17,12 @@ a thousand a token, ~5 % of a SmolLM2 step), so it does not notice changes to th
 has, its shapes, moves): make a new decoder after moving, reloading or editing the model. What those checks caught
 is checked once per ``generate`` call instead: the shape, strides, dtype and device of every tensor the model's
 modules hold (parameters, buffers, kernel forms) must be those the step was compiled with, else a RuntimeError says
-to make a new decoder. Each decoder compiles a code object
-of its own (Dynamo caches per code object: two decoders sharing one would run one model's graph on the other), and
-each of its cache and batch sizes is one more compiled entry of it; Dynamo keeps at most
-``torch._dynamo.config.recompile_limit`` (8) before running it eagerly. ``cpp_wrapper=True`` has Inductor write the
-step's wrapper in C++ (compiled apart from the kernels, so the first call stays near the Python wrapper's compile
-time); on SmolLM2 it decoded no faster than the Python wrapper on a quiet machine (docs/size_perplexity.md), so it
-is off by default.
+to make a new decoder. Each decoder compiles a code object of its own (Dynamo caches per code object: two decoders
+sharing one would run one model's graph on the other), and each of its cache and batch sizes is one more compiled
+entry of it; Dynamo keeps at most ``torch._dynamo.config.recompile_limit`` (8) before running it eagerly.
+``cpp_wrapper=True`` has Inductor write the step's wrapper in C++ (compiled apart from the kernels, so the first call
+stays near the Python wrapper's compile time); on SmolLM2 it decoded no faster than the Python wrapper on a quiet
+machine (docs/size_perplexity.md), so it is off by default.
 """
 
 from __future__ import annotations

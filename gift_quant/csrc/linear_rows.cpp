@@ -35,7 +35,7 @@ namespace {
 using namespace gift_quant_rows;
 
 constexpr int64_t kRows = 16;  // output rows per block of the layout
-constexpr int64_t kGrain = 8;  // blocks per thread's share at least (small linears stay on one thread)
+constexpr int64_t kGrain = 8;  // a thread per 8 blocks (128 output rows) at most
 
 // One row of x in the form every path reads: int16 per group, each group's step, Σx̂·step, and Σx̂.
 struct Activations {
@@ -147,7 +147,7 @@ void block_vnni(const uint8_t* block, const uint16_t* so, const Activations* a, 
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + r * n, acc[r]);
 }
 
-// Rows of x in chunks of up to 4 (registers: two accumulators each).
+// Rows of x in chunks of up to 4 (registers: four accumulators each).
 void rows_vnni(const uint8_t* block, const uint16_t* so, const Activations* a, int64_t rows, int64_t k, int64_t n,
                int64_t group, float* y) {
   for (int64_t m = 0; m < rows; m += 4) {
