@@ -17,7 +17,7 @@ bf16 (activations, scales and output rounded to 8 significant bits).
 Where gift_quant's own op (``csrc/linear_rows.cpp``, built by :mod:`gift_quant.cpu_rows`) has its vector loop (an
 AVX-512 VNNI CPU), the same 4-bit values, scales and offsets are packed in its layout instead (:func:`pack_rows16`:
 16 output rows interleaved, so one load feeds 16 rows and no horizontal sums are needed) and the few-row path runs
-it: int16 activations per group, exact integer sums, float32 out, the same bits on every CPU; about 1.6x torch's
+it: int16 activations per group, exact integer sums, float32 out, the same bits on every CPU; 1.3–1.6x torch's
 kernel for one row of a SmolLM2 layer's linears and faster up to ``DENSE_ROWS`` rows (docs/size_perplexity.md).
 Elsewhere its scalar loop would be slower than torch's kernel, so the linears keep torch's layout.
 

@@ -6,7 +6,7 @@ Decoding one token multiplies one row of activations by the whole vocabulary (49
 token). torch's ``_weight_int8pack_mm`` does it at about 6 GB/s on one core, a quarter of a decode step; the int8 op
 streams the rows at about 2.2x that (docs/size_perplexity.md), and an int4 head, which torch has no kernel for, would
 otherwise dequantize its whole matrix a chunk at a time for every token; the linears' op streams a decode step's
-int4 codes about 1.6x faster than torch's kernel on an AVX-512 VNNI core. All are more accurate than bf16:
+int4 codes 1.3–1.6x faster than torch's kernel on an AVX-512 VNNI core. All are more accurate than bf16:
 activations rounded to int16 per block (64 columns for the int8 head, the weight's group for int4: within 2⁻¹⁶
 of the block's largest value, where bf16 rounds each value within 2⁻⁹ of itself), products summed exactly in int32,
 blocks in float32 in a fixed order — the same bits on every CPU (see the sources' headers; tests/test_cpu_rows.py
@@ -57,7 +57,7 @@ def load() -> str | None:
         READY = _tried == ""
         LINEAR_VECTORIZED = READY and bool(torch.ops.gift_quant.int4_linear_vectorized())
         if not READY:
-            log.warning("the quantized lm_head runs without gift_quant's ops: %s", _tried)
+            log.warning("the linears and the quantized lm_head run without gift_quant's ops: %s", _tried)
     return _tried or None
 
 
@@ -86,7 +86,7 @@ def _build() -> str:
         for op in ("gift_quant::int8_rows_mm", "gift_quant::int4_rows_mm"):
             torch.library.register_fake(op)(_logits)
         torch.library.register_fake("gift_quant::int4_linear_mm")(_linear_rows)
-    except Exception as exc:  # no compiler, no ninja, a failed build: torch's int8 kernel, int4 chunks instead
+    except Exception as exc:  # no compiler, no ninja, a failed build: torch's kernels, int4 head chunks instead
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         return f"building {names} failed ({type(exc).__name__}: {first[:200]})"
     return ""
@@ -111,7 +111,6 @@ def rows_mm4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group:
     """float32 (M, N) = x (M, K) · Wᵀ for an int4 head (gift_quant.embedding's format: codes + 8 two a byte, even
     column low; fp16 scales (N, groups) of ``group`` columns, even and at most ``MAX_GROUP4``)."""
     return torch.ops.gift_quant.int4_rows_mm(x, packed, scales, group)
-
 
 
 def linear_mm4(x: torch.Tensor, packed: torch.Tensor, scale_offset: torch.Tensor, group: int,

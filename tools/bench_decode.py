@@ -169,9 +169,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--torch-linears", action="store_true",
                    help="with --compiled, also time the decoder with the linears on torch's int4 kernel instead of "
                         "gift_quant's op (gift_quant/cpu_rows.py)")
-    p.add_argument("--no-ops", action="store_true",
+    p.add_argument("--no-ops", "--no-head-ops", dest="no_ops", action="store_true",
                    help="with --compiled, also time the decoder without gift_quant's ops: torch's int4 and int8 "
-                        "kernels, an int4 head's chunks")
+                        "kernels, an int4 head's chunks (--no-head-ops, its name before the linears' op, when the "
+                        "linears had no op of ours)")
     p.add_argument("--json", type=Path)
     p.add_argument("--table", type=Path)
     p.add_argument("--child", help=argparse.SUPPRESS)
