@@ -17,7 +17,8 @@ bf16 (activations, scales and output rounded to 8 significant bits).
 Where gift_quant's own op (``csrc/linear_rows.cpp``, built by :mod:`gift_quant.cpu_rows`) has its vector loop (an
 AVX-512 VNNI CPU), the same 4-bit values, scales and offsets are packed in its layout instead (:func:`pack_rows16`:
 16 output rows interleaved, so one load feeds 16 rows and no horizontal sums are needed) and the few-row path runs
-it: int16 activations per group, exact integer sums, float32 out, the same bits on every CPU; 1.3–1.6x torch's
+it: int16 activations per group (the scales and offsets stay torch's bf16 pairs), exact integer sums, float32 out,
+the same bits on every CPU; 1.3–1.6x torch's
 kernel for one row of a SmolLM2 layer's linears and faster up to ``DENSE_ROWS`` rows (docs/size_perplexity.md).
 Elsewhere its scalar loop would be slower than torch's kernel, so the linears keep torch's layout.
 
@@ -215,13 +216,10 @@ def own_layout() -> bool:
     return cpu_rows.load() is None and cpu_rows.LINEAR_VECTORIZED
 
 
-def build(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
-          form: str = "auto") -> Int4Weight:
+def build(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor) -> Int4Weight:
     """The kernel form of s·(c − z): ``codes`` (N, K) integers, ``scales``/``zeros`` (N, n_groups) float32,
-    ``g_idx`` (K,); packed for gift_quant's op where :func:`own_layout` (``form="auto"``), else for torch's
-    kernel (``form="torch"``, or the op is not here). Call ``unsupported`` first."""
-    if form not in ("auto", "torch"):
-        raise ValueError(f"form must be 'auto' or 'torch', not {form!r}")
+    ``g_idx`` (K,); packed for gift_quant's op where :func:`own_layout`, else for torch's kernel. Call
+    ``unsupported`` first."""
     perm = column_order(g_idx)
     g = g_idx.long() if perm is None else g_idx.long()[perm]
     c = (codes if perm is None else codes[:, perm]).to(torch.int32)
@@ -236,7 +234,7 @@ def build(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx:
     del shifted
     kernel_offset = torch.zeros_like(scales) if offset is None else offset
     scale_offset = torch.stack([scales[:, first].t(), kernel_offset[:, first].t()], dim=-1).to(torch.bfloat16)
-    if form == "auto" and own_layout():
+    if own_layout():
         return Int4Weight(pack_rows16(q), scale_offset.contiguous(), scales, offset, shift, first, width, perm, None,
                           rows16=True)
     packed = _pack(q)
@@ -300,7 +298,7 @@ def matmul(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None) -> 
     if x.numel() > DENSE_ROWS * k:
         weight = dequantize(w, k, scratch(w.out_features * k, torch.float32, x.device))
         return F.linear(x, weight.to(x.dtype), bias)  # bias inside, as the reference path adds it
-    if w.rows16:  # int16 activations, float32 out: more accurate than torch's bf16 kernel
+    if w.rows16:  # int16 activations, float32 out (torch's kernel rounds both to bf16)
         y = cpu_rows.linear_mm4(x.reshape(-1, k), w.packed, w.scale_offset, w.group)
     else:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, k).to(torch.bfloat16), w.packed, w.group,

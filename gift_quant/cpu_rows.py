@@ -62,8 +62,9 @@ def load() -> str | None:
 
 
 def switch_off(why: str) -> None:
-    """Keep this process off gift_quant's ops (benchmarks and tests compare): torch's int8 kernel, int4 chunks for
-    the head, torch's int4 kernel for the linears."""
+    """Keep this process off gift_quant's ops from now on (benchmarks and tests compare): torch's int8 kernel, int4
+    chunks for the head, torch's int4 kernel for linears built after this (one already in gift_quant's layout keeps
+    its op)."""
     global READY, LINEAR_VECTORIZED, _tried
     READY, LINEAR_VECTORIZED, _tried = False, False, why
 

@@ -12,12 +12,13 @@ transformers' ``eager`` implementation (matmul and softmax, which Inductor fuses
 flash kernel cost ≈ 0.5 ms a call, 4x the whole matmul form, at 512 slots.
 
 The compiled step skips Dynamo's guards on the model's modules (``skip_guard_on_all_nn_modules_unsafe``: checking
-them costs milliseconds per token) and Inductor's checks of each input's shape and strides (``size_asserts``: about
-a thousand a token, ~5 % of a SmolLM2 step), so it does not notice changes to the model (which kernel form a linear
-has, its shapes, moves): make a new decoder after moving, reloading or editing the model. What those checks caught
-is checked once per ``generate`` call instead: the shape, strides, dtype and device of every tensor the model's
-modules hold (parameters, buffers, kernel forms) must be those the step was compiled with, else a RuntimeError says
-to make a new decoder. Each decoder compiles a code object of its own (Dynamo caches per code object: two decoders
+them costs milliseconds per token) and Inductor's checks of each input's and each external kernel's output's shape
+and strides (``size_asserts``: about a thousand a token, ~5 % of a SmolLM2 step), so it does not notice changes to
+the model (which kernel form a linear has, its shapes, moves): make a new decoder after moving, reloading or editing
+the model. What those checks caught on the inputs is checked once per ``generate`` call instead: the shape, strides,
+dtype and device of every tensor the model's modules hold (parameters, buffers, and the tensors and modules inside
+their attributes: kernel forms) must be those the step was compiled with, else a RuntimeError says to make a new
+decoder; the kernels' outputs are the traced ones by construction (tests/test_cpu_rows.py checks gift_quant's ops). Each decoder compiles a code object of its own (Dynamo caches per code object: two decoders
 sharing one would run one model's graph on the other), and each of its cache and batch sizes is one more compiled
 entry of it; Dynamo keeps at most ``torch._dynamo.config.recompile_limit`` (8) before running it eagerly.
 ``cpp_wrapper=True`` has Inductor write the step's wrapper in C++ (compiled apart from the kernels, so the first call
@@ -52,9 +53,13 @@ def _own_code(method):
 
 
 def _tensors(value: object, depth: int = 3) -> Iterator[torch.Tensor]:
-    """The tensors in a module attribute: itself, or inside dicts, tuples, lists and dataclasses (a kernel form)."""
+    """The tensors in a module attribute: itself, or inside dicts, tuples, lists, dataclasses (a CPU kernel form) and
+    modules kept there (a CUDA kernel's layer)."""
     if isinstance(value, torch.Tensor):
         yield value
+    elif isinstance(value, nn.Module):
+        yield from value.parameters()
+        yield from value.buffers()
     elif depth and isinstance(value, dict):
         for item in value.values():
             yield from _tensors(item, depth - 1)
@@ -71,7 +76,7 @@ def tensor_layouts(model: nn.Module) -> tuple:
     checks neither module guards nor input sizes was traced with."""
     return tuple((name, key, tuple(t.shape), t.stride(), t.dtype, t.device)
                  for name, module in model.named_modules() for key, value in vars(module).items()
-                 for t in _tensors(value))
+                 if key != "_modules" for t in _tensors(value))  # submodules: their own entries
 
 
 class CompiledDecoder:

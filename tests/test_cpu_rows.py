@@ -29,9 +29,11 @@ def int16_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tenso
     blocks = -(-k // block)
     xb = torch.nn.functional.pad(x, (0, blocks * block - k)).view(rows, blocks, block)
     amax = xb.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, torch.full_like(amax, INT16_MAX).div(amax), 0.0)  # a division, as in C++ (not 1/amax·c)
+    inv = torch.full_like(amax, INT16_MAX).div(amax)  # a division, as in C++ (not 1/amax·c)
+    usable = (amax > 0) & inv.isfinite()  # a block below ~1e-34 counts as zeros, as in C++
+    inv = torch.where(usable, inv, 0.0)
     q = torch.round(xb * inv).clamp(-INT16_MAX, INT16_MAX).to(torch.int64)
-    return q, (amax / INT16_MAX).squeeze(-1)
+    return q, torch.where(usable, amax / INT16_MAX, 0.0).squeeze(-1)
 
 
 def padded_blocks(codes: torch.Tensor, blocks: int, block: int) -> torch.Tensor:
@@ -280,3 +282,54 @@ def test_the_linear_op_refuses_groups_it_cannot_sum(group):
     scale_offset = torch.zeros(8192 // group, q.shape[0], 2, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="group of at most 4096"):
         cpu_rows.linear_mm4(x, packed16(q), scale_offset, group)
+
+
+def test_the_vector_loop_is_compiled_where_the_cpu_has_avx512_vnni():
+    """The bit-for-bit tests above run the AVX-512 VNNI loop exactly where the CPU has it (elsewhere both their
+    ``vectorized`` cases run the scalar loop, and the linears keep torch's kernel)."""
+    flags = set(next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split())
+    assert cpu_rows.LINEAR_VECTORIZED == ({"avx512f", "avx512bw", "avx512_vnni"} <= flags)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_linear_op_splits_rows_over_threads_without_changing_a_bit(threads):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, q, scale_offset = case_linear(3, 576, 64, n=1536)
+        y = cpu_rows.linear_mm4(x, packed16(q), scale_offset, 64)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(y, reference_linear(x, q, scale_offset, 64))
+
+
+def test_blocks_too_small_for_an_int16_step_count_as_zeros():
+    """32767 / absmax overflows below ~1e-34: such a block's values round to 0 with step 0 (no Inf times 0), in every
+    op, where a normal block beside it is untouched."""
+    x, q, scale_offset = case_linear(2, 128, 64)
+    x[0, :64] = 1e-36
+    y = cpu_rows.linear_mm4(x, packed16(q), scale_offset, 64)
+    assert y.isfinite().all() and torch.equal(y, reference_linear(x, q, scale_offset, 64))
+    xs = x.clone()
+    xs[0, :64] = 0.0
+    assert torch.equal(y, cpu_rows.linear_mm4(xs, packed16(q), scale_offset, 64))
+    x8, qweight, scales = case(2, 128)
+    x8[1, 64:] = -1e-36
+    assert torch.equal(cpu_rows.rows_mm(x8, qweight, scales), reference(x8, qweight, scales))
+
+
+def test_each_op_s_traced_output_has_its_real_output_s_layout():
+    """What torch.compile traces (the ops' fake implementations) must match what the ops return: the compiled
+    decoder does not check its ops' outputs at run time (Inductor's size asserts are off there)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x8, qweight, scales = case(3, 100)
+    x4, packed4, scales4, _ = case4(3, 100, 32)
+    xl, q, scale_offset = case_linear(3, 256, 64)
+    calls = [(cpu_rows.rows_mm, (x8, qweight, scales)), (cpu_rows.rows_mm4, (x4, packed4, scales4, 32)),
+             (cpu_rows.linear_mm4, (xl.bfloat16(), packed16(q), scale_offset, 64))]
+    for op, args in calls:
+        real = op(*args)
+        with FakeTensorMode() as mode:
+            fake = op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+        assert (fake.shape, fake.stride(), fake.dtype) == (real.shape, real.stride(), real.dtype), op.__name__

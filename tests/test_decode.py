@@ -13,7 +13,7 @@ from test_cpu_rows import case, case4
 from test_export import QuantSpec, ids, quantize, tiny_llama, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-from gift_quant import cpu_rows
+from gift_quant import cpu_int4, cpu_rows
 from gift_quant.decode import MIN_CACHE_LEN, CompiledDecoder, cache_len
 from gift_quant.export import export_packed
 from gift_quant.packing import set_kernel
@@ -48,12 +48,25 @@ def test_cache_sizes_are_powers_of_two_from_the_minimum():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_tokens_are_the_eager_models_greedy_choices(packed, dtype):
     model = load(packed, dtype)
-    assert any(m.kernel_used == "int4_cpu" for m in model.modules() if hasattr(m, "kernel_used"))
     prompt = ids(2, 10)
     out = CompiledDecoder(model).generate(prompt, 12, stop_at_eos=False)
+    forms = [m._fast[1] for m in model.modules() if getattr(m, "kernel_used", "") == "int4_cpu"]
+    assert forms and all(form.rows16 == cpu_int4.own_layout() for form in forms)  # gift_quant's op where it is fast
     assert out.shape == (2, 22) and torch.equal(out[:, :10], prompt)
     # Decode rows run the int4 kernel in bf16 (8 significant bits) for float32 models too; the full-sequence eager
     # forward runs the dense float32 path: near-ties within that rounding may go either way.
+    assert_greedy(model, out, 10, tol=0.01)
+
+
+def test_compiled_tokens_on_torch_s_int4_kernel(packed, monkeypatch):
+    """The same on torch's int4 kernel, which linears keep where gift_quant's op has no vector loop (the test above
+    runs whichever form this CPU gives them)."""
+    monkeypatch.setattr(cpu_int4, "own_layout", lambda: False)
+    model = load(packed, torch.bfloat16)
+    prompt = ids(2, 10)
+    out = CompiledDecoder(model).generate(prompt, 12, stop_at_eos=False)
+    forms = [m._fast[1] for m in model.modules() if getattr(m, "kernel_used", "") == "int4_cpu"]
+    assert forms and not any(form.rows16 for form in forms)
     assert_greedy(model, out, 10, tol=0.01)
 
 

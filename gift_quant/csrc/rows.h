@@ -49,12 +49,14 @@ QuantizedRows quantize(const T* x, int64_t rows, int64_t k, int64_t block) {
         r.finite[m] = 0;
         continue;
       }
-      const float inv = amax > 0.f ? kMax / amax : 0.f;
+      // A block below ~1e-34 (32767 / amax overflows) counts as zeros: its step would be a denormal anyway.
+      const bool tiny = !(amax > 0.f) || !std::isfinite(kMax / amax);
+      const float inv = tiny ? 0.f : kMax / amax;
       int16_t* qb = r.q.data() + (m * blocks + b) * block;
       for (int64_t j = 0; j < width; ++j) {
         qb[j] = static_cast<int16_t>(std::clamp(std::nearbyint(static_cast<float>(xb[j]) * inv), -kMax, kMax));
       }
-      r.step[m * blocks + b] = amax / kMax;
+      r.step[m * blocks + b] = tiny ? 0.f : amax / kMax;
     }
   }
   return r;
