@@ -18,7 +18,8 @@ the model (which kernel form a linear has, its shapes, moves): make a new decode
 the model. What those checks caught on the inputs is checked once per ``generate`` call instead: the shape, strides,
 dtype and device of every tensor the model's modules hold (parameters, buffers, and the tensors and modules inside
 their attributes: kernel forms) must be those the step was compiled with, else a RuntimeError says to make a new
-decoder; the kernels' outputs are the traced ones by construction (tests/test_cpu_rows.py checks gift_quant's ops). Each decoder compiles a code object of its own (Dynamo caches per code object: two decoders
+decoder; the kernels' outputs must have the layouts their fake implementations trace (tests/test_cpu_rows.py checks
+gift_quant's ops). Each decoder compiles a code object of its own (Dynamo caches per code object: two decoders
 sharing one would run one model's graph on the other), and each of its cache and batch sizes is one more compiled
 entry of it; Dynamo keeps at most ``torch._dynamo.config.recompile_limit`` (8) before running it eagerly.
 ``cpp_wrapper=True`` has Inductor write the step's wrapper in C++ (compiled apart from the kernels, so the first call
