@@ -249,7 +249,7 @@ class QuantizedLMHead(PinnedDtype):
     def _few_rows(self, x: torch.Tensor) -> torch.Tensor:
         """Logits from the codes and scales: on gift_quant's ops (:mod:`gift_quant.cpu_rows`: activations to int16
         per block, exact integer sums, float32 out) when they are built, else (int8) on torch's kernel (bf16:
-        activations and scales rounded to it, as the packed linears' int4 kernel does)."""
+        activations and scales rounded to it, as torch's int4 kernel for the linears does)."""
         qweight, scales = self.tensors()
         flat = x.reshape(-1, self.in_features)
         if cpu_rows.READY:

@@ -53,8 +53,9 @@ def test_compiled_tokens_are_the_eager_models_greedy_choices(packed, dtype):
     forms = [m._fast[1] for m in model.modules() if getattr(m, "kernel_used", "") == "int4_cpu"]
     assert forms and all(form.rows16 == cpu_int4.own_layout() for form in forms)  # gift_quant's op where it is fast
     assert out.shape == (2, 22) and torch.equal(out[:, :10], prompt)
-    # Decode rows run the int4 kernel in bf16 (8 significant bits) for float32 models too; the full-sequence eager
-    # forward runs the dense float32 path: near-ties within that rounding may go either way.
+    # Decode rows run a few-row int4 kernel (torch's in bf16, 8 significant bits, for float32 models too;
+    # gift_quant's op with int16 activations); the full-sequence eager forward runs the dense float32 path:
+    # near-ties within those roundings may go either way.
     assert_greedy(model, out, 10, tol=0.01)
 
 

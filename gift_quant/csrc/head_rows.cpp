@@ -132,14 +132,12 @@ at::Tensor int4_rows_mm(const at::Tensor& x, const at::Tensor& packed, const at:
   // int16 activations per group, split into even and odd columns (the low and high nibbles' partners).
   const QuantizedRows xq = quantize(xf.data_ptr<float>(), rows, k, group);
   std::vector<int16_t> even(rows * bytes), odd(rows * bytes);
-  std::vector<int32_t> qsum(rows * groups, 0);
   for (int64_t m = 0; m < rows; ++m) {
     const int16_t* q = xq.q.data() + m * groups * group;  // zero-padded to whole groups (even: covers 2 * bytes)
     for (int64_t j = 0; j < bytes; ++j) {
       even[m * bytes + j] = q[2 * j];
       odd[m * bytes + j] = q[2 * j + 1];
     }
-    for (int64_t j = 0; j < groups * group; ++j) qsum[m * groups + j / group] += q[j];
   }
   const float* X = xf.data_ptr<float>();
   at::Tensor y = at::empty({rows, n}, xf.options());
@@ -153,7 +151,7 @@ at::Tensor int4_rows_mm(const at::Tensor& x, const at::Tensor& packed, const at:
       for (int64_t m = 0; m < rows; ++m) {
         Y[m * n + i] = xq.finite[m]
             ? row_dot4(low.data(), high.data(), even.data() + m * bytes, odd.data() + m * bytes,
-                       qsum.data() + m * groups, xq.step.data() + m * groups, S + i * groups, bytes, group / 2, groups)
+                       xq.sum.data() + m * groups, xq.step.data() + m * groups, S + i * groups, bytes, group / 2, groups)
             : row_exact4(W + i * bytes, X + m * k, S + i * groups, k, group);
       }
     }

@@ -172,23 +172,15 @@ at::Tensor int4_linear_mm(const at::Tensor& x, const at::Tensor& packed, const a
                   scale_offset.dim() == 3 && scale_offset.size(0) == k / group && scale_offset.size(1) == n &&
                   scale_offset.size(2) == 2,
               "int4_linear_mm: uint8 codes and bf16 (K/group, N, 2) scales and offsets expected");
-  TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu() && scale_offset.device().is_cpu(),
-              "int4_linear_mm: CPU tensors expected");
-  // bf16 (a decode step's dtype) is read as it is: a conversion would cost more than a small linear's product.
-  const bool bf16 = x.scalar_type() == at::kBFloat16;
-  const at::Tensor xc = bf16 ? x.contiguous() : x.to(at::kFloat).contiguous();
-  const at::Tensor w = packed.contiguous(), so = scale_offset.contiguous();
+  const auto [xc, w, so] = cpu_inputs("int4_linear_mm", x, packed, scale_offset, /*keep_bf16=*/true);
+  const bool bf16 = xc.scalar_type() == at::kBFloat16;  // a decode step's dtype, read as it is
   const int64_t rows = xc.size(0), groups = k / group;
   const QuantizedRows xq = bf16 ? quantize(xc.data_ptr<at::BFloat16>(), rows, k, group)
                                 : quantize(xc.data_ptr<float>(), rows, k, group);
   const bool all_finite = std::all_of(xq.finite.begin(), xq.finite.end(), [](char f) { return f != 0; });
   const at::Tensor xf = bf16 && !all_finite ? xc.to(at::kFloat) : xc;  // the exact path reads float32
-  std::vector<int32_t> qsum(rows * groups, 0);
   std::vector<float> offset_weight(rows * groups);
-  for (int64_t i = 0; i < rows * groups; ++i) {
-    for (int64_t j = 0; j < group; ++j) qsum[i] += xq.q[i * group + j];
-    offset_weight[i] = static_cast<float>(qsum[i]) * xq.step[i];
-  }
+  for (int64_t i = 0; i < rows * groups; ++i) offset_weight[i] = static_cast<float>(xq.sum[i]) * xq.step[i];
   at::Tensor y = at::empty({rows, n}, x.options().dtype(at::kFloat));
   const float* X = all_finite ? nullptr : xf.data_ptr<float>();
   const uint8_t* W = w.data_ptr<uint8_t>();
@@ -198,7 +190,7 @@ at::Tensor int4_linear_mm(const at::Tensor& x, const at::Tensor& packed, const a
   std::vector<Activations> acts;
   for (int64_t m = 0; m < rows; ++m) {
     acts.push_back({xq.q.data() + m * k, xq.step.data() + m * groups, offset_weight.data() + m * groups,
-                    qsum.data() + m * groups});
+                    xq.sum.data() + m * groups});
   }
   at::parallel_for(0, n / kRows, kGrain, [&](int64_t first, int64_t last) {
     for (int64_t b = first; b < last; ++b) {
